@@ -1,0 +1,44 @@
+# recloop — `make demo` runs the main job on the embedded default; `make test` runs the whole suite.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+export RECLOOP_HOME ?= $(CURDIR)/.recloop
+export DAGSTER_HOME ?= $(RECLOOP_HOME)/dagster
+# The stack phones home by default; this machine (and many production ones) has no internet.
+export DO_NOT_TRACK := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export GX_ANALYTICS_ENABLED := false
+export DAGSTER_DISABLE_TELEMETRY := true
+export FEAST_USAGE := False
+
+.PHONY: setup demo test ui bench clean
+
+# torch is installed first and pinned: a bare or ranged requirement pulls a multi-GB CUDA build.
+# constraints.txt pins every other package to the versions the suite was run with.
+$(BIN)/.installed: pyproject.toml constraints.txt
+	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), f"recloop needs Python 3.11, found {sys.version.split()[0]}"'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip wheel
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
+	touch $@
+
+setup: $(BIN)/.installed
+
+demo: setup
+	$(BIN)/recloop demo
+
+test: setup
+	$(BIN)/python -m pytest
+
+ui: setup
+	mkdir -p "$(DAGSTER_HOME)"
+	$(BIN)/dagster dev -m pipelines.definitions -h 127.0.0.1 -p 3000
+
+bench: setup
+	$(BIN)/python bench/data_plane.py
+
+clean:
+	rm -rf .recloop

@@ -1,0 +1,28 @@
+"""recloop's Dagster code location: the definitions of every lifecycle stage, one defs module each, with
+cross-cutting policy applied once, here."""
+
+from datetime import timedelta
+
+import dagster as dg
+
+from pipelines.defs import features, ingestion, jobs, resources, validation
+
+# A day's data is due in the lake and the online store by 06:00 UTC the next day (the daily schedule
+# starts at 01:15); Dagster marks the assets stale in the UI when a deadline passes without a run.
+DAILY_FRESHNESS = dg.FreshnessPolicy.cron(deadline_cron="0 6 * * *", lower_bound_delta=timedelta(hours=5), timezone="UTC")
+FRESH_BY_DEADLINE = dg.AssetSelection.groups("validation") | dg.AssetSelection.keys(features.ONLINE_FEATURES)
+
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    merged = dg.Definitions.merge(
+        resources.defs(),
+        ingestion.defs(),
+        validation.defs(),
+        features.defs(),
+        jobs.defs(),
+    )
+    return merged.map_resolved_asset_specs(
+        func=lambda spec: spec.replace_attributes(freshness_policy=DAILY_FRESHNESS),
+        selection=FRESH_BY_DEADLINE,
+    )

@@ -1,0 +1,1 @@
+"""One module per lifecycle stage; each exposes its definitions through `@dg.definitions`."""

@@ -1,0 +1,42 @@
+"""Jobs and schedules of the data plane."""
+
+
+import dagster as dg
+
+from pipelines.defs.features import FEAST_REGISTRY
+from pipelines.defs.partitions import DAILY
+
+# Transient failures (a busy S3, a locked SQLite file) deserve a retry; a retry never duplicates data
+# because every partition write replaces the partition. Bad data never reaches a retry: the blocking
+# schema checks stop the partition before validation runs.
+RETRY = dg.RetryPolicy(max_retries=2, delay=5, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
+
+# Every daily-partitioned asset of ingestion, validation and features, run per day in dependency order.
+data_plane_job = dg.define_asset_job(
+    name="data_plane_job",
+    selection=dg.AssetSelection.groups("ingestion", "validation", "features") - dg.AssetSelection.keys(FEAST_REGISTRY),
+    partitions_def=DAILY,
+    description="Ingest, validate (GX) and build features for one day, then load them into the online store.",
+    tags={"recloop/stage": "data_plane"},
+    op_retry_policy=RETRY,
+)
+
+feast_apply_job = dg.define_asset_job(
+    name="feast_apply_job",
+    selection=dg.AssetSelection.keys(FEAST_REGISTRY),
+    description="`feast apply`: register feature_repo/ in Feast's registry (run after changing the repo).",
+)
+
+daily_data_plane_schedule = dg.build_schedule_from_partitioned_job(
+    data_plane_job,
+    name="daily_data_plane_schedule",
+    hour_of_day=1,
+    minute_of_hour=15,
+    description="Every day at 01:15 UTC, run the data plane for the day that just ended.",
+    default_status=dg.DefaultScheduleStatus.STOPPED,
+)
+
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    return dg.Definitions(jobs=[data_plane_job, feast_apply_job], schedules=[daily_data_plane_schedule])

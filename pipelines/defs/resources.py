@@ -1,0 +1,123 @@
+"""One `ConfigurableResource` per external system: the landing zone and the lake, Great Expectations,
+Feast. Each is a thin, typed handle on the core `recloop` functions; no pipeline logic lives here.
+
+Values come from the environment through `recloop.config.Settings` when the code location loads
+(never at import), so the embedded default needs no configuration and production only sets variables.
+"""
+
+
+import contextlib
+import io
+from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+from pydantic import Field
+
+from recloop import features as feature_ops
+from recloop import validation
+from recloop.config import Settings
+from recloop.lake import Lake, open_lake
+
+
+class LakeResource(dg.ConfigurableResource):
+    """A lake of daily Parquet partitions: a local folder or `s3://bucket/prefix` (through boto3)."""
+
+    uri: str = Field(description="Folder path, or s3://bucket/prefix for the S3 implementation.")
+    s3_endpoint_url: str | None = Field(
+        default=None, description="Endpoint of an S3-compatible store (MinIO, moto); None for AWS."
+    )
+
+    def open(self) -> Lake:
+        """Returns: the `Lake` this resource points at."""
+        return open_lake(self.uri, s3_endpoint_url=self.s3_endpoint_url)
+
+
+class GreatExpectationsResource(dg.ConfigurableResource):
+    """Runs the Great Expectations suites kept as files in `expectations/`."""
+
+    expectations_dir: str = Field(description="Folder holding one GX suite (JSON) per table.")
+    max_quarantine_rate: float = Field(
+        default=0.2, description="Share of a partition's rows that may be quarantined before its check fails."
+    )
+
+    def check_schema(self, *, lake: Lake, table: str, partition: str) -> validation.SchemaReport:
+        """Args: lake, table, partition. Returns: the schema-level report of the bronze partition."""
+        report, _, _ = validation.check_schema(lake, table, partition, expectations_dir=Path(self.expectations_dir))
+        return report
+
+    def validate(self, *, lake: Lake, table: str, partition: str) -> validation.ValidationResult:
+        """Splits the bronze partition into silver and quarantine. Raises SchemaValidationError."""
+        return validation.validate_partition(lake, table, partition, expectations_dir=Path(self.expectations_dir))
+
+
+class FeastResource(dg.ConfigurableResource):
+    """The Feast feature store of `feature_repo/`: apply, materialize, read."""
+
+    repo_path: str = Field(description="The Feast repo (feature_store.yaml and definitions).")
+    data_dir: str = Field(description="Where the file registry and the SQLite online store live.")
+    lake_uri: str = Field(description="The lake whose features/ datasets are Feast's offline sources.")
+    project: str = Field(default="recloop", description="Feast project name.")
+    online_store: str = Field(default="sqlite", description="'sqlite' (embedded) or 'redis' (production).")
+    redis_url: str | None = Field(default=None, description="Redis URL when online_store is 'redis'.")
+
+    def settings(self) -> Settings:
+        base = Settings.from_env()
+        return replace(
+            base,
+            feature_repo=Path(self.repo_path),
+            feast_data_dir=Path(self.data_dir),
+            lake_uri=self.lake_uri,
+        )
+
+    def _kw(self) -> dict[str, Any]:
+        return {"project": self.project, "online": self.online_store, "redis_url": self.redis_url}
+
+    def apply(self) -> dict[str, Any]:
+        """Returns: the entities, sources, views and services registered by Feast's apply."""
+        with contextlib.redirect_stdout(io.StringIO()):
+            return feature_ops.apply_repo(self.settings(), **self._kw())
+
+    def materialize(self, *, partition: str, lake: Lake) -> dict[str, Any]:
+        """Loads day `partition`'s feature snapshot into the online store (skips superseded days).
+
+        Feast prints progress bars to stdout; they are captured and returned under "feast_output".
+        """
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            result = feature_ops.materialize_partition(self.settings(), partition, lake=lake, **self._kw())
+        return {**result, "feast_output": out.getvalue()}
+
+    def freshness(self, *, now: datetime | None = None) -> dict[str, Any]:
+        """Returns: age of the newest online snapshot per feature view."""
+        store = feature_ops.feature_store(self.settings(), **self._kw())
+        return feature_ops.feature_freshness(self.settings(), project=self.project, now=now, store=store)
+
+
+def resources_from_settings(settings: Settings) -> dict[str, dg.ConfigurableResource]:
+    """The resources for one deployment, from one settings object."""
+    return {
+        "landing": LakeResource(uri=settings.landing_uri, s3_endpoint_url=settings.s3_endpoint_url),
+        "lake": LakeResource(uri=settings.lake_uri, s3_endpoint_url=settings.s3_endpoint_url),
+        "gx": GreatExpectationsResource(
+            expectations_dir=str(settings.expectations_dir), max_quarantine_rate=settings.max_quarantine_rate
+        ),
+        "feast": FeastResource(
+            repo_path=str(settings.feature_repo),
+            data_dir=str(settings.feast_data_dir),
+            lake_uri=settings.lake_uri,
+            project=settings.feast_project,
+            online_store="redis" if settings.is_production else "sqlite",
+            redis_url=settings.redis_url,
+        ),
+    }
+
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    return dg.Definitions(resources=resources_from_settings(Settings.from_env()))
+
+
+__all__ = ["FeastResource", "GreatExpectationsResource", "LakeResource", "resources_from_settings"]

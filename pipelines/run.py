@@ -1,0 +1,94 @@
+"""Running the code location's jobs from Python (the `recloop` CLI, benchmarks, tests) against the same
+Dagster instance the UI reads, so every run shows up in `dagster dev` afterwards."""
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+from recloop.config import Settings
+
+DAGSTER_YAML = """\
+# Written by recloop for the embedded default: runs, events and schedules in SQLite under this folder.
+telemetry:
+  enabled: false
+run_coordinator:
+  module: dagster._core.run_coordinator
+  class: QueuedRunCoordinator
+  config:
+    max_concurrent_runs: 2
+"""
+
+
+def dagster_home(settings: Settings) -> Path:
+    """DAGSTER_HOME if set, else `<RECLOOP_HOME>/dagster`, created with a dagster.yaml when new."""
+    home = Path(os.environ.get("DAGSTER_HOME") or settings.home / "dagster").resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    config = home / "dagster.yaml"
+    if not config.exists():
+        config.write_text(DAGSTER_YAML)
+    os.environ["DAGSTER_HOME"] = str(home)
+    return home
+
+
+def instance(settings: Settings) -> dg.DagsterInstance:
+    dagster_home(settings)
+    return dg.DagsterInstance.get()
+
+
+@dataclass
+class PartitionRun:
+    partition: str
+    run_id: str
+    success: bool
+    materialized: dict[str, dict[str, Any]] = field(default_factory=dict)
+    checks: dict[str, bool] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+def _value(v: Any) -> Any:
+    return getattr(v, "value", v)
+
+
+def run_job(
+    job_name: str, *, partition: str | None = None, inst: dg.DagsterInstance | None = None, log_level: str = "WARNING"
+) -> PartitionRun:
+    """Executes `job_name` (for `partition`) in process and collects what it materialized and checked."""
+    from pipelines.definitions import defs
+
+    job = defs().resolve_job_def(job_name)
+    result = job.execute_in_process(
+        partition_key=partition,
+        instance=inst,
+        raise_on_error=False,
+        run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
+    )
+    out = PartitionRun(partition=partition or "", run_id=result.run_id, success=result.success)
+    for event in result.get_asset_materialization_events():
+        mat = event.step_materialization_data.materialization
+        out.materialized[mat.asset_key.to_user_string()] = {k: _value(v) for k, v in mat.metadata.items()}
+    for evaluation in result.get_asset_check_evaluations():
+        out.checks[f"{evaluation.asset_key.to_user_string()}:{evaluation.check_name}"] = evaluation.passed
+    if not result.success:
+        failures = [e for e in result.all_events if e.is_step_failure]
+        skipped = [e.step_key for e in result.all_events if e.is_step_skipped]
+        out.skipped = sorted(k for k in skipped if k)
+        if failures:
+            data = failures[0].step_failure_data
+            out.error = f"{failures[0].step_key}: {data.error.message.strip() if data and data.error else 'failed'}"
+        else:
+            out.error = "; ".join(f"{k} failed" for k, ok in out.checks.items() if not ok) or "run failed"
+    return out
+
+
+def run_data_plane(partitions: list[str], *, settings: Settings | None = None) -> list[PartitionRun]:
+    """`feast apply`, then the data plane job for each partition in order (each run replaces its day)."""
+    settings = settings or Settings.from_env()
+    inst = instance(settings)
+    runs = [run_job("feast_apply_job", inst=inst)]
+    for p in partitions:
+        runs.append(run_job("data_plane_job", partition=p, inst=inst))
+    return runs

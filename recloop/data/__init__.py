@@ -1,0 +1,1 @@
+"""Data: the canonical tables, the simulator and readers for users' own files."""

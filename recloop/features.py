@@ -1,0 +1,695 @@
+"""Features: daily point-in-time snapshots computed in DuckDB, served through Feast.
+
+Two halves, no Dagster in either:
+
+* `compute_features(lake, partition)` turns the validated `silver/*` partitions into one snapshot per
+  feature view for day D, as of the end of that day (`D+1 00:00 UTC`), using only events before it. Each
+  snapshot is written to `features/<view>/date=D/part-0.parquet`; a rerun replaces the partition.
+* The Feast wrapper (`feature_store`, `apply_repo`, `materialize_partition`, `online_features`,
+  `training_set`, `feature_freshness`) drives Feast's own apply / materialize / retrieval on the repo in
+  `feature_repo/`, whose `feature_store.yaml` takes its paths from `RECLOOP_*` environment variables
+  that `feature_store()` sets (for the duration of the load) from recloop's Settings.
+
+Feature definitions (all windows end at the snapshot time `T = D+1 00:00 UTC`; the 1/7/28-day windows
+are `[T - n days, T)`):
+
+* an *impression* is an event row; a *watch* is an impression with `watched_s > 0`;
+* `completion_rate_28d` = completed watches / watches (0 without watches);
+* `like_rate_28d` = liked impressions / impressions;
+* `watch_rate_7d` = watches / impressions over 7 days (0 without impressions);
+* `days_since_last_watch` = days from the user's last watch to T, capped at 28 (no watch in the window);
+* `age_days` = days from the video's upload to T; `duration_s` the video's length;
+* `watch_share_28d` = the user's 28-day watch time in the category / their watch time in all categories
+  (events whose video is unknown at T are left out of the affinity view).
+
+Feature names repeat across views (e.g. `impressions_1d` for users and videos), so every retrieval here
+uses Feast's full feature names: `<view>__<feature>`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import importlib
+import os
+import sys
+import threading
+import time
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from urllib.parse import unquote, urlparse
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from recloop.data.schemas import EVENTS, VIDEOS
+from recloop.lake import PART_FILE, Lake, WrittenPartition, partition_key
+
+if TYPE_CHECKING:  # feast takes ~10 s to import: only the Feast half of this module pays for it
+    import feast
+    import pandas as pd
+
+    from recloop.config import Settings
+
+TS = pa.timestamp("us", tz="UTC")
+WINDOW_DAYS = 28
+DEFAULT_PROJECT = "recloop"
+
+USER_ACTIVITY = "user_activity"
+USER_CATEGORY_AFFINITY = "user_category_affinity"
+VIDEO_POPULARITY = "video_popularity"
+FEATURE_VIEWS: tuple[str, ...] = (USER_ACTIVITY, USER_CATEGORY_AFFINITY, VIDEO_POPULARITY)
+FEATURE_SERVICES: tuple[str, ...] = ("ranking_features", "retrieval_features")
+
+
+def _schema(keys: Sequence[tuple[str, pa.DataType]], features: Sequence[tuple[str, pa.DataType]]) -> pa.Schema:
+    return pa.schema([*keys, ("event_timestamp", TS), ("created_timestamp", TS), *features])
+
+
+I64, F64 = pa.int64(), pa.float64()
+
+# The contract of the `features/<view>` datasets; feature_repo/features.py declares the same fields.
+FEATURE_SCHEMAS: dict[str, pa.Schema] = {
+    USER_ACTIVITY: _schema(
+        [("user_id", pa.string())],
+        [
+            ("impressions_1d", I64),
+            ("impressions_7d", I64),
+            ("impressions_28d", I64),
+            ("watches_1d", I64),
+            ("watches_7d", I64),
+            ("watches_28d", I64),
+            ("watch_s_1d", F64),
+            ("watch_s_7d", F64),
+            ("watch_s_28d", F64),
+            ("completion_rate_28d", F64),
+            ("like_rate_28d", F64),
+            ("days_since_last_watch", F64),
+            ("active_days_28d", I64),
+        ],
+    ),
+    USER_CATEGORY_AFFINITY: _schema(
+        [("user_id", pa.string()), ("category", pa.string())],
+        [("watch_s_28d", F64), ("watches_28d", I64), ("watch_share_28d", F64)],
+    ),
+    VIDEO_POPULARITY: _schema(
+        [("video_id", pa.string())],
+        [
+            ("impressions_1d", I64),
+            ("impressions_7d", I64),
+            ("impressions_28d", I64),
+            ("watches_1d", I64),
+            ("watches_7d", I64),
+            ("watches_28d", I64),
+            ("watch_s_7d", F64),
+            ("watch_s_28d", F64),
+            ("watch_rate_7d", F64),
+            ("completion_rate_28d", F64),
+            ("like_rate_28d", F64),
+            ("age_days", F64),
+            ("duration_s", F64),
+        ],
+    ),
+}
+
+ENTITY_KEYS: dict[str, tuple[str, ...]] = {
+    USER_ACTIVITY: ("user_id",),
+    USER_CATEGORY_AFFINITY: ("user_id", "category"),
+    VIDEO_POPULARITY: ("video_id",),
+}
+
+
+def feature_names(view: str) -> list[str]:
+    """The feature columns of `view` (no keys, no timestamps)."""
+    skip = {*ENTITY_KEYS[view], "event_timestamp", "created_timestamp"}
+    return [n for n in FEATURE_SCHEMAS[view].names if n not in skip]
+
+
+def feature_dataset(view: str) -> str:
+    """The lake dataset holding `view`'s daily snapshots."""
+    if view not in FEATURE_SCHEMAS:
+        raise ValueError(f"unknown feature view {view!r}; expected one of {list(FEATURE_VIEWS)}")
+    return f"features/{view}"
+
+
+def snapshot_time(partition: str) -> datetime:
+    """The snapshot time of day `partition`: the end of that day, `D+1 00:00 UTC`."""
+    day = date.fromisoformat(partition)
+    return datetime(day.year, day.month, day.day, tzinfo=timezone.utc) + timedelta(days=1)
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. Offline features in DuckDB
+# --------------------------------------------------------------------------------------------------
+
+_EVENTS_SQL = """
+CREATE TEMP VIEW ev AS
+SELECT user_id, video_id, event_time, watched_s,
+       coalesce(completed, false) AS completed,
+       coalesce(liked, false) AS liked,
+       watched_s > 0 AS watched,
+       event_time >= $snap - INTERVAL 1 DAY AS in_1d,
+       event_time >= $snap - INTERVAL 7 DAY AS in_7d
+FROM events_src
+WHERE event_time >= $snap - INTERVAL 28 DAY AND event_time < $snap
+"""
+
+# Videos known at the snapshot; a video delivered twice keeps its latest row.
+_VIDEOS_SQL = """
+CREATE TEMP VIEW vid AS
+SELECT video_id, category, duration_s, upload_time
+FROM videos_src
+WHERE upload_time < $snap AND video_id IS NOT NULL
+QUALIFY row_number() OVER (PARTITION BY video_id ORDER BY upload_time DESC) = 1
+"""
+
+_DAY_US = 86_400_000_000.0
+
+_QUERIES: dict[str, str] = {
+    USER_ACTIVITY: f"""
+SELECT user_id,
+       count(*) FILTER (WHERE in_1d)                                    AS impressions_1d,
+       count(*) FILTER (WHERE in_7d)                                    AS impressions_7d,
+       count(*)                                                         AS impressions_28d,
+       count(*) FILTER (WHERE in_1d AND watched)                        AS watches_1d,
+       count(*) FILTER (WHERE in_7d AND watched)                        AS watches_7d,
+       count(*) FILTER (WHERE watched)                                  AS watches_28d,
+       coalesce(sum(watched_s) FILTER (WHERE in_1d), 0)                 AS watch_s_1d,
+       coalesce(sum(watched_s) FILTER (WHERE in_7d), 0)                 AS watch_s_7d,
+       coalesce(sum(watched_s), 0)                                      AS watch_s_28d,
+       coalesce(count(*) FILTER (WHERE watched AND completed)
+                / nullif(count(*) FILTER (WHERE watched), 0), 0)        AS completion_rate_28d,
+       count(*) FILTER (WHERE liked) / count(*)                         AS like_rate_28d,
+       coalesce(date_diff('microsecond', max(event_time) FILTER (WHERE watched), $snap) / {_DAY_US},
+                {float(WINDOW_DAYS)})                                   AS days_since_last_watch,
+       count(DISTINCT date_trunc('day', event_time)) FILTER (WHERE watched) AS active_days_28d
+FROM ev
+GROUP BY user_id
+ORDER BY user_id
+""",
+    USER_CATEGORY_AFFINITY: """
+SELECT ev.user_id, vid.category,
+       sum(ev.watched_s)                                                AS watch_s_28d,
+       count(*)                                                         AS watches_28d,
+       sum(ev.watched_s) / sum(sum(ev.watched_s)) OVER (PARTITION BY ev.user_id) AS watch_share_28d
+FROM ev JOIN vid USING (video_id)
+WHERE ev.watched
+GROUP BY ev.user_id, vid.category
+ORDER BY ev.user_id, vid.category
+""",
+    VIDEO_POPULARITY: f"""
+WITH agg AS (
+    SELECT video_id,
+           count(*) FILTER (WHERE in_1d)                                AS impressions_1d,
+           count(*) FILTER (WHERE in_7d)                                AS impressions_7d,
+           count(*)                                                     AS impressions_28d,
+           count(*) FILTER (WHERE in_1d AND watched)                    AS watches_1d,
+           count(*) FILTER (WHERE in_7d AND watched)                    AS watches_7d,
+           count(*) FILTER (WHERE watched)                              AS watches_28d,
+           coalesce(sum(watched_s) FILTER (WHERE in_7d), 0)             AS watch_s_7d,
+           coalesce(sum(watched_s), 0)                                  AS watch_s_28d,
+           count(*) FILTER (WHERE watched AND completed)                AS completions_28d,
+           count(*) FILTER (WHERE liked)                                AS likes_28d
+    FROM ev
+    GROUP BY video_id
+)
+SELECT vid.video_id,
+       coalesce(agg.impressions_1d, 0)                                  AS impressions_1d,
+       coalesce(agg.impressions_7d, 0)                                  AS impressions_7d,
+       coalesce(agg.impressions_28d, 0)                                 AS impressions_28d,
+       coalesce(agg.watches_1d, 0)                                      AS watches_1d,
+       coalesce(agg.watches_7d, 0)                                      AS watches_7d,
+       coalesce(agg.watches_28d, 0)                                     AS watches_28d,
+       coalesce(agg.watch_s_7d, 0)                                      AS watch_s_7d,
+       coalesce(agg.watch_s_28d, 0)                                     AS watch_s_28d,
+       coalesce(agg.watches_7d / nullif(agg.impressions_7d, 0), 0)      AS watch_rate_7d,
+       coalesce(agg.completions_28d / nullif(agg.watches_28d, 0), 0)    AS completion_rate_28d,
+       coalesce(agg.likes_28d / nullif(agg.impressions_28d, 0), 0)      AS like_rate_28d,
+       date_diff('microsecond', vid.upload_time, $snap) / {_DAY_US}     AS age_days,
+       vid.duration_s                                                   AS duration_s
+FROM vid LEFT JOIN agg USING (video_id)
+ORDER BY vid.video_id
+""",
+}
+
+
+def _partition_window(lake: Lake, dataset: str, first: str | None, last: str) -> list[str]:
+    return [p for p in lake.partitions(dataset) if (first is None or p >= first) and p <= last]
+
+
+def _register_source(
+    con: duckdb.DuckDBPyConnection, name: str, lake: Lake, dataset: str, partitions: list[str], schema: pa.Schema
+) -> int:
+    """Expose `partitions` of `dataset` to DuckDB as view `name`; returns how many partitions it holds."""
+    columns = ", ".join(f'"{c}"' for c in schema.names)
+    if lake.local_path("") is not None:
+        files = [
+            str(lake.local_path(key))
+            for p in partitions
+            for key in lake.list_keys(partition_key(dataset, p) + "/")
+            if key.endswith(".parquet")
+        ]
+        if files:
+            listing = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
+            con.execute(
+                f"CREATE TEMP VIEW {name} AS SELECT {columns} "
+                f"FROM read_parquet([{listing}], hive_partitioning = false)"
+            )
+            return len(partitions)
+        table = schema.empty_table()
+    else:
+        tables = [lake.read_partition(dataset, p).select(schema.names).cast(schema) for p in partitions]
+        table = pa.concat_tables(tables) if tables else schema.empty_table()
+    con.register(f"{name}_arrow", table)
+    con.execute(f"CREATE TEMP VIEW {name} AS SELECT {columns} FROM {name}_arrow")
+    return len(partitions)
+
+
+def compute_feature_tables(lake: Lake, partition: str) -> dict[str, pa.Table]:
+    """The snapshot of every feature view for day `partition`, as Arrow tables (nothing written)."""
+    snap = snapshot_time(partition)
+    first_event_day = (date.fromisoformat(partition) - timedelta(days=WINDOW_DAYS - 1)).isoformat()
+    con = duckdb.connect()
+    try:
+        con.execute("SET TimeZone = 'UTC'")
+        _register_source(
+            con, "events_src", lake, "silver/events",
+            _partition_window(lake, "silver/events", first_event_day, partition), EVENTS.schema,
+        )
+        _register_source(
+            con, "videos_src", lake, "silver/videos",
+            _partition_window(lake, "silver/videos", None, partition), VIDEOS.schema,
+        )
+        # Views cannot take parameters: inline the snapshot as a literal.
+        snap_sql = f"TIMESTAMPTZ '{snap.strftime('%Y-%m-%d %H:%M:%S')}+00'"
+        con.execute(_EVENTS_SQL.replace("$snap", snap_sql))
+        con.execute(_VIDEOS_SQL.replace("$snap", snap_sql))
+        created = datetime.now(timezone.utc)
+        out: dict[str, pa.Table] = {}
+        for view, sql in _QUERIES.items():
+            result = con.sql(sql.replace("$snap", snap_sql)).to_arrow_table()
+            n = result.num_rows
+            result = result.append_column("event_timestamp", pa.repeat(pa.scalar(snap, TS), n))
+            result = result.append_column("created_timestamp", pa.repeat(pa.scalar(created, TS), n))
+            schema = FEATURE_SCHEMAS[view]
+            out[view] = result.select(schema.names).cast(schema)
+        return out
+    finally:
+        con.close()
+
+
+def compute_features(lake: Lake, partition: str) -> dict[str, WrittenPartition]:
+    """Compute day `partition`'s snapshot of every feature view and write it to the lake.
+
+    Reads `silver/events` partitions D-27..D and `silver/videos` partitions <= D (those that exist),
+    counts only events before `D+1 00:00 UTC`, and writes `features/<view>/date=D/part-0.parquet` for each
+    view, replacing any earlier run of the same partition.
+    """
+    tables = compute_feature_tables(lake, partition)
+    return {view: lake.write_partition(feature_dataset(view), partition, t) for view, t in tables.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# 2./3. Feast: the store, apply, materialize, online and historical retrieval
+# --------------------------------------------------------------------------------------------------
+
+# Building a store and applying the repo touch process-wide state (environment variables read by
+# feature_store.yaml and data_sources.py, the working directory and sys.path/sys.modules Feast's repo
+# parser relies on): one lock serialises them, and every change is undone afterwards.
+_FEAST_LOCK = threading.RLock()
+# The repo modules are imported under these top-level names by Feast's parser.
+_REPO_MODULES = ("entities", "data_sources", "features", "feature_services")
+
+
+def feast_environment(settings: "Settings", project: str | None = None) -> dict[str, str]:
+    """The `RECLOOP_*` variables `feature_repo/feature_store.yaml` and `data_sources.py` read."""
+    data = Path(settings.feast_data_dir)
+    return {
+        "RECLOOP_FEAST_PROJECT": project or getattr(settings, "feast_project", None) or DEFAULT_PROJECT,
+        "RECLOOP_FEAST_REGISTRY": str(data / "registry.db"),
+        "RECLOOP_FEAST_ONLINE_PATH": str(data / "online.db"),
+        "RECLOOP_LAKE_URI": settings.lake_uri,
+        **({"RECLOOP_S3_ENDPOINT_URL": settings.s3_endpoint_url} if settings.s3_endpoint_url else {}),
+    }
+
+
+@contextlib.contextmanager
+def _patched_environ(values: dict[str, str]):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def redis_connection_string(url: str) -> str:
+    """Feast's Redis `connection_string` ("host:port,db=0,password=...,ssl=true") for a redis:// URL."""
+    parsed = urlparse(url)
+    if parsed.scheme not in ("redis", "rediss"):
+        raise ValueError(f"not a redis:// or rediss:// URL: {url!r}")
+    parts = [f"{parsed.hostname or 'localhost'}:{parsed.port or 6379}"]
+    db = (parsed.path or "/").strip("/") or "0"
+    parts.append(f"db={int(db)}")
+    if parsed.username:
+        parts.append(f"username={unquote(parsed.username)}")
+    if parsed.password:
+        parts.append(f"password={unquote(parsed.password)}")
+    if parsed.scheme == "rediss":
+        parts.append("ssl=true")
+    return ",".join(parts)
+
+
+def _repo_config(settings: "Settings", project: str | None, online: str, redis_url: str | None):
+    """Feast's RepoConfig from feature_store.yaml, read exactly as Feast reads it (`${VAR}` expanded)."""
+    import yaml
+    from feast.repo_config import FeastConfigError, RepoConfig
+    from pydantic import ValidationError
+
+    repo = Path(settings.feature_repo).resolve()
+    yaml_path = repo / "feature_store.yaml"
+    raw = yaml.safe_load(os.path.expandvars(yaml_path.read_text()))  # = feast.repo_config.load_repo_config
+    if online == "redis":
+        url = redis_url or getattr(settings, "redis_url", None)
+        if not url:
+            raise ValueError("online='redis' needs redis_url (or settings.redis_url / RECLOOP_REDIS_URL)")
+        raw["online_store"] = {"type": "redis", "connection_string": redis_connection_string(url)}
+    elif online != "sqlite":
+        raise ValueError(f"online must be 'sqlite' or 'redis', got {online!r}")
+    try:
+        config = RepoConfig(**raw)
+    except ValidationError as err:
+        raise FeastConfigError(err, yaml_path) from err
+    config.repo_path = repo
+    return config
+
+
+def _close_ibis_default_backend() -> None:
+    """Close ibis's default DuckDB connection, which Feast's duckdb offline store opens and never closes.
+
+    Left open, DuckDB 2.0's bindings print a screenful of "nanobind: leaked ..." at interpreter exit
+    (after a test runner's summary line). Registered with atexit by `feature_store()`.
+    """
+    ibis = sys.modules.get("ibis")
+    backend = getattr(getattr(ibis, "options", None), "default_backend", None)
+    if backend is None:
+        return
+    with contextlib.suppress(Exception):  # at exit, a failing close must not mask the real exit status
+        backend.disconnect()
+    ibis.options.default_backend = None
+
+
+_ATEXIT = threading.Event()
+
+
+def feature_store(
+    settings: "Settings",
+    *,
+    project: str | None = None,
+    online: str = "sqlite",
+    redis_url: str | None = None,
+) -> "feast.FeatureStore":
+    """A Feast FeatureStore on `settings.feature_repo`.
+
+    The registry (`registry.db`) and the SQLite online store (`online.db`) live in
+    `settings.feast_data_dir`; the project defaults to `settings.feast_project` ("recloop"). With
+    `online="redis"` the online store is Redis at `redis_url` (default `settings.redis_url`): the same
+    feature_store.yaml is loaded and only its `online_store` block is swapped, in code, before the
+    RepoConfig is built (`FeatureStore(config=...)`), so there is one yaml to maintain.
+    """
+    from feast import FeatureStore
+
+    if not _ATEXIT.is_set():
+        _ATEXIT.set()
+        atexit.register(_close_ibis_default_backend)
+    Path(settings.feast_data_dir).mkdir(parents=True, exist_ok=True)
+    with _FEAST_LOCK, _patched_environ(feast_environment(settings, project)):
+        config = _repo_config(settings, project, online, redis_url)
+        return FeatureStore(repo_path=str(config.repo_path), config=config)
+
+
+@contextlib.contextmanager
+def _repo_import_context(repo: Path):
+    """What `feast apply` sets up to import the repo: cwd and sys.path at the repo, modules fresh.
+
+    Modules of the repo are imported by top-level names (`features`, `entities`, ...): any module of
+    those names already loaded is set aside so that Feast imports the repo's own files (re-reading the
+    environment), and everything is restored afterwards.
+    """
+    saved_modules = {name: sys.modules.pop(name) for name in _REPO_MODULES if name in sys.modules}
+    cwd = os.getcwd()
+    sys.path.insert(0, str(repo))
+    dont_write_bytecode = sys.dont_write_bytecode
+    os.chdir(repo)
+    try:
+        yield
+    finally:
+        os.chdir(cwd)
+        sys.dont_write_bytecode = dont_write_bytecode
+        with contextlib.suppress(ValueError):
+            sys.path.remove(str(repo))
+        for name in _REPO_MODULES:
+            sys.modules.pop(name, None)
+        sys.modules.update(saved_modules)
+        importlib.invalidate_caches()
+
+
+def apply_repo(
+    settings: "Settings",
+    *,
+    project: str | None = None,
+    online: str = "sqlite",
+    redis_url: str | None = None,
+) -> dict[str, Any]:
+    """`feast apply` for the repo, in process: Feast's own parser and apply (objects removed from the
+    repo are removed from the registry, online tables created). Returns the names now registered."""
+    from feast import repo_operations
+
+    store = feature_store(settings, project=project, online=online, redis_url=redis_url)
+    project_name = store.project
+    repo = Path(settings.feature_repo).resolve()
+    with _FEAST_LOCK, _patched_environ(feast_environment(settings, project_name)), _repo_import_context(repo):
+        try:  # Feast's parser exits the process on a repo/project mismatch: make that an exception
+            contents = repo_operations._get_repo_contents(repo, project_name, store.config)
+        except SystemExit as err:
+            raise RuntimeError(f"Feast could not parse the feature repo {repo} (see the output above)") from err
+        repo_operations.apply_total_with_repo_instance(
+            store, project_name, store.registry, contents, skip_source_validation=False
+        )
+    store.refresh_registry()
+    return {
+        "project": project_name,
+        "entities": sorted(e.name for e in store.list_entities() if e.name != "__dummy"),
+        "data_sources": sorted(s.name for s in store.list_data_sources()),
+        "feature_views": sorted(v.name for v in store.list_feature_views()),
+        "feature_services": sorted(s.name for s in store.list_feature_services()),
+    }
+
+
+def _latest_interval_end(view: Any) -> datetime | None:
+    ends = [end for _, end in (view.materialization_intervals or [])]
+    if not ends:
+        return None
+    latest = max(ends)
+    return latest if latest.tzinfo else latest.replace(tzinfo=timezone.utc)
+
+
+def _partition_rows(lake: Lake, dataset: str, partition: str) -> int:
+    key = f"{partition_key(dataset, partition)}/{PART_FILE}"
+    path = lake.local_path(key)
+    if path is not None:
+        if not path.is_file():
+            raise FileNotFoundError(f"no partition {partition} in {dataset!r} at {path}: compute it first")
+        return pq.ParquetFile(path).metadata.num_rows
+    return lake.read_partition(dataset, partition).num_rows
+
+
+def materialize_partition(
+    settings: "Settings",
+    partition: str,
+    *,
+    views: Iterable[str] | None = None,
+    project: str | None = None,
+    online: str = "sqlite",
+    redis_url: str | None = None,
+    lake: Lake | None = None,
+) -> dict[str, Any]:
+    """Load day `partition`'s snapshot (event_timestamp = D+1 00:00 UTC) into the online store.
+
+    Runs Feast's `store.materialize(start, end, feature_views=[view])` per view over the window
+    `[T - 1 h, T]` around the snapshot time T, which holds exactly that one snapshot. A view whose
+    registry `materialization_intervals` already end after T holds a newer snapshot online; the SQLite
+    store overwrites without comparing timestamps, so such views are skipped rather than regressed.
+    Returns `{"partition", "snapshot", "skipped", "reason"?, "views": {view: {"rows", "seconds",
+    "rows_per_s"}}, "skipped_views": {view: reason}, "seconds"}`.
+    """
+    from recloop.lake import open_lake
+
+    started = time.perf_counter()
+    snap = snapshot_time(partition)
+    wanted = list(views) if views is not None else list(FEATURE_VIEWS)
+    for view in wanted:
+        feature_dataset(view)  # validates the name
+    lake = lake or open_lake(settings.lake_uri, s3_endpoint_url=settings.s3_endpoint_url)
+    store = feature_store(settings, project=project, online=online, redis_url=redis_url)
+
+    todo: list[str] = []
+    skipped_views: dict[str, str] = {}
+    for view in wanted:
+        latest = _latest_interval_end(store.get_feature_view(view))
+        if latest is not None and latest > snap:
+            skipped_views[view] = (
+                f"online store already holds a newer snapshot (materialized up to {latest.isoformat()}, "
+                f"this one is {snap.isoformat()})"
+            )
+        else:
+            todo.append(view)
+    result: dict[str, Any] = {
+        "partition": partition,
+        "snapshot": snap.isoformat(),
+        "project": store.project,
+        "online_store": store.config.online_store.type,
+        "skipped": not todo,
+        "views": {},
+        "skipped_views": skipped_views,
+    }
+    if not todo:
+        result["reason"] = "; ".join(f"{v}: {r}" for v, r in skipped_views.items())
+        result["seconds"] = round(time.perf_counter() - started, 3)
+        return result
+
+    rows = {view: _partition_rows(lake, feature_dataset(view), partition) for view in todo}
+    for view in todo:
+        t0 = time.perf_counter()
+        store.materialize(start_date=snap - timedelta(hours=1), end_date=snap, feature_views=[view])
+        seconds = time.perf_counter() - t0
+        result["views"][view] = {
+            "rows": rows[view],
+            "seconds": round(seconds, 3),
+            "rows_per_s": round(rows[view] / seconds, 1) if seconds > 0 else None,
+        }
+    result["seconds"] = round(time.perf_counter() - started, 3)
+    return result
+
+
+def _feature_selection(store: "feast.FeatureStore", features: str | Sequence[str]) -> Any:
+    """A feature service (by name) or a list of `view:feature` references."""
+    if isinstance(features, str):
+        return store.get_feature_service(features)
+    return list(features)
+
+
+def _selected_views(store: "feast.FeatureStore", selection: Any) -> set[str]:
+    if isinstance(selection, list):
+        return {ref.split(":", 1)[0] for ref in selection}
+    return {p.name for p in selection.feature_view_projections}
+
+
+def online_features(
+    settings: "Settings",
+    *,
+    user_ids: Sequence[str],
+    video_ids: Sequence[str],
+    categories: Sequence[str] | None = None,
+    features: str | Sequence[str] | None = None,
+    project: str | None = None,
+    online: str = "sqlite",
+    redis_url: str | None = None,
+    store: "feast.FeatureStore | None" = None,
+) -> "pd.DataFrame":
+    """Online features for (user, video) rows via `store.get_online_features`.
+
+    `user_ids` and `video_ids` are paired row by row; a single user is broadcast over all videos.
+    `categories` (the videos' categories, aligned with `video_ids`) is needed for the
+    `user_category_affinity` view. `features` is a feature service name or a list of `view:feature`
+    references; by default `ranking_features` when categories are given, else `retrieval_features`.
+    Columns: the keys, then `<view>__<feature>` (missing values are NaN/None).
+    """
+    users, videos = list(user_ids), list(video_ids)
+    if len(users) == 1 and len(videos) > 1:
+        users = users * len(videos)
+    if len(users) != len(videos):
+        raise ValueError(f"user_ids ({len(users)}) and video_ids ({len(videos)}) must pair up")
+    cats = list(categories) if categories is not None else None
+    if cats is not None and len(cats) != len(videos):
+        raise ValueError(f"categories ({len(cats)}) must align with video_ids ({len(videos)})")
+    store = store or feature_store(settings, project=project, online=online, redis_url=redis_url)
+    if features is None:
+        features = "ranking_features" if cats is not None else "retrieval_features"
+    selection = _feature_selection(store, features)
+    if USER_CATEGORY_AFFINITY in _selected_views(store, selection) and cats is None:
+        raise ValueError("the user_category_affinity view needs `categories` for the entity rows")
+    columns: dict[str, list[str]] = {"user_id": users, "video_id": videos}
+    if cats is not None:
+        columns["category"] = cats
+    entity_rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
+    response = store.get_online_features(features=selection, entity_rows=entity_rows, full_feature_names=True)
+    return response.to_df()
+
+
+def training_set(
+    settings: "Settings",
+    entity_df: "pd.DataFrame",
+    feature_service: str = "ranking_features",
+    *,
+    project: str | None = None,
+    store: "feast.FeatureStore | None" = None,
+) -> "pd.DataFrame":
+    """Point-in-time correct features for `entity_df` via `store.get_historical_features`.
+
+    `entity_df` has `user_id`, `video_id`, `category` (for the affinity view) and `event_timestamp`; any
+    other column (labels) passes through. A row at time t gets, per view, the newest snapshot with
+    event_timestamp <= t and not older than the view's ttl (2 days), so nothing computed from events
+    after t leaks in. Rows come back in the order given; features are named `<view>__<feature>`.
+    """
+    import pandas as pd
+
+    required = {"user_id", "video_id", "event_timestamp"}
+    store = store or feature_store(settings, project=project)
+    service = store.get_feature_service(feature_service)
+    if USER_CATEGORY_AFFINITY in _selected_views(store, service):
+        required.add("category")
+    missing = required - set(entity_df.columns)
+    if missing:
+        raise ValueError(f"entity_df lacks column(s) {sorted(missing)}")
+    df = entity_df.copy()
+    # Feast's DuckDB store compares against microsecond UTC timestamps.
+    df["event_timestamp"] = pd.to_datetime(df["event_timestamp"], utc=True).astype("datetime64[us, UTC]")
+    order = "__recloop_row"
+    df[order] = range(len(df))
+    job = store.get_historical_features(entity_df=df, features=service, full_feature_names=True)
+    out = job.to_df()
+    return out.sort_values(order).drop(columns=[order]).reset_index(drop=True)
+
+
+def feature_freshness(
+    settings: "Settings",
+    *,
+    project: str | None = None,
+    now: datetime | None = None,
+    store: "feast.FeatureStore | None" = None,
+) -> dict[str, Any]:
+    """Age of the newest snapshot materialized online, per view (from the registry's
+    materialization intervals). `max_age_hours` is the stalest view's age, None if one never was."""
+    store = store or feature_store(settings, project=project)
+    now = now or datetime.now(timezone.utc)
+    views: dict[str, dict[str, Any]] = {}
+    for view in FEATURE_VIEWS:
+        latest = _latest_interval_end(store.get_feature_view(view))
+        views[view] = {
+            "newest_snapshot": latest.isoformat() if latest else None,
+            "age_hours": round((now - latest).total_seconds() / 3600, 3) if latest else None,
+        }
+    ages = [v["age_hours"] for v in views.values()]
+    return {
+        "project": store.project,
+        "checked_at": now.isoformat(),
+        "views": views,
+        "max_age_hours": None if any(a is None for a in ages) else max(ages),
+    }

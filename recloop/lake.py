@@ -1,0 +1,285 @@
+"""The lake: where every stage keeps its daily partitions as Parquet.
+
+One interface, two implementations: `LocalLake` (a folder, the embedded default) and `S3Lake` (a bucket
+and prefix reached through boto3). Datasets are laid out Hive-style,
+`<dataset>/date=YYYY-MM-DD/part-0.parquet`, and a partition is always written whole: writing it again
+replaces what was there, so re-running a step never duplicates or drops rows.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tempfile
+import uuid
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+PART_FILE = "part-0.parquet"
+
+
+@dataclass(frozen=True)
+class WrittenPartition:
+    """What a partition write produced: where, how many rows, how many bytes."""
+
+    uri: str
+    rows: int
+    bytes: int
+
+
+def partition_key(dataset: str, partition: str) -> str:
+    return f"{dataset}/date={partition}"
+
+
+class Lake(ABC):
+    """Daily-partitioned Parquet datasets under one root."""
+
+    @abstractmethod
+    def uri(self, key: str = "") -> str:
+        """The full URI of `key` (a dataset, partition or file path relative to the root)."""
+
+    @abstractmethod
+    def write_bytes(self, key: str, data: bytes) -> str:
+        """Store `data` at `key`, replacing any object there. Returns its URI."""
+
+    @abstractmethod
+    def read_bytes(self, key: str) -> bytes:
+        """The bytes stored at `key`; FileNotFoundError when there are none."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool:
+        """Whether an object exists at `key`."""
+
+    @abstractmethod
+    def list_keys(self, prefix: str) -> list[str]:
+        """Keys of all objects below `prefix`, sorted."""
+
+    @abstractmethod
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every object below `prefix`. Returns how many were deleted."""
+
+    @abstractmethod
+    def _replace_partition_files(self, prefix: str, files: dict[str, bytes]) -> None:
+        """Make `files` (name -> bytes) the whole content of `prefix`, as atomically as the store allows."""
+
+    # --- partitions -------------------------------------------------------------------------------
+
+    def write_partition(self, dataset: str, partition: str, table: pa.Table) -> WrittenPartition:
+        """Write `table` as the whole of `dataset`'s `partition`, replacing any earlier content."""
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        data = buf.getvalue()
+        prefix = partition_key(dataset, partition)
+        self._replace_partition_files(prefix, {PART_FILE: data})
+        return WrittenPartition(uri=self.uri(f"{prefix}/{PART_FILE}"), rows=table.num_rows, bytes=len(data))
+
+    def read_partition(self, dataset: str, partition: str) -> pa.Table:
+        """The table stored in `dataset`'s `partition`; FileNotFoundError when it was never written."""
+        prefix = partition_key(dataset, partition)
+        keys = [k for k in self.list_keys(prefix + "/") if k.endswith(".parquet")]
+        if not keys:
+            raise FileNotFoundError(f"no partition {partition} in dataset {dataset!r} at {self.uri(prefix)}")
+        tables = [pq.read_table(io.BytesIO(self.read_bytes(k))) for k in keys]
+        return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+
+    def has_partition(self, dataset: str, partition: str) -> bool:
+        return any(k.endswith(".parquet") for k in self.list_keys(partition_key(dataset, partition) + "/"))
+
+    def partitions(self, dataset: str) -> list[str]:
+        """The partitions of `dataset` that hold data, sorted."""
+        found = set()
+        for key in self.list_keys(dataset.rstrip("/") + "/"):
+            for part in key.split("/"):
+                if part.startswith("date=") and key.endswith(".parquet"):
+                    found.add(part.removeprefix("date="))
+        return sorted(found)
+
+    def delete_partition(self, dataset: str, partition: str) -> int:
+        return self.delete_prefix(partition_key(dataset, partition) + "/")
+
+    def local_path(self, key: str) -> Path | None:
+        """A local filesystem path for `key` when the lake is a folder (DuckDB reads it directly)."""
+        return None
+
+
+class LocalLake(Lake):
+    """A lake in a local folder."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).resolve()
+
+    def __repr__(self) -> str:
+        return f"LocalLake({str(self.root)!r})"
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if path != self.root and self.root not in path.parents:
+            raise ValueError(f"key {key!r} escapes the lake root {self.root}")
+        return path
+
+    def uri(self, key: str = "") -> str:
+        return str(self._path(key)) if key else str(self.root)
+
+    def local_path(self, key: str) -> Path | None:
+        return self._path(key)
+
+    def write_bytes(self, key: str, data: bytes) -> str:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        return str(path)
+
+    def read_bytes(self, key: str) -> bytes:
+        return self._path(key).read_bytes()
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list_keys(self, prefix: str) -> list[str]:
+        base = self._path(prefix.rstrip("/")) if prefix.strip("/") else self.root
+        if base.is_file():
+            return [prefix.rstrip("/")]
+        if not base.is_dir():
+            return []
+        return sorted(
+            str(p.relative_to(self.root))
+            for p in base.rglob("*")
+            if p.is_file() and not p.name.startswith(".")
+        )
+
+    def delete_prefix(self, prefix: str) -> int:
+        base = self._path(prefix.rstrip("/"))
+        if base.is_file():
+            base.unlink()
+            return 1
+        if not base.is_dir():
+            return 0
+        count = sum(1 for p in base.rglob("*") if p.is_file())
+        shutil.rmtree(base)
+        return count
+
+    def _replace_partition_files(self, prefix: str, files: dict[str, bytes]) -> None:
+        # Write the new partition beside the old one, then swap directories: a reader sees either the
+        # old partition or the new one, never a mix, and a crash mid-write leaves the old one intact.
+        target = self._path(prefix)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            for name, data in files.items():
+                (staging / name).write_bytes(data)
+            if target.exists():
+                old = target.with_name(f".{target.name}.old.{uuid.uuid4().hex}")
+                os.replace(target, old)
+                os.replace(staging, target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(staging, target)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+
+
+class S3Lake(Lake):
+    """A lake in an S3 bucket (or any S3-compatible store) under a prefix, through boto3."""
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        endpoint_url: str | None = None,
+        client: object | None = None,
+    ) -> None:
+        import boto3  # imported here: the local lake does not need it
+
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.endpoint_url = endpoint_url
+        self.client = client or boto3.client("s3", endpoint_url=endpoint_url)
+
+    @classmethod
+    def from_uri(cls, uri: str, *, endpoint_url: str | None = None) -> "S3Lake":
+        if not uri.startswith("s3://"):
+            raise ValueError(f"not an s3:// URI: {uri!r}")
+        bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+        if not bucket:
+            raise ValueError(f"no bucket in {uri!r}")
+        return cls(bucket, prefix, endpoint_url=endpoint_url)
+
+    def __repr__(self) -> str:
+        return f"S3Lake({self.uri()!r})"
+
+    def _key(self, key: str) -> str:
+        key = key.strip("/")
+        return f"{self.prefix}/{key}" if self.prefix and key else (self.prefix or key)
+
+    def uri(self, key: str = "") -> str:
+        return f"s3://{self.bucket}/{self._key(key)}".rstrip("/")
+
+    def write_bytes(self, key: str, data: bytes) -> str:
+        self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+        return self.uri(key)
+
+    def read_bytes(self, key: str) -> bytes:
+        try:
+            obj = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+        except self.client.exceptions.NoSuchKey:
+            raise FileNotFoundError(self.uri(key)) from None
+        return obj["Body"].read()
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            return True
+        except ClientError as err:
+            if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+
+    def list_keys(self, prefix: str) -> list[str]:
+        full = self._key(prefix)
+        if prefix.endswith("/") and not full.endswith("/"):
+            full += "/"
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        keys: list[str] = []
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
+            keys.extend(obj["Key"][strip:] for obj in page.get("Contents", []))
+        return sorted(keys)
+
+    def delete_prefix(self, prefix: str) -> int:
+        keys = self.list_keys(prefix)
+        for start in range(0, len(keys), 1000):
+            batch = keys[start : start + 1000]
+            self.client.delete_objects(
+                Bucket=self.bucket,
+                Delete={"Objects": [{"Key": self._key(k)} for k in batch], "Quiet": True},
+            )
+        return len(keys)
+
+    def _replace_partition_files(self, prefix: str, files: dict[str, bytes]) -> None:
+        # S3 has no directory rename: put the new objects (same names overwrite in one PUT each), then
+        # delete whatever else the partition held, so a re-run never leaves stale parts behind.
+        written = set()
+        for name, data in files.items():
+            self.write_bytes(f"{prefix}/{name}", data)
+            written.add(f"{prefix}/{name}")
+        stale = [k for k in self.list_keys(prefix + "/") if k not in written]
+        for key in stale:
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+
+def open_lake(uri: str, *, s3_endpoint_url: str | None = None) -> Lake:
+    """The lake at `uri`: `s3://bucket/prefix` for S3, anything else is a local folder."""
+    if uri.startswith("s3://"):
+        return S3Lake.from_uri(uri, endpoint_url=s3_endpoint_url)
+    return LocalLake(uri)
