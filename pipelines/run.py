@@ -54,7 +54,12 @@ def _value(v: Any) -> Any:
 
 
 def run_job(
-    job_name: str, *, partition: str | None = None, inst: dg.DagsterInstance | None = None, log_level: str = "WARNING"
+    job_name: str,
+    *,
+    partition: str | None = None,
+    inst: dg.DagsterInstance | None = None,
+    log_level: str = "WARNING",
+    run_config_ops: dict[str, Any] | None = None,
 ) -> PartitionRun:
     """Executes `job_name` (for `partition`) in process and collects what it materialized and checked."""
     from pipelines.definitions import defs
@@ -64,7 +69,7 @@ def run_job(
         partition_key=partition,
         instance=inst,
         raise_on_error=False,
-        run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
+        run_config={"loggers": {"console": {"config": {"log_level": log_level}}}, "ops": run_config_ops or {}},
     )
     out = PartitionRun(partition=partition or "", run_id=result.run_id, success=result.success)
     for event in result.get_asset_materialization_events():

@@ -159,13 +159,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     settings = Settings.from_env()
     config = _sim_config(args, settings)
-    print(f"[1/2] simulating {config.days} days (~{config.events_per_day:,} events/day) into {settings.landing_uri}")
+    print(f"[1/3] simulating {config.days} days (~{config.events_per_day:,} events/day) into {settings.landing_uri}")
     summary = simulate(config, _landing(settings))
     print(f"      {summary.totals}")
     partitions = [config.date_of(i).isoformat() for i in range(config.days)]
     n_bad = _bad_delivery(_landing(settings), partitions[-1])
     print(f"      plus a late CSV delivery of {n_bad} events for {partitions[-1]}, two good and the rest broken in the usual ways")
-    print(f"[2/2] running the Dagster data plane for {len(partitions)} days: ingest → GX validation → features → Feast online store")
+    print(f"[2/3] running the Dagster data plane for {len(partitions)} days: ingest → GX validation → features → Feast online store")
     t0 = time.perf_counter()
     runs = run_data_plane(partitions, settings=settings)
     days = _summarise(runs)
@@ -176,6 +176,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
               + (f"; {d['error']}" if d.get("error") else ""))
     lake = open_lake(settings.lake_uri, s3_endpoint_url=settings.s3_endpoint_url)
     ok = all(r.success for r in runs)
+    training = None
+    if ok:
+        from pipelines.run import instance, run_job
+
+        print(f"[3/3] training job: Feast training set → two-tower → FAISS index → ranker → evaluation → MLflow → gate")
+        training = run_job("training_job", inst=instance(settings),
+                           run_config_ops=_training_run_config(max(1, config.days - 1), 1))
+        ok = ok and training.success
     if lake.has_partition("quarantine/events", partitions[-1]):
         from recloop.validation import read_quarantine
 
@@ -189,10 +197,95 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     "features/user_activity", "features/user_category_affinity", "features/video_popularity"):
         print(f"  {lake.uri(dataset)}  ({len(lake.partitions(dataset))} partitions)")
     print(f"  Feast registry and SQLite online store in {settings.feast_data_dir}")
-    print(f"  Dagster runs recorded in {dagster_home(settings)} ({time.perf_counter() - t0:.0f} s)")
+    print(f"  Dagster runs recorded in {dagster_home(settings)} ({time.perf_counter() - t0:.0f} s for all runs)")
+    if training is not None:
+        summary = _training_summary(training)
+        from recloop.registry import registry_settings
+
+        print(f"  MLflow runs and registry at {registry_settings(settings).tracking_uri}")
+        print()
+        print("Offline evaluation on the held-out day (full ranking, seen videos excluded):")
+        for name, values in (summary.get("evaluation") or {}).items():
+            print(f"  {name:15} recall@10 {values.get('recall_at_10', float('nan')):.4f}  ndcg@10 {values.get('ndcg_at_10', float('nan')):.4f}"
+                  f"  coverage {values.get('coverage', float('nan')):.3f}")
+        print(f"Promotion gate for version {summary.get('registered_version')}: "
+              + ("passed" if summary.get("gate_passed") else "refused"))
+        for line in summary.get("gate", [])[1:]:
+            print(f"  {line}")
+        if summary.get("champion"):
+            print(f"Champion is now version {summary['champion']} (recloop models; recloop rollback)")
+        if summary.get("error"):
+            print(f"  training: {summary['error']}")
     print()
     print("Look at it in the Dagster UI (asset runs, checks, lineage):  make ui  →  http://127.0.0.1:3000")
     return 0 if ok else 1
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pipelines.run import instance, run_job
+
+    settings = Settings.from_env()
+    run = run_job("training_job", inst=instance(settings),
+                  run_config_ops=_training_run_config(args.train_days, args.test_days))
+    _print(_training_summary(run))
+    return 0 if run.success else 1
+
+
+def _training_run_config(train_days: int, test_days: int) -> dict[str, Any]:
+    return {"model__training_set": {"config": {"TrainDays": train_days, "TestDays": test_days}}}
+
+
+def _training_summary(run) -> dict[str, Any]:
+    m = run.materialized
+    out: dict[str, Any] = {"success": run.success, "run_id": run.run_id}
+    ev = m.get("model/evaluation", {})
+    if ev:
+        out["evaluation"] = ev.get("by_recommender")
+        out["recall_at_10_vs_popularity"] = ev.get("recall_at_10_vs_popularity")
+    if "model/registered_version" in m:
+        out["registered_version"] = m["model/registered_version"]["version"]
+    out["gate_passed"] = run.checks.get("model/registered_version:promotion_gate")
+    if "model/champion" in m:
+        out["champion"] = m["model/champion"]["champion"]
+        out["gate"] = m["model/champion"]["reasons"]
+    if run.error:
+        out["error"] = run.error
+    return out
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from recloop.evaluation import evaluate_files, write_json
+
+    result = evaluate_files(args.train, args.test, valid_path=args.valid, ks=tuple(args.k))
+    if args.out:
+        write_json(result, args.out)
+    _print(result)
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from recloop.registry import open_registry
+
+    registry = open_registry(Settings.from_env())
+    before, after = registry.rollback(reason=args.reason)
+    _print({"model": registry.model_name, "champion_was": before, "champion_now": after})
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from recloop.registry import open_registry
+
+    registry = open_registry(Settings.from_env())
+    champion = registry.champion()
+    challenger = registry.challenger()
+    _print({
+        "model": registry.model_name,
+        "champion": champion.version if champion else None,
+        "challenger": challenger.version if challenger else None,
+        "lineage": registry.lineage(),
+        "history": registry.history()[: args.limit],
+    })
+    return 0
 
 
 def cmd_quarantine(args: argparse.Namespace) -> int:
@@ -242,6 +335,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="simulate and run the main job on the embedded default")
     sim_args(p, days=7, events=20_000, users=5_000, videos=2_000)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train", help="run the Dagster training job: train, evaluate, register, gate, promote")
+    p.add_argument("--train-days", type=int, default=7)
+    p.add_argument("--test-days", type=int, default=1)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate the baselines on your own train/test interaction files")
+    p.add_argument("--train", required=True, help="MovieLens folder, ratings file or events file")
+    p.add_argument("--test", required=True)
+    p.add_argument("--valid", help="validation interactions for tuning the CF baseline (default: carved from train)")
+    p.add_argument("--k", type=int, nargs="+", default=[5, 10, 20, 50])
+    p.add_argument("--out", help="write the JSON result here as well")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("rollback", help="move the champion alias back to the previous champion")
+    p.add_argument("--reason", default="manual rollback")
+    p.set_defaults(func=cmd_rollback)
+
+    p = sub.add_parser("models", help="champion, challenger and the promotion history")
+    p.add_argument("--limit", type=int, default=10)
+    p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("quarantine", help="show quarantined rows and reasons")
     p.add_argument("--table", default="events")

@@ -1,0 +1,1 @@
+"""PyTorch modules of the reference recommender (nn.Modules only; training lives in recloop.training)."""

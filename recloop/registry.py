@@ -1,0 +1,865 @@
+"""The model registry discipline: log a training run, register its bundle, gate, promote, refuse, roll back.
+
+One registered version = one model *bundle* (two-tower retrieval model, FAISS index, ranker), logged as a
+single MLflow pyfunc model from code (`recloop/bundle_model.py`), so the three parts are promoted and
+rolled back together. Serving follows the `champion` alias; a candidate may carry `challenger`. Stages
+are not used.
+
+Every promotion decision is written twice: as tags on the model version (its current state) and as one
+run in the MLflow experiment `recloop-promotions` (the log). `history()` and `rollback()` read that log,
+so the champion lineage can be rebuilt from MLflow alone.
+
+The gate (`GateConfig`, `decide`) is pure logic over metric dicts; it has no MLflow dependency.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import mlflow
+import yaml
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, Schema
+
+if TYPE_CHECKING:
+    from mlflow.entities.model_registry import ModelVersion
+    from mlflow.pyfunc import PyFuncModel
+
+    from recloop.config import Settings
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+PROMOTIONS_EXPERIMENT = "recloop-promotions"
+DEFAULT_MODEL_NAME = "recloop-recommender"
+MODEL_ARTIFACT_NAME = "model"
+BUNDLE_ARTIFACT = "bundle"
+BUNDLE_MODEL_CODE = Path(__file__).with_name("bundle_model.py")
+
+# Packages the bundle needs at serving time, pinned to what is installed (local labels such as `+cpu`
+# dropped: MLflow would otherwise record requirements pip cannot resolve). recloop itself must be
+# installed where the model is served: the bundle model imports `recloop.pipeline`.
+RUNTIME_PACKAGES = ("mlflow", "torch", "faiss-cpu", "numpy", "pandas")
+
+DECISION_PROMOTED = "promoted"
+DECISION_REFUSED = "refused"
+DECISION_ROLLED_BACK = "rolled_back"
+
+_MAX_PARAM_VALUE = 6000
+_MAX_TAG_VALUE = 8000
+_TAG = "recloop."
+
+
+class RegistryError(RuntimeError):
+    """A registry operation that cannot be done as asked (no champion, stale decision, ...)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Settings
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RegistrySettings:
+    tracking_uri: str
+    model_name: str
+    artifact_location: str | None
+
+
+def registry_settings(settings: Settings | None = None) -> RegistrySettings:
+    """MLflow location and model name from the environment.
+
+    `RECLOOP_MLFLOW_TRACKING_URI` (default `sqlite:///<RECLOOP_HOME>/mlflow/mlflow.db`, artifacts in
+    `<RECLOOP_HOME>/mlflow/artifacts`; a tracking server keeps its own artifact store) and
+    `RECLOOP_MODEL_NAME` (default `recloop-recommender`).
+    """
+    from recloop.config import Settings
+
+    settings = settings or Settings.from_env()
+    mlflow_home = settings.home / "mlflow"
+    tracking_uri = os.environ.get("RECLOOP_MLFLOW_TRACKING_URI") or f"sqlite:///{mlflow_home / 'mlflow.db'}"
+    local_store = tracking_uri.split(":", 1)[0] in ("sqlite", "file") or "://" not in tracking_uri
+    return RegistrySettings(
+        tracking_uri=tracking_uri,
+        model_name=os.environ.get("RECLOOP_MODEL_NAME") or DEFAULT_MODEL_NAME,
+        artifact_location=(mlflow_home / "artifacts").as_uri() if local_store else None,
+    )
+
+
+def open_registry(settings: Settings | None = None) -> Registry:
+    """The registry configured by `registry_settings(settings)`."""
+    rs = registry_settings(settings)
+    return Registry(rs.tracking_uri, rs.model_name, artifact_location=rs.artifact_location)
+
+
+def default_pip_requirements() -> list[str]:
+    """Explicit, resolvable pins of the serving dependencies (e.g. `torch==2.13.0`, not `2.13.0+cpu`)."""
+    pins = []
+    for package in RUNTIME_PACKAGES:
+        try:
+            version = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        pins.append(f"{package}=={version.split('+', 1)[0]}")
+    return pins
+
+
+# --------------------------------------------------------------------------------------------------
+# The promotion gate (pure logic)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """Rules a challenger must pass to become champion.
+
+    Relative rules compare with the champion (or, for the first model, with the popularity baseline on
+    the primary metric only); absolute rules and sanity checks always apply.
+    """
+
+    primary_metric: str = "ndcg_at_10"
+    # Names of the guardrail metrics in the metric dicts (e.g. `catalog_coverage_at_10` for the names of
+    # `recloop.evaluation.flat_metrics`).
+    coverage_metric: str = "coverage"
+    diversity_metric: str = "diversity"
+    concentration_metric: str = "popularity_concentration"
+    # Relative margin over the baseline on the primary metric: 0.02 = at least 2% better.
+    min_improvement: float = 0.02
+    # Guardrails against the champion.
+    min_coverage_ratio: float = 0.8
+    min_diversity_ratio: float = 0.9
+    max_concentration_increase: float = 0.1
+    # Absolute guardrail, also for the first model.
+    max_popularity_concentration: float = 0.5
+    # Sanity of the challenger itself.
+    max_identical_list_share: float = 0.5
+    require_finite_weights: bool = True
+    k: int = 10
+    min_distinct_items: int | None = None  # default 2 * k
+
+    @property
+    def distinct_items_floor(self) -> int:
+        return self.min_distinct_items if self.min_distinct_items is not None else 2 * self.k
+
+
+@dataclass
+class GateDecision:
+    promote: bool
+    reasons: list[str]
+    checks: dict[str, bool]
+    compared_to: str  # "popularity" or "champion:<version>"
+    primary_metric: str = "ndcg_at_10"
+    # The numbers the decision looked at, flat: "challenger.ndcg_at_10", "champion.coverage", ...
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> list[str]:
+        return [name for name, ok in self.checks.items() if not ok]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _num(metrics: Mapping[str, Any] | None, key: str) -> float | None:
+    if not metrics or metrics.get(key) is None:
+        return None
+    try:
+        return float(metrics[key])
+    except (TypeError, ValueError):
+        return None
+
+
+def _fmt(value: float | None) -> str:
+    return "missing" if value is None else f"{value:.4f}"
+
+
+def decide(
+    *,
+    challenger: Mapping[str, Any],
+    champion: Mapping[str, Any] | None,
+    popularity: Mapping[str, Any],
+    sanity: Mapping[str, Any],
+    config: GateConfig | None = None,
+    champion_version: str | int | None = None,
+) -> GateDecision:
+    """Promote or refuse a challenger, with every rule's outcome written out with its numbers.
+
+    Args:
+        challenger: flat offline metrics of the challenger (`ndcg_at_10`, `coverage`, `diversity`,
+            `popularity_concentration`, ...).
+        champion: the same metrics of the current champion on the same evaluation data, or None when
+            there is no champion yet (then the popularity baseline is the bar).
+        popularity: the popularity baseline's metrics on the same evaluation data.
+        sanity: `finite_weights` (bool), `identical_list_share` (0..1), `distinct_items` (int).
+        config: the rules; defaults to `GateConfig()`.
+        champion_version: the champion's version, for `compared_to` (else `champion["version"]`).
+    Returns:
+        A `GateDecision`; `promote` is True only if every check passed.
+    """
+    config = config or GateConfig()
+    metric = config.primary_metric
+    checks: dict[str, bool] = {}
+    reasons: list[str] = []
+    numbers: dict[str, float] = {}
+
+    def record(name: str, ok: bool, text: str) -> None:
+        checks[name] = ok
+        reasons.append(f"{'PASS' if ok else 'FAIL'} {name}: {text}")
+
+    for prefix, source in (("challenger", challenger), ("champion", champion), ("popularity", popularity)):
+        for key, value in (source or {}).items():
+            number = _num(source, key)
+            if number is not None and key != "version":
+                numbers[f"{prefix}.{key}"] = number
+
+    if champion is not None:
+        version = str(champion_version or champion.get("version") or "unknown")
+        compared_to, baseline_name, baseline = f"champion:{version}", f"champion v{version}", champion
+    else:
+        compared_to, baseline_name, baseline = "popularity", "popularity baseline", popularity
+
+    # Primary metric: beat the baseline by the relative margin.
+    ours, theirs = _num(challenger, metric), _num(baseline, metric)
+    if ours is None or not math.isfinite(ours):
+        record("primary_metric", False, f"challenger {metric} is {_fmt(ours)}, a finite number is required")
+    elif theirs is None or not math.isfinite(theirs):
+        record(
+            "primary_metric", False, f"{baseline_name} {metric} is {_fmt(theirs)}: nothing to compare with"
+        )
+    else:
+        bar = theirs * (1 + config.min_improvement)
+        ok = ours >= bar and ours > theirs
+        change = (ours / theirs - 1) if theirs else math.inf if ours > 0 else 0.0
+        record(
+            "primary_metric",
+            ok,
+            f"challenger {metric} {ours:.4f} vs {baseline_name} {theirs:.4f} "
+            f"({change:+.1%}); needs >= {bar:.4f} (+{config.min_improvement:.1%})",
+        )
+
+    # Guardrails relative to the champion.
+    if champion is not None:
+        for name, key, ratio in (
+            ("coverage_guardrail", config.coverage_metric, config.min_coverage_ratio),
+            ("diversity_guardrail", config.diversity_metric, config.min_diversity_ratio),
+        ):
+            ours, theirs = _num(challenger, key), _num(champion, key)
+            if theirs is None:
+                reasons.append(f"SKIP {name}: champion v{version} has no {key}")
+                continue
+            floor = ratio * theirs
+            ok = ours is not None and math.isfinite(ours) and ours >= floor
+            record(
+                name,
+                ok,
+                f"challenger {key} {_fmt(ours)} vs champion {theirs:.4f}; needs >= {floor:.4f} "
+                f"({ratio:.0%} of champion's)",
+            )
+        conc = config.concentration_metric
+        ours, theirs = _num(challenger, conc), _num(champion, conc)
+        if theirs is None:
+            reasons.append(f"SKIP concentration_increase_guardrail: champion v{version} has no {conc}")
+        else:
+            ceiling = theirs + config.max_concentration_increase
+            ok = ours is not None and math.isfinite(ours) and ours <= ceiling
+            record(
+                "concentration_increase_guardrail",
+                ok,
+                f"challenger {conc} {_fmt(ours)} vs champion {theirs:.4f}; "
+                f"needs <= {ceiling:.4f} (+{config.max_concentration_increase:.2f})",
+            )
+
+    # Absolute guardrail.
+    ours = _num(challenger, config.concentration_metric)
+    ok = ours is not None and math.isfinite(ours) and ours <= config.max_popularity_concentration
+    record(
+        "popularity_concentration_guardrail",
+        ok,
+        f"challenger {config.concentration_metric} {_fmt(ours)}; "
+        f"needs <= {config.max_popularity_concentration:.4f}",
+    )
+
+    # Sanity of the challenger's outputs and weights.
+    if config.require_finite_weights:
+        finite = sanity.get("finite_weights")
+        record(
+            "finite_weights",
+            finite is True,
+            "all weights are finite"
+            if finite is True
+            else f"weights are not all finite (finite_weights={finite!r})",
+        )
+    share = _num(sanity, "identical_list_share")
+    ok = share is not None and share <= config.max_identical_list_share
+    record(
+        "identical_lists",
+        ok,
+        f"{'missing' if share is None else f'{share:.1%}'} of users get the most common list; "
+        f"needs <= {config.max_identical_list_share:.1%}",
+    )
+    distinct = _num(sanity, "distinct_items")
+    ok = distinct is not None and distinct >= config.distinct_items_floor
+    record(
+        "distinct_items",
+        ok,
+        f"{'missing' if distinct is None else int(distinct)} distinct items recommended; "
+        f"needs >= {config.distinct_items_floor} (2 x k={config.k} unless set)",
+    )
+    for key in ("identical_list_share", "distinct_items"):
+        if (value := _num(sanity, key)) is not None:
+            numbers[f"sanity.{key}"] = value
+
+    promote = all(checks.values())
+    failed = [name for name, ok in checks.items() if not ok]
+    summary = (
+        f"PROMOTE: passed all {len(checks)} checks against {compared_to}"
+        if promote
+        else f"REFUSE: failed {', '.join(failed)} against {compared_to}"
+    )
+    return GateDecision(
+        promote=promote,
+        reasons=[summary, *reasons],
+        checks=checks,
+        compared_to=compared_to,
+        primary_metric=metric,
+        metrics=numbers,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------------
+
+
+def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _param_value(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text if len(text) <= _MAX_PARAM_VALUE else text[: _MAX_PARAM_VALUE - 3] + "..."
+
+
+def _tag_value(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text if len(text) <= _MAX_TAG_VALUE else text[: _MAX_TAG_VALUE - 3] + "..."
+
+
+def data_range(data: Mapping[str, Any]) -> str | None:
+    """`"<first>..<last>"` partition range of a training data description, if it has one.
+
+    Understood keys: `partition_start`/`partition_end`, `start`/`end`, or a `partitions` list.
+    """
+    for lo, hi in (("partition_start", "partition_end"), ("start", "end")):
+        if data.get(lo) is not None and data.get(hi) is not None:
+            return f"{data[lo]}..{data[hi]}"
+    partitions = data.get("partitions")
+    if isinstance(partitions, Sequence) and not isinstance(partitions, str) and partitions:
+        ordered = sorted(str(p) for p in partitions)
+        return f"{ordered[0]}..{ordered[-1]}"
+    return None
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _iso(when: datetime) -> str:
+    return when.isoformat(timespec="milliseconds")
+
+
+def _ms(when: datetime) -> int:
+    return int(when.timestamp() * 1000)
+
+
+BUNDLE_SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("string", "user_id"), ColSpec("long", "k", required=False)]),
+    outputs=Schema([ColSpec("string", "user_id"), ColSpec("long", "rank"), ColSpec("string", "video_id")]),
+)
+
+
+class Registry:
+    """Thin, typed wrapper around `mlflow.MlflowClient` (and the fluent API where MLflow needs it).
+
+    Args:
+        tracking_uri: MLflow tracking (and registry) URI, e.g. `sqlite:///.../mlflow.db` or `http://...`.
+        model_name: the registered model's name.
+        artifact_location: root for artifacts of experiments this class creates (a local folder URI or
+            `s3://...`); None lets the store decide.
+    """
+
+    def __init__(self, tracking_uri: str, model_name: str, artifact_location: str | None = None) -> None:
+        self.tracking_uri = tracking_uri
+        self.model_name = model_name
+        self.artifact_location = artifact_location.rstrip("/") if artifact_location else None
+        if tracking_uri.startswith("sqlite:///"):
+            Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        self.client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+    def __repr__(self) -> str:
+        return f"Registry({self.tracking_uri!r}, {self.model_name!r})"
+
+    # ---- plumbing --------------------------------------------------------------------------------
+
+    @contextmanager
+    def _fluent(self) -> Iterator[None]:
+        """Point MLflow's global (fluent) API at this registry for the duration, then restore it exactly.
+
+        `mlflow.set_tracking_uri`/`set_registry_uri` also export MLFLOW_TRACKING_URI/MLFLOW_REGISTRY_URI,
+        and `get_registry_uri()` falls back to the tracking URI, so "get then set back" would leave the
+        registry pinned to this store: the raw previous values and environment are restored instead.
+        Not thread-safe (MLflow's fluent state is process-global).
+        """
+        from mlflow.tracking._model_registry import utils as registry_utils
+        from mlflow.tracking._tracking_service import utils as tracking_utils
+
+        saved_env = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+        saved_tracking = tracking_utils._tracking_uri
+        saved_registry = registry_utils._registry_uri
+        mlflow.set_tracking_uri(self.tracking_uri)
+        mlflow.set_registry_uri(self.tracking_uri)
+        try:
+            yield
+        finally:
+            mlflow.set_tracking_uri(saved_tracking)  # type: ignore[arg-type]  # None = unset
+            registry_utils._registry_uri = saved_registry
+            for name, value in saved_env.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+    def _experiment_id(self, name: str) -> str:
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is not None:
+            return experiment.experiment_id
+        location = f"{self.artifact_location}/{name}" if self.artifact_location else None
+        try:
+            return self.client.create_experiment(name, artifact_location=location)
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            created = self.client.get_experiment_by_name(name)  # created concurrently
+            if created is None:
+                raise
+            return created.experiment_id
+
+    def _version(self, alias_or_version: str | int) -> ModelVersion:
+        ref = str(alias_or_version)
+        try:
+            if ref.isdigit():
+                return self.client.get_model_version(self.model_name, ref)
+            return self.client.get_model_version_by_alias(self.model_name, ref)
+        except MlflowException as err:
+            raise RegistryError(f"{self.model_name} has no version or alias {ref!r}: {err.message}") from err
+
+    def _alias(self, alias: str) -> ModelVersion | None:
+        try:
+            return self.client.get_model_version_by_alias(self.model_name, alias)
+        except MlflowException as err:
+            if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+                return None
+            raise
+
+    # ---- logging and registering -----------------------------------------------------------------
+
+    def log_training_run(
+        self,
+        *,
+        experiment: str,
+        params: Mapping[str, Any],
+        metrics: Mapping[str, Any],
+        data: Mapping[str, Any],
+        features: Sequence[str],
+        bundle_dir: Path,
+        tags: Mapping[str, str] | None = None,
+        run_name: str | None = None,
+        pip_requirements: Sequence[str] | None = None,
+        example_user_ids: Sequence[str] = ("0",),
+    ) -> str:
+        """Log one training run: params, metrics, the data it saw, its features and the bundle as ONE model.
+
+        Args:
+            experiment: experiment name (created if missing).
+            params: configs, nested dicts flattened with dots (`retrieval.dim`).
+            metrics: training and offline evaluation metrics (`eval.full.ndcg_at_10`); nested dicts are
+                flattened with dots; None values are skipped.
+            data: partition range (`partition_start`, `partition_end`), row counts, validation results;
+                logged as `data.*` params, a `recloop.data_range` tag and the artifact `data.json`.
+            features: feature names, logged as `features.json`.
+            bundle_dir: the bundle directory written by `recloop.pipeline.save_bundle`.
+            tags: extra run tags.
+            run_name: optional MLflow run name.
+            pip_requirements: overrides `default_pip_requirements()`.
+            example_user_ids: users of the input example MLflow validates the model with while logging.
+        Returns:
+            The run id.
+        """
+        bundle_dir = Path(bundle_dir)
+        if not bundle_dir.is_dir():
+            raise RegistryError(f"bundle directory {bundle_dir} does not exist")
+        flat_params = {k: _param_value(v) for k, v in _flatten(params).items()}
+        flat_data = {f"data.{k}": _param_value(v) for k, v in _flatten(data).items()}
+        clash = set(flat_params) & set(flat_data)
+        if clash:
+            raise RegistryError(f"params clash with data params: {sorted(clash)}")
+        flat_metrics = {k: float(v) for k, v in _flatten(metrics).items() if v is not None}
+        run_tags = {f"{_TAG}kind": "training", f"{_TAG}features.count": str(len(features)), **(tags or {})}
+        if (span := data_range(data)) is not None:
+            run_tags[f"{_TAG}data_range"] = span
+
+        import pandas as pd
+
+        experiment_id = self._experiment_id(experiment)
+        with self._fluent():
+            nested = mlflow.active_run() is not None
+            with mlflow.start_run(
+                experiment_id=experiment_id, run_name=run_name, tags=run_tags, nested=nested
+            ) as run:
+                mlflow.log_params({**flat_params, **flat_data})
+                if flat_metrics:
+                    mlflow.log_metrics(flat_metrics)
+                mlflow.log_dict(json.loads(json.dumps(dict(data), default=str)), "data.json")
+                mlflow.log_text(json.dumps(list(features), indent=1), "features.json")
+                mlflow.pyfunc.log_model(
+                    name=MODEL_ARTIFACT_NAME,
+                    python_model=str(BUNDLE_MODEL_CODE),
+                    artifacts={BUNDLE_ARTIFACT: str(bundle_dir)},
+                    pip_requirements=list(pip_requirements or default_pip_requirements()),
+                    signature=BUNDLE_SIGNATURE,
+                    input_example=pd.DataFrame({"user_id": [str(u) for u in example_user_ids], "k": 10}),
+                )
+                return run.info.run_id
+
+    def _logged_model_id(self, run_id: str) -> str:
+        run = self.client.get_run(run_id)
+        outputs = run.outputs.model_outputs if run.outputs else []
+        candidates = [
+            (output.step, output.model_id)
+            for output in outputs
+            if self.client.get_logged_model(output.model_id).name == MODEL_ARTIFACT_NAME
+        ]
+        if not candidates:
+            raise RegistryError(f"run {run_id} has no logged model named {MODEL_ARTIFACT_NAME!r}")
+        return max(candidates)[1]
+
+    def register(self, run_id: str) -> str:
+        """Register the run's bundle model (`runs:/<run_id>/model`) as a new version; return the version.
+
+        The version is tagged with the run's `eval.*` metrics (`recloop.metric.<name>`), its data range and
+        run id.
+        """
+        # In MLflow 3 the model lives under models/<model_id>, not in the run's artifacts; registering the
+        # logged model directly is what `mlflow.register_model("runs:/<run_id>/model")` falls back to.
+        model_id = self._logged_model_id(run_id)
+        try:
+            self.client.create_registered_model(
+                self.model_name, description="recloop bundle: two-tower retrieval + FAISS index + ranker"
+            )
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        run = self.client.get_run(run_id)
+        tags = {f"{_TAG}run_id": run_id}
+        for key, value in sorted(run.data.metrics.items()):
+            if key.startswith("eval."):
+                tags[f"{_TAG}metric.{key}"] = f"{value:.6g}"
+        if (span := run.data.tags.get(f"{_TAG}data_range")) is not None:
+            tags[f"{_TAG}data_range"] = span
+        # The SQL registry store resolves `models:/<model_id>` with a *global* MlflowClient(), whatever
+        # this client's URI: point the fluent API here while it does.
+        with self._fluent():
+            version = self.client.create_model_version(
+                self.model_name,
+                source=f"models:/{model_id}",
+                run_id=run_id,
+                tags=tags,
+                model_id=model_id,
+                description=f"bundle of run {run_id}",
+            )
+        return str(version.version)
+
+    def set_challenger(self, version: str | int) -> None:
+        self._version(version)
+        self.client.set_registered_model_alias(self.model_name, CHALLENGER, str(version))
+
+    def champion(self) -> ModelVersion | None:
+        """The version the `champion` alias points at, or None."""
+        return self._alias(CHAMPION)
+
+    def challenger(self) -> ModelVersion | None:
+        return self._alias(CHALLENGER)
+
+    def version_metrics(self, alias_or_version: str | int, *, prefix: str = "eval.full.") -> dict[str, float]:
+        """The version's run metrics under `prefix`, prefix stripped: the flat dict `decide()` takes."""
+        mv = self._version(alias_or_version)
+        if not mv.run_id:
+            return {}
+        metrics = self.client.get_run(mv.run_id).data.metrics
+        return {k.removeprefix(prefix): v for k, v in metrics.items() if k.startswith(prefix)}
+
+    def model_uri(self, alias_or_version: str | int) -> str:
+        ref = str(alias_or_version)
+        return f"models:/{self.model_name}/{ref}" if ref.isdigit() else f"models:/{self.model_name}@{ref}"
+
+    def load(self, alias_or_version: str | int = CHAMPION) -> PyFuncModel:
+        """The pyfunc model (`models:/<name>@<alias>` or `models:/<name>/<version>`)."""
+        self._version(alias_or_version)
+        with self._fluent():
+            return mlflow.pyfunc.load_model(self.model_uri(alias_or_version))
+
+    def bundle_path(self, alias_or_version: str | int = CHAMPION, *, dst_dir: Path | None = None) -> Path:
+        """Download the version's model and return its bundle directory, for `recloop.pipeline.load_bundle`.
+
+        The alias is resolved to a version first, so the files are those of one fixed version.
+        """
+        mv = self._version(alias_or_version)
+        prefix = f"recloop-{self.model_name}-v{mv.version}-"
+        dst = Path(dst_dir) if dst_dir else Path(tempfile.mkdtemp(prefix=prefix))
+        dst.mkdir(parents=True, exist_ok=True)
+        with self._fluent():
+            local = Path(
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=f"models:/{self.model_name}/{mv.version}", dst_path=str(dst)
+                )
+            )
+        mlmodel = yaml.safe_load((local / "MLmodel").read_text())
+        relative = mlmodel["flavors"]["python_function"]["artifacts"][BUNDLE_ARTIFACT]["path"]
+        return local / relative
+
+    # ---- promotion, refusal, history, rollback ---------------------------------------------------
+
+    def _log_decision(
+        self,
+        *,
+        when: datetime,
+        version: str,
+        decision: str,
+        compared_to: str,
+        reasons: list[str],
+        metrics: Mapping[str, float],
+        extra_params: Mapping[str, str] | None = None,
+    ) -> str:
+        experiment_id = self._experiment_id(PROMOTIONS_EXPERIMENT)
+        seq = max((entry["seq"] for entry in self._log_entries(experiment_id)), default=0) + 1
+        run = self.client.create_run(
+            experiment_id,
+            start_time=_ms(when),
+            run_name=f"{decision} v{version}",
+            tags={
+                f"{_TAG}seq": str(seq),
+                f"{_TAG}model_name": self.model_name,
+                f"{_TAG}reasons": _tag_value(reasons),
+                f"{_TAG}decided_at": _iso(when),
+            },
+        )
+        params = {
+            "version": version,
+            "decision": decision,
+            "compared_to": compared_to,
+            **(extra_params or {}),
+        }
+        self.client.log_batch(
+            run.info.run_id,
+            metrics=[
+                Metric(key, float(value), _ms(when), 0)
+                for key, value in metrics.items()
+                if value is not None and math.isfinite(float(value))
+            ],
+            params=[Param(key, _param_value(value)) for key, value in params.items()],
+        )
+        self.client.set_terminated(run.info.run_id, end_time=_ms(when))
+        return run.info.run_id
+
+    def _log_entries(self, experiment_id: str | None = None) -> list[dict[str, Any]]:
+        """Decisions for this model, oldest first."""
+        if experiment_id is None:
+            experiment = self.client.get_experiment_by_name(PROMOTIONS_EXPERIMENT)
+            if experiment is None:
+                return []
+            experiment_id = experiment.experiment_id
+        entries, token = [], None
+        while True:
+            page = self.client.search_runs(
+                [experiment_id],
+                filter_string=f"tags.`{_TAG}model_name` = '{self.model_name}'",
+                max_results=1000,
+                page_token=token,
+            )
+            for run in page:
+                params, tags = run.data.params, run.data.tags
+                entries.append(
+                    {
+                        "seq": int(tags.get(f"{_TAG}seq", 0)),
+                        "when": datetime.fromtimestamp(run.info.start_time / 1000, tz=UTC),
+                        "version": params.get("version"),
+                        "decision": params.get("decision"),
+                        "compared_to": params.get("compared_to"),
+                        "from_version": params.get("from_version"),
+                        "to_version": params.get("to_version"),
+                        "why": json.loads(tags.get(f"{_TAG}reasons", "[]")),
+                        "metrics": dict(run.data.metrics),
+                        "run_id": run.info.run_id,
+                    }
+                )
+            token = page.token
+            if not token:
+                break
+        entries.sort(key=lambda e: (e["seq"], e["when"]))
+        return entries
+
+    def _tag_version(self, version: str, tags: Mapping[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_model_version_tag(self.model_name, version, key, _tag_value(value))
+
+    def _decision_tags(self, decision_name: str, when: datetime, decision: GateDecision) -> dict[str, str]:
+        tags = {
+            f"{_TAG}decision": decision_name,
+            f"{_TAG}decided_at": _iso(when),
+            f"{_TAG}reasons": _tag_value(decision.reasons),
+            f"{_TAG}compared_to": decision.compared_to,
+        }
+        for role in ("challenger", "champion", "popularity"):
+            key = f"{role}.{decision.primary_metric}"
+            if key in decision.metrics:
+                tags[f"{_TAG}gate.{key}"] = f"{decision.metrics[key]:.6g}"
+        return tags
+
+    def promote(self, version: str | int, decision: GateDecision) -> None:
+        """Move `champion` to `version` (clearing `challenger` if it pointed there) and record why.
+
+        Raises RegistryError if the decision refuses, if the version is already champion, or if the
+        decision was made against another champion than the current one (a stale decision).
+        """
+        version = str(version)
+        self._version(version)
+        if not decision.promote:
+            raise RegistryError(f"the gate refused version {version}; use refuse(): {decision.reasons[0]}")
+        current = self.champion()
+        if current is not None and str(current.version) == version:
+            raise RegistryError(f"version {version} is already the champion")
+        expected = "popularity" if current is None else f"champion:{current.version}"
+        if decision.compared_to != expected:
+            raise RegistryError(
+                f"stale decision: it compared version {version} with {decision.compared_to}, "
+                f"but the bar is now {expected}; decide again"
+            )
+        when = _now()
+        self.client.set_registered_model_alias(self.model_name, CHAMPION, version)
+        challenger = self.challenger()
+        if challenger is not None and str(challenger.version) == version:
+            self.client.delete_registered_model_alias(self.model_name, CHALLENGER)
+        self._tag_version(version, self._decision_tags(DECISION_PROMOTED, when, decision))
+        self._log_decision(
+            when=when,
+            version=version,
+            decision=DECISION_PROMOTED,
+            compared_to=decision.compared_to,
+            reasons=decision.reasons,
+            metrics=decision.metrics,
+            extra_params={"from_version": str(current.version) if current else "none"},
+        )
+
+    def refuse(self, version: str | int, decision: GateDecision) -> None:
+        """Keep the champion; tag `version` refused and record why.
+
+        A `challenger` alias pointing at the refused version is cleared.
+        """
+        version = str(version)
+        self._version(version)
+        when = _now()
+        challenger = self.challenger()
+        if challenger is not None and str(challenger.version) == version:
+            self.client.delete_registered_model_alias(self.model_name, CHALLENGER)
+        self._tag_version(version, self._decision_tags(DECISION_REFUSED, when, decision))
+        self._log_decision(
+            when=when,
+            version=version,
+            decision=DECISION_REFUSED,
+            compared_to=decision.compared_to,
+            reasons=decision.reasons,
+            metrics=decision.metrics,
+        )
+
+    def apply(self, version: str | int, decision: GateDecision) -> bool:
+        """`promote` or `refuse` as the decision says; returns whether the version became champion."""
+        (self.promote if decision.promote else self.refuse)(version, decision)
+        return decision.promote
+
+    def history(self) -> list[dict[str, Any]]:
+        """Every decision for this model, newest first: when, version, decision, why, metrics, ..."""
+        return [{k: v for k, v in e.items() if k != "seq"} for e in reversed(self._log_entries())]
+
+    def lineage(self) -> list[str]:
+        """Champion versions from the promotion log, oldest first; the last is the current champion."""
+        stack: list[str] = []
+        for entry in self._log_entries():
+            if entry["decision"] == DECISION_PROMOTED:
+                stack.append(entry["version"])
+            elif entry["decision"] == DECISION_ROLLED_BACK and stack:
+                stack.pop()
+        return stack
+
+    def rollback(self, *, reason: str | None = None) -> tuple[str, str]:
+        """Move `champion` back to the champion before the current one; return (from_version, to_version).
+
+        Raises RegistryError if there is no champion, no previous champion, or if the alias no longer
+        matches the promotion log (it was moved outside this class).
+        """
+        current = self.champion()
+        if current is None:
+            raise RegistryError(f"{self.model_name} has no champion to roll back")
+        stack = self.lineage()
+        if not stack or stack[-1] != str(current.version):
+            raise RegistryError(
+                f"champion alias points at version {current.version} but the promotion log says "
+                f"{stack[-1] if stack else 'none'}; it was moved outside recloop, fix it by hand"
+            )
+        if len(stack) < 2:
+            raise RegistryError(
+                f"no previous champion to roll back to: version {current.version} is the first champion "
+                f"of {self.model_name} still in the lineage"
+            )
+        from_version, to_version = stack[-1], stack[-2]
+        when = _now()
+        why = [f"rolled back champion from version {from_version} to version {to_version}"]
+        if reason:
+            why.append(reason)
+        self.client.set_registered_model_alias(self.model_name, CHAMPION, to_version)
+        self._tag_version(
+            from_version,
+            {
+                f"{_TAG}decision": DECISION_ROLLED_BACK,
+                f"{_TAG}decided_at": _iso(when),
+                f"{_TAG}reasons": _tag_value(why),
+            },
+        )
+        self._tag_version(to_version, {f"{_TAG}restored_at": _iso(when)})
+        self._log_decision(
+            when=when,
+            version=from_version,
+            decision=DECISION_ROLLED_BACK,
+            compared_to=f"champion:{from_version}",
+            reasons=why,
+            metrics={},
+            extra_params={"from_version": from_version, "to_version": to_version},
+        )
+        return from_version, to_version

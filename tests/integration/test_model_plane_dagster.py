@@ -1,0 +1,54 @@
+"""The model plane as Dagster runs it, on simulated data through the real data plane: Feast training set →
+two-tower → FAISS → ranker → evaluation → MLflow (real sqlite store) → promotion gate → champion; then a
+second cycle that must beat the champion on the same split, and the refusal recorded."""
+
+from __future__ import annotations
+
+import pytest
+
+from recloop.data.simulator import SimConfig, simulate
+from recloop.lake import open_lake
+
+pytestmark = pytest.mark.slow
+
+
+def test_training_cycle_promotes_then_gate_refuses_an_equal_challenger(recloop_env):
+    from pipelines.run import instance, run_data_plane, run_job
+    from recloop.registry import open_registry
+
+    settings = recloop_env
+    config = SimConfig(seed=5, days=4, initial_users=1_200, initial_videos=400, events_per_day=6_000,
+                       new_users_per_day=30, new_videos_per_day=15)
+    simulate(config, open_lake(settings.landing_uri))
+    days = [config.date_of(i).isoformat() for i in range(config.days)]
+    assert all(r.success for r in run_data_plane(days, settings=settings))
+
+    ops = {"model__training_set": {"config": {"TrainDays": 3, "TestDays": 1}}}
+    first = run_job("training_job", inst=instance(settings), run_config_ops=ops)
+    assert first.success, first.error
+    m = first.materialized
+    assert m["model/training_set"]["dagster/row_count"] > 10_000
+    assert m["model/ann_index"]["recall_at_100_vs_exact"] >= 0.95
+    assert m["model/ranker"]["valid_auc_completed"] > 0.6
+    by = m["model/evaluation"]["by_recommender"]
+    assert set(by) == {"full_pipeline", "retrieval_only", "popularity", "als"}
+    # the first model is compared with popularity, and must beat it clearly
+    assert by["full_pipeline"]["recall_at_10"] > 2 * by["popularity"]["recall_at_10"]
+    assert first.checks["model/registered_version:promotion_gate"] is True
+    assert m["model/champion"]["champion"] == m["model/registered_version"]["version"] == "1"
+
+    registry = open_registry(settings)
+    assert str(registry.champion().version) == "1"
+    run = registry.client.get_run(registry.client.get_model_version(registry.model_name, "1").run_id)
+    assert run.data.params and "eval.full.ndcg_at_10" in run.data.metrics
+    assert run.data.tags.get("recloop.data_range") or any(k.startswith("data.") for k in run.data.params)
+
+    # Same data, same seeds: the challenger cannot beat the champion by the 2 % margin on the same split.
+    second = run_job("training_job", inst=instance(settings), run_config_ops=ops)
+    assert not second.success
+    assert second.checks["model/registered_version:promotion_gate"] is False
+    assert "champion" in second.materialized["model/evaluation"]["by_recommender"]
+    assert "model/champion" not in second.materialized
+    assert str(registry.champion().version) == "1"
+    decisions = [(h["version"], h["decision"]) for h in registry.history()]
+    assert decisions[0] == ("2", "refused") and ("1", "promoted") in decisions

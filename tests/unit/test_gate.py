@@ -1,0 +1,203 @@
+"""The promotion gate: pure rules over metric dicts, every outcome explained with its numbers."""
+
+from __future__ import annotations
+
+import pytest
+
+from recloop.registry import GateConfig, GateDecision, decide
+
+POPULARITY = {
+    "ndcg_at_10": 0.100,
+    "recall_at_10": 0.12,
+    "coverage": 0.01,
+    "diversity": 0.20,
+    "popularity_concentration": 1.0,
+}
+CHAMPION = {
+    "ndcg_at_10": 0.200,
+    "recall_at_10": 0.25,
+    "coverage": 0.40,
+    "diversity": 0.60,
+    "popularity_concentration": 0.30,
+}
+SANE = {"finite_weights": True, "identical_list_share": 0.02, "distinct_items": 340}
+
+
+def challenger(**overrides: float) -> dict[str, float]:
+    return {**CHAMPION, "ndcg_at_10": 0.220, **overrides}
+
+
+def gate(
+    chal: dict, champ: dict | None = CHAMPION, sanity: dict = SANE, config: GateConfig | None = None
+) -> GateDecision:
+    return decide(
+        challenger=chal,
+        champion=champ,
+        popularity=POPULARITY,
+        sanity=sanity,
+        config=config or GateConfig(),
+        champion_version="3" if champ is not None else None,
+    )
+
+
+def reason(decision: GateDecision, check: str) -> str:
+    matches = [r for r in decision.reasons if f" {check}:" in r]
+    assert len(matches) == 1, decision.reasons
+    return matches[0]
+
+
+def test_first_model_better_than_popularity_is_promoted() -> None:
+    decision = gate(challenger(ndcg_at_10=0.150), champ=None)
+    assert decision.promote, decision.reasons
+    assert decision.compared_to == "popularity"
+    assert decision.checks["primary_metric"] is True
+    # No champion: the relative guardrails are not applied, the absolute ones are.
+    assert "coverage_guardrail" not in decision.checks
+    absolute = {"popularity_concentration_guardrail", "finite_weights", "identical_lists", "distinct_items"}
+    assert absolute <= set(decision.checks)
+    assert reason(decision, "primary_metric").startswith("PASS")
+    assert decision.metrics["challenger.ndcg_at_10"] == pytest.approx(0.150)
+    assert decision.metrics["popularity.ndcg_at_10"] == pytest.approx(0.100)
+
+
+def test_first_model_worse_than_popularity_is_refused_with_the_numbers() -> None:
+    decision = gate(challenger(ndcg_at_10=0.090), champ=None)
+    assert not decision.promote
+    assert decision.checks["primary_metric"] is False
+    text = reason(decision, "primary_metric")
+    assert text.startswith("FAIL")
+    assert "0.0900" in text and "0.1000" in text and "0.1020" in text  # ours, baseline, the bar
+    assert "popularity" in decision.reasons[0] and "REFUSE" in decision.reasons[0]
+
+
+def test_first_model_within_margin_of_popularity_is_refused() -> None:
+    decision = gate(challenger(ndcg_at_10=0.101), champ=None)  # +1% < +2%
+    assert not decision.promote
+    assert decision.failed == ["primary_metric"]
+
+
+def test_challenger_better_than_champion_by_the_margin_is_promoted() -> None:
+    decision = gate(challenger(ndcg_at_10=0.205))  # +2.5%
+    assert decision.promote, decision.reasons
+    assert decision.compared_to == "champion:3"
+    assert all(decision.checks.values())
+    relative = {"coverage_guardrail", "diversity_guardrail", "concentration_increase_guardrail"}
+    assert relative <= set(decision.checks)
+    assert decision.reasons[0].startswith("PROMOTE")
+    assert all(r.startswith("PASS") for r in decision.reasons[1:])
+
+
+def test_challenger_better_by_less_than_the_margin_is_refused() -> None:
+    decision = gate(challenger(ndcg_at_10=0.203))  # +1.5% < +2%
+    assert not decision.promote
+    assert decision.failed == ["primary_metric"]
+    text = reason(decision, "primary_metric")
+    assert "0.2030" in text and "0.2000" in text and "0.2040" in text and "+1.5%" in text
+
+
+def test_margin_is_configurable() -> None:
+    assert gate(challenger(ndcg_at_10=0.203), config=GateConfig(min_improvement=0.01)).promote
+
+
+def test_equal_to_a_zero_baseline_is_not_an_improvement() -> None:
+    decision = gate(challenger(ndcg_at_10=0.0), champ={**CHAMPION, "ndcg_at_10": 0.0})
+    assert decision.checks["primary_metric"] is False
+
+
+def test_better_but_coverage_collapsed_is_refused_naming_the_guardrail() -> None:
+    decision = gate(challenger(ndcg_at_10=0.300, coverage=0.10))  # 0.10 < 0.8 * 0.40
+    assert not decision.promote
+    assert decision.checks["primary_metric"] is True
+    assert decision.failed == ["coverage_guardrail"]
+    text = reason(decision, "coverage_guardrail")
+    assert "0.1000" in text and "0.4000" in text and "0.3200" in text
+    assert "coverage_guardrail" in decision.reasons[0]
+
+
+def test_better_but_less_diverse_is_refused() -> None:
+    decision = gate(challenger(ndcg_at_10=0.300, diversity=0.50))  # < 0.9 * 0.60 = 0.54
+    assert decision.failed == ["diversity_guardrail"]
+
+
+def test_better_but_concentration_too_high_is_refused() -> None:
+    # Absolute ceiling 0.5 and increase ceiling 0.30 + 0.1 are both broken.
+    decision = gate(challenger(ndcg_at_10=0.300, popularity_concentration=0.55))
+    assert not decision.promote
+    assert set(decision.failed) == {"concentration_increase_guardrail", "popularity_concentration_guardrail"}
+    assert "0.5500" in reason(decision, "popularity_concentration_guardrail")
+    assert "0.4000" in reason(decision, "concentration_increase_guardrail")
+    # Within the absolute ceiling but a jump of more than +0.1 over the champion.
+    jump = gate(challenger(ndcg_at_10=0.300, popularity_concentration=0.45))
+    assert jump.failed == ["concentration_increase_guardrail"]
+
+
+def test_first_model_that_is_only_popularity_is_refused_by_the_absolute_ceiling() -> None:
+    decision = gate(challenger(ndcg_at_10=0.150, popularity_concentration=0.9), champ=None)
+    assert decision.failed == ["popularity_concentration_guardrail"]
+
+
+def test_identical_lists_for_everyone_is_refused() -> None:
+    degenerate = {"finite_weights": True, "identical_list_share": 1.0, "distinct_items": 10}
+    decision = gate(challenger(ndcg_at_10=0.300), sanity=degenerate)
+    assert not decision.promote
+    assert set(decision.failed) == {"identical_lists", "distinct_items"}
+    assert "100.0%" in reason(decision, "identical_lists")
+    distinct = reason(decision, "distinct_items")
+    assert "10 distinct items" in distinct and ">= 20" in distinct
+
+
+def test_non_finite_weights_are_refused_even_for_the_first_model() -> None:
+    decision = gate(challenger(ndcg_at_10=0.300), champ=None, sanity={**SANE, "finite_weights": False})
+    assert decision.failed == ["finite_weights"]
+    assert "not all finite" in reason(decision, "finite_weights")
+
+
+def test_non_finite_primary_metric_is_refused() -> None:
+    decision = gate(challenger(ndcg_at_10=float("nan")))
+    assert decision.checks["primary_metric"] is False
+
+
+def test_missing_sanity_and_guardrail_inputs_fail_rather_than_pass() -> None:
+    chal = {"ndcg_at_10": 0.300}  # no coverage, diversity or concentration
+    decision = gate(chal, sanity={})
+    assert not decision.promote
+    assert {
+        "coverage_guardrail",
+        "diversity_guardrail",
+        "concentration_increase_guardrail",
+        "popularity_concentration_guardrail",
+        "finite_weights",
+        "identical_lists",
+        "distinct_items",
+    } <= set(decision.failed)
+
+
+def test_champion_without_a_guardrail_metric_skips_that_guardrail_visibly() -> None:
+    champ = {k: v for k, v in CHAMPION.items() if k != "diversity"}
+    decision = gate(challenger(ndcg_at_10=0.300), champ=champ)
+    assert decision.promote
+    assert "diversity_guardrail" not in decision.checks
+    assert any(r.startswith("SKIP diversity_guardrail") for r in decision.reasons)
+
+
+def test_distinct_items_floor_follows_k() -> None:
+    sanity = {**SANE, "distinct_items": 30}
+    assert gate(challenger(), sanity=sanity, config=GateConfig(k=10)).promote
+    assert gate(challenger(), sanity=sanity, config=GateConfig(k=20)).failed == ["distinct_items"]
+    assert gate(challenger(), sanity=sanity, config=GateConfig(k=20, min_distinct_items=25)).promote
+
+
+def test_guardrail_metric_names_are_configurable() -> None:
+    names = {"coverage": "catalog_coverage_at_10", "diversity": "intra_list_diversity_at_10"}
+    renamed = {names.get(k, k): v for k, v in CHAMPION.items()}
+    config = GateConfig(coverage_metric=names["coverage"], diversity_metric=names["diversity"])
+    decision = gate({**renamed, "ndcg_at_10": 0.3, names["coverage"]: 0.1}, champ=renamed, config=config)
+    assert decision.failed == ["coverage_guardrail"]
+    assert "catalog_coverage_at_10 0.1000" in reason(decision, "coverage_guardrail")
+
+
+def test_decision_serialises() -> None:
+    decision = gate(challenger())
+    as_dict = decision.to_dict()
+    assert as_dict["promote"] is True and as_dict["compared_to"] == "champion:3"
+    assert as_dict["checks"] == decision.checks
