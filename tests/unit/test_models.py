@@ -48,13 +48,7 @@ SIM = SimConfig(
 TT = TwoTowerConfig(epochs=8, num_threads=1, seed=3)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Other test processes share the 2 cores: one torch thread avoids OpenMP spinning against them."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

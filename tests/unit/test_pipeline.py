@@ -45,12 +45,7 @@ DAYS = [SIM.date_of(i).isoformat() for i in range(SIM.days)]
 TRAIN, TEST = DAYS[:5], DAYS[5]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
