@@ -378,6 +378,8 @@ def _quiet_library_warnings() -> None:
 def main(argv: list[str] | None = None) -> int:
     for key, value in TELEMETRY_OPT_OUTS.items():
         os.environ.setdefault(key, value)
+    # MLflow draws a progress bar for every artifact download (each champion load); keep output readable.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     _quiet_library_warnings()
     args = build_parser().parse_args(argv)
     return args.func(args)
