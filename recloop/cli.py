@@ -266,8 +266,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_rollback(args: argparse.Namespace) -> int:
     from recloop.registry import open_registry
 
+    from recloop.registry import RegistryError
+
     registry = open_registry(Settings.from_env())
-    before, after = registry.rollback(reason=args.reason)
+    try:
+        before, after = registry.rollback(reason=args.reason)
+    except RegistryError as err:
+        print(f"recloop rollback: {err}", file=sys.stderr)
+        return 2
     _print({"model": registry.model_name, "champion_was": before, "champion_now": after})
     return 0
 
