@@ -35,13 +35,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import scipy.sparse as sp
 
+from recloop.data.engagement import positive_mask
 from recloop.recommender import Recommender
 
 log = logging.getLogger(__name__)
 
 DEFAULT_KS: tuple[int, ...] = (5, 10, 20, 50)
 MAIN_K = 10
-POSITIVE_WATCH_FRACTION = 0.5  # a watch of >= 50 % of the video's duration is a positive
 POSITIVE_RATING = 4.0  # ratings files: rating >= 4 is a positive (as recloop.data.movielens maps them)
 MOVIELENS_DURATION_S = 6000.0  # recloop.data.movielens.DURATION_S
 UNKNOWN_CATEGORY = "unknown"
@@ -80,12 +80,8 @@ def _positive(events: pd.DataFrame, videos: pd.DataFrame | None) -> np.ndarray:
     video's ``duration_s`` (looked up in `videos`, or taken from an events column ``duration_s``).
     Without a known duration only ``completed`` / ``liked`` count.
 
-    Note: recloop.training.positive_mask(events, duration_s) implements the same rule; the integrator
-    unifies the two.
+    The rule itself is `recloop.data.engagement.positive_mask`; this only finds each row's duration.
     """
-    watched = pd.to_numeric(events["watched_s"], errors="coerce").fillna(0.0).to_numpy(np.float64)
-    completed = _bool_column(events, "completed")
-    liked = _bool_column(events, "liked")
     if videos is not None and len(videos) and "duration_s" in videos.columns:
         durations = pd.Series(
             pd.to_numeric(videos["duration_s"], errors="coerce").to_numpy(np.float64),
@@ -97,18 +93,7 @@ def _positive(events: pd.DataFrame, videos: pd.DataFrame | None) -> np.ndarray:
         duration = pd.to_numeric(events["duration_s"], errors="coerce").to_numpy(np.float64)
     else:
         duration = np.full(len(events), np.nan)
-    with np.errstate(invalid="ignore"):
-        long_watch = watched >= POSITIVE_WATCH_FRACTION * duration  # NaN duration -> False
-    return (watched > 0) & (completed | liked | long_watch)
-
-
-def _bool_column(df: pd.DataFrame, column: str) -> np.ndarray:
-    if column not in df.columns:
-        return np.zeros(len(df), bool)
-    s = df[column]
-    if s.dtype == object or pd.api.types.is_string_dtype(s):
-        return s.astype(str).str.strip().str.lower().isin(["true", "1", "t", "yes"]).to_numpy()
-    return s.fillna(False).astype(bool).to_numpy()
+    return positive_mask(events, duration)
 
 
 def interactions_from_events(events: pd.DataFrame | pa.Table, videos: pd.DataFrame | pa.Table | None) -> pd.DataFrame:

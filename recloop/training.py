@@ -2,7 +2,7 @@
 
 No orchestration here (Dagster and MLflow wrap these functions elsewhere):
 
-* data: `positive_mask` (THE definition of a positive engagement), `load_window` (a window of validated
+* data: `positive_mask` (re-exported from recloop.data.engagement, the one definition of a positive engagement), `load_window` (a window of validated
   days from the lake), `Vocab` (string ids <-> ints, 0 = unknown);
 * two-tower: `TwoTowerConfig`, `train_two_tower`, `save_two_tower` / `load_two_tower`,
   `video_embeddings`, `user_embeddings`, `retrieval_scores`;
@@ -32,6 +32,7 @@ from torch.nn import functional as F
 
 from recloop.data.schemas import EVENTS, USERS, VIDEOS
 from recloop.features import FEATURE_VIEWS, feature_names
+from recloop.data.engagement import POSITIVE_MIN_FRACTION, bool_flag, positive_mask  # noqa: F401 - re-exported
 from recloop.lake import Lake
 from recloop.models.ranker import RankerArgs, RankerModel
 from recloop.models.two_tower import TwoTowerArgs, TwoTowerModel, in_batch_logits, in_batch_loss
@@ -43,35 +44,6 @@ FORMAT_VERSION = 1
 # --------------------------------------------------------------------------------------------------
 # 1. Data
 # --------------------------------------------------------------------------------------------------
-
-# A watch lasting at least this share of the video's duration counts as a positive engagement.
-POSITIVE_MIN_FRACTION = 0.5
-
-
-def positive_mask(events: pd.DataFrame, duration_s: pd.Series | np.ndarray) -> np.ndarray:
-    """THE positive-engagement rule of recloop, one boolean per event row.
-
-    A positive is a watch (`watched_s > 0`) that was completed, liked, or lasted at least
-    `POSITIVE_MIN_FRACTION` (50%) of the video's duration. `duration_s` is aligned with `events` row by
-    row (NaN when the video is unknown: such a row can still be positive through completed/liked).
-    Impressions that were not watched are never positive, whatever their flags say.
-    """
-    watched_s = pd.to_numeric(events["watched_s"], errors="coerce").astype("float64").to_numpy()
-    completed = _flag(events["completed"])
-    liked = _flag(events["liked"])
-    duration = np.asarray(duration_s, dtype=np.float64)
-    if duration.shape != watched_s.shape:
-        raise ValueError(f"duration_s has {duration.shape[0]} rows, events {watched_s.shape[0]}")
-    with np.errstate(invalid="ignore"):
-        watched = watched_s > 0
-        long_enough = watched_s >= POSITIVE_MIN_FRACTION * duration
-    return watched & (completed | liked | long_enough)
-
-
-def _flag(values: pd.Series) -> np.ndarray:
-    """A nullable boolean column as bool (missing = False)."""
-    return values.astype("boolean").fillna(False).to_numpy(dtype=bool)
-
 
 def _to_us(values: Any) -> np.ndarray:
     """Microseconds since the epoch (int64) of timestamps (naive ones are taken as UTC)."""
@@ -1002,7 +974,7 @@ def roc_auc(y: np.ndarray, score: np.ndarray) -> float:
 
 
 def _labels(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    completed = _flag(df["completed"]).astype(np.float32)
+    completed = bool_flag(df, "completed").astype(np.float32)
     watched = pd.to_numeric(df["watched_s"], errors="coerce").astype("float64").fillna(0.0).to_numpy()
     return completed, np.log1p(np.maximum(watched, 0.0)).astype(np.float32)
 
