@@ -762,21 +762,9 @@ class Registry:
                 f"stale decision: it compared version {version} with {decision.compared_to}, "
                 f"but the bar is now {expected}; decide again"
             )
-        when = _now()
         self.client.set_registered_model_alias(self.model_name, CHAMPION, version)
-        challenger = self.challenger()
-        if challenger is not None and str(challenger.version) == version:
-            self.client.delete_registered_model_alias(self.model_name, CHALLENGER)
-        self._tag_version(version, self._decision_tags(DECISION_PROMOTED, when, decision))
-        self._log_decision(
-            when=when,
-            version=version,
-            decision=DECISION_PROMOTED,
-            compared_to=decision.compared_to,
-            reasons=decision.reasons,
-            metrics=decision.metrics,
-            extra_params={"from_version": str(current.version) if current else "none"},
-        )
+        self._record(version, DECISION_PROMOTED, decision,
+                     extra_params={"from_version": str(current.version) if current else "none"})
 
     def refuse(self, version: str | int, decision: GateDecision) -> None:
         """Keep the champion; tag `version` refused and record why.
@@ -785,18 +773,25 @@ class Registry:
         """
         version = str(version)
         self._version(version)
+        self._record(version, DECISION_REFUSED, decision)
+
+    def _record(
+        self, version: str, outcome: str, decision: GateDecision, *, extra_params: dict[str, str] | None = None
+    ) -> None:
+        """A decided version is no longer the challenger; tag it and log the decision (when, why, metrics)."""
         when = _now()
         challenger = self.challenger()
         if challenger is not None and str(challenger.version) == version:
             self.client.delete_registered_model_alias(self.model_name, CHALLENGER)
-        self._tag_version(version, self._decision_tags(DECISION_REFUSED, when, decision))
+        self._tag_version(version, self._decision_tags(outcome, when, decision))
         self._log_decision(
             when=when,
             version=version,
-            decision=DECISION_REFUSED,
+            decision=outcome,
             compared_to=decision.compared_to,
             reasons=decision.reasons,
             metrics=decision.metrics,
+            extra_params=extra_params,
         )
 
     def apply(self, version: str | int, decision: GateDecision) -> bool:
