@@ -12,7 +12,8 @@
 
 The final score is a documented blend (see `RecommendationPipeline.final_score`): the log of the ranker's
 expected completed watch time plus `retrieval_weight` (0.5) times the two-tower logit (u.v / temperature).
-The ranker is trained on impressions, so it estimates engagement *given* an impression; the two-tower,
+The ranker is trained on impressions and unshown retrieval candidates (`training.retrieval_negatives`),
+so it estimates engagement among the candidates it will rank; the two-tower,
 trained with a softmax over the catalog with log-Q correction, estimates which videos a user engages
 with at all. The blend keeps both (retrieval_weight=0 is the pure ranker). On simulated data (3 seeds,
 Recall@10 on a held-out day) weights 0.5-1 beat both the pure ranker and retrieval alone.

@@ -989,6 +989,63 @@ def with_retrieval_scores(df: pd.DataFrame, retrieval: TwoTowerResult | None) ->
     return out
 
 
+def retrieval_negatives(
+    tt: TwoTowerResult,
+    videos: pd.DataFrame,
+    impressions: pd.DataFrame,
+    *,
+    top_n: int = 100,
+    per_user: int = 4,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Unshown retrieval candidates as negative ranker rows.
+
+    At serving the ranker orders the retrieval stage's candidates, most of which the logging policy
+    never showed; trained on impressions alone it only learns engagement *given* an impression and
+    cannot tell a good candidate from one the user would never have been shown or picked. For every
+    (user, day) of `impressions` (`user_id, video_id, event_time`), this draws `per_user` videos from
+    the user's two-tower top `top_n` at the start of that day (videos of `videos` uploaded before it),
+    leaving out what the user was shown that day. Rows: `user_id, video_id, event_time` (the user's
+    first impression of the day, so point-in-time features and scores match the day's impressions),
+    `category`, and labels completed/liked False, watched_s 0.
+    """
+    rng = np.random.default_rng(seed)
+    t = pd.to_datetime(impressions["event_time"], utc=True)
+    imp = pd.DataFrame({"user_id": impressions["user_id"].astype(str).to_numpy(),
+                        "video_id": impressions["video_id"].astype(str).to_numpy(), "t": t.to_numpy(),
+                        "day": t.dt.normalize().to_numpy()})
+    catalog = videos.drop_duplicates("video_id", keep="last").reset_index(drop=True)
+    upload = pd.to_datetime(catalog["upload_time"], utc=True)
+    out = []
+    for day, rows in imp.groupby("day", sort=True):
+        day = pd.Timestamp(day)
+        live = catalog[(upload < day).to_numpy()].reset_index(drop=True)
+        if len(live) <= 1:
+            continue
+        first = rows.groupby("user_id", sort=True)["t"].min()
+        users = first.index.to_numpy(dtype=object)
+        vid_ids, vvec = video_embeddings(tt, live, day)
+        uvec = user_embeddings(tt, users, day)
+        n = min(top_n, len(vid_ids))
+        shown = set(zip(rows["user_id"], rows["video_id"]))
+        vid_ids = np.asarray(vid_ids, dtype=object)
+        for s in range(0, len(users), 4096):
+            scores = uvec[s : s + 4096] @ vvec.T
+            top = np.argpartition(-scores, n - 1, axis=1)[:, :n]
+            for i, cand in enumerate(top):
+                user = users[s + i]
+                pool = [v for v in vid_ids[cand] if (user, v) not in shown]
+                if not pool:
+                    continue
+                pick = rng.choice(len(pool), size=min(per_user, len(pool)), replace=False)
+                out.extend((user, pool[j], first.iloc[s + i]) for j in sorted(pick))
+    neg = pd.DataFrame(out, columns=["user_id", "video_id", "event_time"])
+    category = pd.Series(catalog["category"].to_numpy(), index=catalog["video_id"].astype(str).to_numpy())
+    neg["category"] = category.reindex(neg["video_id"].to_numpy()).to_numpy()
+    neg["completed"], neg["liked"], neg["watched_s"] = False, False, 0.0
+    return neg
+
+
 def train_ranker(
     train_df: pd.DataFrame,
     valid_df: pd.DataFrame | None,
@@ -1007,8 +1064,9 @@ def train_ranker(
     `retrieval` should be a two-tower trained on days *before* `train_df`'s rows: its scores are then
     out-of-sample, as they are when serving. The serving model's own scores on its training days are
     in-sample (it memorised those positives), the ranker learns to over-trust them, and (on simulated
-    data) the pipeline's Recall@10 dropped by 10-25%. Recommended: two-tower A on days [0, d), ranker on
-    days [d, end) with A's scores, serving two-tower B on all days; the ranker keeps working with B.
+    data) the pipeline's Recall@10 dropped by 10-25%. `model_plane.train_ranking` does it this way:
+    two-tower A on days [0, d), ranker on days [d, end) with A's scores plus `retrieval_negatives`,
+    serving two-tower B on all days; the ranker keeps working with B.
     """
     config = config or RankerConfig()
     device = _device(config.device)

@@ -48,6 +48,9 @@ class ModelWorkspaceResource(dg.ConfigurableResource):
 class TrainingWindowConfig(dg.Config):
     TrainDays: int = Field(default=7, description="Validated days of events the candidate trains on.")
     TestDays: int = Field(default=1, description="Newest validated days held out for offline evaluation.")
+    RankerDays: int = Field(default=3, description=(
+        "Newest training days the ranker trains on (the last one validates); a two-tower trained on the "
+        "days before them scores their rows, so the ranker sees out-of-sample retrieval scores."))
 
 
 class GateRunConfig(dg.Config):
@@ -68,7 +71,8 @@ def _numbers(d: dict[str, Any]) -> dict[str, Any]:
 )
 def training_set(config: TrainingWindowConfig, lake: LakeResource, feast: FeastResource,
                  workspace: ModelWorkspaceResource) -> dg.MaterializeResult:
-    plan = model_plane.plan_window(lake.open(), train_days=config.TrainDays, test_days=config.TestDays)
+    plan = model_plane.plan_window(lake.open(), train_days=config.TrainDays, test_days=config.TestDays,
+                                   ranker_days=config.RankerDays)
     out = model_plane.build_training_set(feast.settings(), lake.open(), plan, workspace.dir())
     return dg.MaterializeResult(metadata={
         "dagster/row_count": out["rows"],
@@ -99,10 +103,16 @@ def ann_index(workspace: ModelWorkspaceResource) -> dg.MaterializeResult:
 
 
 @dg.asset(key=RANKER, group_name="models", deps=[TRAINING_SET, TWO_TOWER], kinds={"pytorch"},
-          description="Multi-task ranker (P(completed), expected watch time) on Feast features + retrieval score; time split.")
-def ranker(workspace: ModelWorkspaceResource) -> dg.MaterializeResult:
-    out = model_plane.train_ranking(workspace.dir())
-    return dg.MaterializeResult(metadata={**_numbers(out), "features": dg.MetadataValue.json(out["features"])})
+          description=("Multi-task ranker (P(completed), expected watch time) on Feast features + an out-of-sample "
+                       "retrieval score (from a two-tower trained on earlier days); time split."))
+def ranker(lake: LakeResource, workspace: ModelWorkspaceResource) -> dg.MaterializeResult:
+    out = model_plane.train_ranking(lake.open(), workspace.dir())
+    return dg.MaterializeResult(metadata={
+        **_numbers(out),
+        "features": dg.MetadataValue.json(out["features"]),
+        "ranker_partitions": dg.MetadataValue.json(out["ranker_partitions"]),
+        "retrieval_score_partitions": dg.MetadataValue.json(out["retrieval_score_partitions"]),
+    })
 
 
 @dg.asset(key=EVALUATION, group_name="models", deps=[ANN_INDEX, RANKER], kinds={"python"},

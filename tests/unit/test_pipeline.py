@@ -31,6 +31,7 @@ from recloop.training import (
     load_window,
     popular_videos,
     positive_mask,
+    retrieval_negatives,
     time_split,
     train_ranker,
     train_two_tower,
@@ -63,9 +64,9 @@ def lake(tmp_path_factory) -> LocalLake:
 
 @pytest.fixture(scope="module")
 def parts(lake):
-    """Everything trained on days 0-4, as `train_ranker` recommends: a two-tower on days 0-2 scores the
-    ranker's rows (day 3 train, day 4 valid) out of sample; the serving two-tower and its HNSW index are
-    trained on days 0-4."""
+    """Everything trained on days 0-4 as `model_plane.train_ranking` does: a two-tower on days 0-2 scores
+    the ranker's rows (day 3 train + unshown retrieval candidates as negatives, day 4 valid) out of
+    sample; the serving two-tower and its HNSW index are trained on days 0-4."""
     early = train_two_tower(load_window(lake, TRAIN[:3]), TwoTowerConfig(epochs=8, num_threads=1))
     window = load_window(lake, TRAIN)
     two_tower = train_two_tower(window, TwoTowerConfig(epochs=8, num_threads=1))
@@ -74,6 +75,8 @@ def parts(lake):
     ev = window.events.merge(window.videos[["video_id", "category"]], on="video_id", how="left")
     ev = ev[pd.to_datetime(ev["event_time"], utc=True) >= pd.Timestamp(TRAIN[3], tz="UTC")]
     train_df, valid_df = time_split(point_in_time_features(lake, ev), valid_days=1)
+    negatives = retrieval_negatives(early, window.videos, train_df, per_user=16)
+    train_df = pd.concat([train_df, point_in_time_features(lake, negatives)], ignore_index=True)
     ranker = train_ranker(train_df, valid_df, RANKING_FEATURES, early, RankerConfig(num_threads=1))
     assert ranker.valid_auc > 0.6
     return window, two_tower, index, ranker, popular_videos(window, 50)
@@ -203,6 +206,27 @@ def test_pipeline_recall_beats_popularity(pipeline, held_out, parts):
           f"({r_pipe / r_pop:.1f}x), {len(users)} users")
     assert r_pipe >= 2.5 * r_pop
     assert r_ret >= 2.0 * r_pop
+    # The ranker must add to retrieval, not undo it (it did, trained on impressions only).
+    assert r_pipe >= r_ret
+
+
+def test_retrieval_negatives_are_unshown_candidates_of_the_day(lake, parts):
+    early = train_two_tower(load_window(lake, TRAIN[:3]), TwoTowerConfig(epochs=1, num_threads=1))
+    window = parts[0]
+    day = window.events[pd.to_datetime(window.events["event_time"], utc=True).dt.strftime("%Y-%m-%d") == TRAIN[3]]
+    neg = retrieval_negatives(early, window.videos, day, top_n=50, per_user=3, seed=1)
+    assert set(neg["user_id"]) <= set(day["user_id"]) and len(neg) > 2 * day["user_id"].nunique()
+    assert neg.groupby("user_id").size().max() == 3
+    shown = set(zip(day["user_id"], day["video_id"]))
+    assert not any((u, v) in shown for u, v in zip(neg["user_id"], neg["video_id"]))
+    upload = window.videos.set_index("video_id")["upload_time"]
+    assert (pd.to_datetime(upload.reindex(neg["video_id"]), utc=True).to_numpy()
+            < pd.Timestamp(TRAIN[3], tz="UTC")).all()
+    first = pd.to_datetime(day.groupby("user_id")["event_time"].min(), utc=True)
+    assert (pd.to_datetime(neg["event_time"], utc=True).to_numpy() == first.reindex(neg["user_id"]).to_numpy()).all()
+    assert not neg["completed"].any() and (neg["watched_s"] == 0).all() and neg["category"].notna().all()
+    again = retrieval_negatives(early, window.videos, day, top_n=50, per_user=3, seed=1)
+    pd.testing.assert_frame_equal(neg, again)
 
 
 def test_add_videos_extends_index_and_fresh_candidates(lake, parts):
