@@ -5,7 +5,7 @@ from datetime import timedelta
 
 import dagster as dg
 
-from pipelines.defs import features, ingestion, jobs, models, resources, validation
+from pipelines.defs import features, ingestion, jobs, models, monitoring, resources, validation
 
 # A day's data is due in the lake and the online store by 06:00 UTC the next day (the daily schedule
 # starts at 01:15); Dagster marks the assets stale in the UI when a deadline passes without a run.
@@ -21,6 +21,7 @@ def defs() -> dg.Definitions:
         validation.defs(),
         features.defs(),
         models.defs(),
+        monitoring.defs(),
         jobs.defs(),
     )
     return merged.map_resolved_asset_specs(

@@ -45,12 +45,21 @@ class PartitionRun:
     success: bool
     materialized: dict[str, dict[str, Any]] = field(default_factory=dict)
     checks: dict[str, bool] = field(default_factory=dict)
+    check_metadata: dict[str, dict[str, Any]] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
     error: str | None = None
 
 
 def _value(v: Any) -> Any:
     return getattr(v, "value", v)
+
+
+def root_cause(error: Any) -> str:
+    """The innermost message of a Dagster SerializableErrorInfo chain: the user's exception, not
+    Dagster's "Error occurred while executing op" wrapper."""
+    while getattr(error, "cause", None) is not None:
+        error = error.cause
+    return error.message.strip()
 
 
 def run_job(
@@ -60,6 +69,7 @@ def run_job(
     inst: dg.DagsterInstance | None = None,
     log_level: str = "WARNING",
     run_config_ops: dict[str, Any] | None = None,
+    tags: dict[str, str] | None = None,
 ) -> PartitionRun:
     """Executes `job_name` (for `partition`) in process and collects what it materialized and checked."""
     from pipelines.definitions import defs
@@ -68,6 +78,7 @@ def run_job(
     result = job.execute_in_process(
         partition_key=partition,
         instance=inst,
+        tags=tags,
         raise_on_error=False,
         run_config={"loggers": {"console": {"config": {"log_level": log_level}}}, "ops": run_config_ops or {}},
     )
@@ -76,14 +87,16 @@ def run_job(
         mat = event.step_materialization_data.materialization
         out.materialized[mat.asset_key.to_user_string()] = {k: _value(v) for k, v in mat.metadata.items()}
     for evaluation in result.get_asset_check_evaluations():
-        out.checks[f"{evaluation.asset_key.to_user_string()}:{evaluation.check_name}"] = evaluation.passed
+        name = f"{evaluation.asset_key.to_user_string()}:{evaluation.check_name}"
+        out.checks[name] = evaluation.passed
+        out.check_metadata[name] = {k: _value(v) for k, v in evaluation.metadata.items()}
     if not result.success:
         failures = [e for e in result.all_events if e.is_step_failure]
         skipped = [e.step_key for e in result.all_events if e.is_step_skipped]
         out.skipped = sorted(k for k in skipped if k)
         if failures:
             data = failures[0].step_failure_data
-            out.error = f"{failures[0].step_key}: {data.error.message.strip() if data and data.error else 'failed'}"
+            out.error = f"{failures[0].step_key}: {root_cause(data.error) if data and data.error else 'failed'}"
         else:
             out.error = "; ".join(f"{k} failed" for k, ok in out.checks.items() if not ok) or "run failed"
     return out
@@ -97,3 +110,40 @@ def run_data_plane(partitions: list[str], *, settings: Settings | None = None) -
     for p in partitions:
         runs.append(run_job("data_plane_job", partition=p, inst=inst))
     return runs
+
+
+@dataclass
+class SensorTick:
+    cursor: str | None
+    runs: list[PartitionRun] = field(default_factory=list)
+    skip_reason: str | None = None
+    duplicate_run_keys: list[str] = field(default_factory=list)
+
+
+def tick_sensor(
+    sensor_name: str,
+    *,
+    inst: dg.DagsterInstance,
+    cursor: str | None = None,
+    run_config_ops: dict[str, Any] | None = None,
+    log_level: str = "WARNING",
+) -> SensorTick:
+    """One evaluation of a sensor, the way the Dagster daemon does it, with its run requests executed in
+    process: a request whose run key already has a run of this sensor is dropped (the daemon's rule that
+    makes a re-evaluated tick harmless), the others run with the daemon's `dagster/sensor_name` and
+    `dagster/run_key` tags. For the demo, benchmarks and tests; in a deployment the daemon ticks."""
+    from pipelines.definitions import defs
+
+    resolved = defs()
+    sensor = resolved.resolve_sensor_def(sensor_name)
+    data = sensor.evaluate_tick(dg.build_sensor_context(instance=inst, cursor=cursor, definitions=resolved))
+    tick = SensorTick(cursor=data.cursor, skip_reason=data.skip_message)
+    for request in data.run_requests or []:
+        key_tags = {"dagster/sensor_name": sensor_name, "dagster/run_key": request.run_key}
+        if request.run_key and inst.get_runs(filters=dg.RunsFilter(tags=key_tags), limit=1):
+            tick.duplicate_run_keys.append(request.run_key)
+            continue
+        job_name = request.job_name or sensor.job_name
+        tick.runs.append(run_job(job_name, inst=inst, log_level=log_level, run_config_ops=run_config_ops,
+                                 tags={**request.tags, **key_tags}))
+    return tick

@@ -4,6 +4,12 @@
     recloop movielens  turn MovieLens-format files into landing partitions
     recloop run        run the Dagster data-plane job for partitions (ingest → GX → features → Feast)
     recloop demo       simulate, then run everything, and say what was built and how to look at it
+    recloop train      run the training job: train, evaluate, register, gate, promote
+    recloop evaluate   the models and baselines on your own train/test interaction files
+    recloop models     champion, challenger and the promotion history; recloop rollback undoes one
+    recloop serve      the recommendation API (retrieval → ranking → re-ranking), metrics, feedback
+    recloop drift      (re)run the drift report of partitions against the champion's training window
+    recloop alerts     alert webhooks: dead letters, re-send, or a local test receiver
     recloop quarantine show quarantined rows of a partition with their reasons
 """
 
@@ -105,6 +111,10 @@ def _summarise(runs) -> dict[str, Any]:
         if "feast/online_features" in m:
             online = m["feast/online_features"]
             day["online"] = {"rows_written": online.get("rows_written"), "skipped": online.get("skipped")}
+        if "monitoring/drift" in m:
+            drift = m["monitoring/drift"]
+            day["drift"] = {k: drift.get(k) for k in ("drifted", "reasons", "champion_version", "report", "status")
+                            if drift.get(k) not in (None, "")}
         if run.error:
             day["error"] = run.error
         out[run.partition] = day
@@ -153,37 +163,44 @@ def _bad_delivery(landing, day: str) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from pipelines.run import dagster_home, run_data_plane
+    from pipelines.run import dagster_home, instance, run_data_plane, run_job
     from recloop.data.simulator import simulate
     from recloop.lake import open_lake
 
     settings = Settings.from_env()
-    config = _sim_config(args, settings)
-    print(f"[1/3] simulating {config.days} days (~{config.events_per_day:,} events/day) into {settings.landing_uri}")
+    # With a scenario, one more day than the first parts run: the drifted day the last part feeds the loop.
+    drifted = args.scenario != "none"
+    config = _sim_config(argparse.Namespace(**{**vars(args), "days": args.days + drifted, "drift_day": args.days}),
+                         settings)
+    print(f"[1/4] simulating {config.days} days (~{config.events_per_day:,} events/day) into {settings.landing_uri}"
+          + (f", the last one with the {config.scenario} drift scenario switched on" if drifted else ""))
     summary = simulate(config, _landing(settings))
     print(f"      {summary.totals}")
-    partitions = [config.date_of(i).isoformat() for i in range(config.days)]
+    all_days = [config.date_of(i).isoformat() for i in range(config.days)]
+    partitions = all_days[:-1] if drifted else all_days
     n_bad = _bad_delivery(_landing(settings), partitions[-1])
     print(f"      plus a late CSV delivery of {n_bad} events for {partitions[-1]}, two good and the rest broken in the usual ways")
-    print(f"[2/3] running the Dagster data plane for {len(partitions)} days: ingest → GX validation → features → Feast online store")
-    t0 = time.perf_counter()
-    runs = run_data_plane(partitions, settings=settings)
-    days = _summarise(runs)
-    for p, d in days.items():
-        ev = d.get("events", {})
-        print(f"      {p}: {'ok ' if d['success'] else 'FAILED'} events accepted {ev.get('accepted', '-')}, "
-              f"quarantined {ev.get('quarantined', '-')}; online rows {d.get('online', {}).get('rows_written', '-')}"
-              + (f"; {d['error']}" if d.get("error") else ""))
-    lake = open_lake(settings.lake_uri, s3_endpoint_url=settings.s3_endpoint_url)
-    ok = all(r.success for r in runs)
-    training = None
-    if ok:
-        from pipelines.run import instance, run_job
-
-        print(f"[3/3] training job: Feast training set → two-tower → FAISS index → ranker → evaluation → MLflow → gate")
-        training = run_job("training_job", inst=instance(settings),
-                           run_config_ops=_training_run_config(max(1, config.days - 1), 1))
-        ok = ok and training.success
+    with _demo_receiver() as receiver:
+        print(f"[2/4] running the Dagster data plane for {len(partitions)} days: ingest → GX validation → features → "
+              "Feast online store → drift report")
+        t0 = time.perf_counter()
+        runs = run_data_plane(partitions, settings=settings)
+        for p, d in _summarise(runs).items():
+            ev = d.get("events", {})
+            print(f"      {p}: {'ok ' if d['success'] else 'FAILED'} events accepted {ev.get('accepted', '-')}, "
+                  f"quarantined {ev.get('quarantined', '-')}; online rows {d.get('online', {}).get('rows_written', '-')}"
+                  + (f"; {d['error']}" if d.get("error") else ""))
+        lake = open_lake(settings.lake_uri, s3_endpoint_url=settings.s3_endpoint_url)
+        ok = all(r.success for r in runs)
+        training = None
+        if ok:
+            print("[3/4] training job: Feast training set → two-tower → FAISS index → ranker → evaluation → MLflow → gate")
+            training = run_job("training_job", inst=instance(settings),
+                               run_config_ops=_training_run_config(max(1, len(partitions) - 1), 1))
+            ok = training.success
+            _print_training(training)
+        if ok and drifted:
+            ok = _demo_drift(settings, all_days[-1], config.scenario, receiver)
     if lake.has_partition("quarantine/events", partitions[-1]):
         from recloop.validation import read_quarantine
 
@@ -194,31 +211,78 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print()
     print("Built:")
     for dataset in ("bronze/events", "silver/users", "silver/videos", "silver/events", "quarantine/events",
-                    "features/user_activity", "features/user_category_affinity", "features/video_popularity"):
-        print(f"  {lake.uri(dataset)}  ({len(lake.partitions(dataset))} partitions)")
+                    "features/user_activity", "features/user_category_affinity", "features/video_popularity",
+                    "monitoring/drift"):
+        print(f"  {lake.uri(dataset)}  ({len(lake.list_keys(dataset + '/')) if dataset.startswith('monitoring') else len(lake.partitions(dataset))}"
+              f" {'files' if dataset.startswith('monitoring') else 'partitions'})")
     print(f"  Feast registry and SQLite online store in {settings.feast_data_dir}")
     print(f"  Dagster runs recorded in {dagster_home(settings)} ({time.perf_counter() - t0:.0f} s for all runs)")
     if training is not None:
-        summary = _training_summary(training)
         from recloop.registry import registry_settings
 
         print(f"  MLflow runs and registry at {registry_settings(settings).tracking_uri}")
-        print()
-        print("Offline evaluation on the held-out day (full ranking, seen videos excluded):")
-        for name, values in (summary.get("evaluation") or {}).items():
-            print(f"  {name:15} recall@10 {values.get('recall_at_10', float('nan')):.4f}  ndcg@10 {values.get('ndcg_at_10', float('nan')):.4f}"
-                  f"  coverage {values.get('coverage', float('nan')):.3f}")
-        print(f"Promotion gate for version {summary.get('registered_version')}: "
-              + ("passed" if summary.get("gate_passed") else "refused"))
-        for line in summary.get("gate", [])[1:]:
-            print(f"  {line}")
-        if summary.get("champion"):
-            print(f"Champion is now version {summary['champion']} (recloop models; recloop rollback)")
-        if summary.get("error"):
-            print(f"  training: {summary['error']}")
     print()
-    print("Look at it in the Dagster UI (asset runs, checks, lineage):  make ui  →  http://127.0.0.1:3000")
+    print("Look at it in the Dagster UI (asset runs, checks, lineage, the drift sensor and the retraining schedule):  "
+          "make ui  →  http://127.0.0.1:3000")
     return 0 if ok else 1
+
+
+def _demo_receiver():
+    """A local webhook receiver for the demo's alerts, unless alert endpoints are configured already."""
+    import contextlib
+
+    from recloop.alerts import WebhookReceiver, new_secret
+
+    if os.environ.get("RECLOOP_ALERT_WEBHOOK_URL"):
+        return contextlib.nullcontext(None)
+    secret = new_secret()
+    receiver = WebhookReceiver(secret)
+    os.environ["RECLOOP_ALERT_WEBHOOK_URL"], os.environ["RECLOOP_ALERT_WEBHOOK_SECRET"] = receiver.url, secret
+    return receiver
+
+
+def _print_training(run) -> None:
+    summary = _training_summary(run)
+    print("      offline evaluation on the held-out day (full ranking, seen videos excluded):")
+    for name, values in (summary.get("evaluation") or {}).items():
+        print(f"        {name:15} recall@10 {values.get('recall_at_10', float('nan')):.4f}  "
+              f"ndcg@10 {values.get('ndcg_at_10', float('nan')):.4f}  coverage {values.get('coverage', float('nan')):.3f}")
+    print(f"      promotion gate for version {summary.get('registered_version')}: "
+          + ("passed" if summary.get("gate_passed") else "refused"))
+    for line in summary.get("gate") or []:
+        print(f"        {line}")
+    if summary.get("champion"):
+        print(f"      champion is now version {summary['champion']} (recloop models; recloop rollback)")
+    if summary.get("error") and not summary.get("gate"):
+        print(f"      training: {summary['error']}")
+
+
+def _demo_drift(settings: Settings, day: str, scenario: str, receiver) -> bool:
+    """Part 4 of the demo: the drifted day through the loop, as the daemon would run it."""
+    from pipelines.run import instance, run_job, tick_sensor
+
+    inst = instance(settings)
+    print(f"[4/4] {day} arrives with the {scenario} drift: data plane + drift report, then the drift sensor's tick")
+    run = run_job("data_plane_job", partition=day, inst=inst)
+    drift = _summarise([run]).get(day, {}).get("drift", {})
+    print(f"      drift against champion v{drift.get('champion_version')}: "
+          + ("DRIFTED" if drift.get("drifted") else "no drift") + (f" ({drift['report']})" if drift.get("report") else ""))
+    for reason in drift.get("reasons") or []:
+        print(f"        {reason}")
+    tick = tick_sensor("drift_retraining_sensor", inst=inst)
+    if not tick.runs:
+        print(f"      sensor: {tick.skip_reason}")
+    for training in tick.runs:
+        print(f"      sensor started retraining run {training.run_id[:8]} (run key drift-{day}-…), through the same gate:")
+        _print_training(training)
+    again = tick_sensor("drift_retraining_sensor", inst=inst, cursor=None)
+    print(f"      the sensor evaluated again from scratch starts {len(again.runs)} run(s): "
+          + (f"run key(s) already used {again.duplicate_run_keys}" if again.duplicate_run_keys else str(again.skip_reason)))
+    if receiver is not None:
+        print(f"      webhooks received and verified at {receiver.url}:")
+        for event in receiver.events:
+            print(f"        {event['type']:18} {event['text'].splitlines()[0][:110]}")
+    return run.success and all(t.success or t.checks.get("model/registered_version:promotion_gate") is False for t in tick.runs)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -244,10 +308,12 @@ def _training_summary(run) -> dict[str, Any]:
         out["recall_at_10_vs_popularity"] = ev.get("recall_at_10_vs_popularity")
     if "model/registered_version" in m:
         out["registered_version"] = m["model/registered_version"]["version"]
-    out["gate_passed"] = run.checks.get("model/registered_version:promotion_gate")
+    gate = "model/registered_version:promotion_gate"
+    out["gate_passed"] = run.checks.get(gate)
+    if gate in run.check_metadata:
+        out["gate"] = run.check_metadata[gate].get("reasons")
     if "model/champion" in m:
         out["champion"] = m["model/champion"]["champion"]
-        out["gate"] = m["model/champion"]["reasons"]
     if run.error:
         out["error"] = run.error
     return out
@@ -306,6 +372,57 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_drift(args: argparse.Namespace) -> int:
+    from pipelines.run import instance, run_job
+
+    settings = Settings.from_env()
+    inst = instance(settings)
+    runs = [run_job("drift_job", partition=p, inst=inst) for p in _partitions(args, settings)]
+    _print({run.partition: {**_summarise([run])[run.partition].get("drift", {}), "success": run.success,
+                            **({"error": run.error} if run.error else {})} for run in runs})
+    return 0 if runs and all(r.success for r in runs) else 1
+
+
+def cmd_alerts(args: argparse.Namespace) -> int:
+    from recloop.alerts import AlertDispatcher, WebhookReceiver, new_secret
+
+    if args.action == "listen":
+        secret = os.environ.get("RECLOOP_ALERT_WEBHOOK_SECRET") or new_secret()
+
+        def show(event: dict[str, Any]) -> None:
+            print(json.dumps(event, default=str), flush=True)
+
+        with WebhookReceiver(secret, host=args.host, port=args.port, on_event=show) as receiver:
+            print(f"listening on {receiver.url}; point recloop at it with\n"
+                  f"  export RECLOOP_ALERT_WEBHOOK_URL={receiver.url}\n  export RECLOOP_ALERT_WEBHOOK_SECRET={secret}",
+                  file=sys.stderr, flush=True)
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                return 0
+    dispatcher = AlertDispatcher.from_settings()
+    try:
+        if args.action == "resend":
+            results = dispatcher.resend_dead_letters(args.endpoint)
+            _print([{"endpoint": r.endpoint, "event_id": r.event_id, "outcome": str(r.outcome), "attempts": r.attempts,
+                     "status_code": r.status_code, "error": r.error} for r in results])
+            return 0 if all(str(r.outcome) != "dead_lettered" for r in results) else 1
+        _print([{"endpoint": d.endpoint, "event_id": d.event_id, "type": d.event_type, "status": str(d.status),
+                 "attempts": d.attempts, "last_status_code": d.last_status_code, "last_error": d.last_error,
+                 "updated_at": d.updated_at} for d in dispatcher.store.dead_letters(args.endpoint)])
+        return 0
+    finally:
+        dispatcher.store.close()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from recloop.serving import serve
+
+    serve(Settings.from_env(), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recloop", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -340,6 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="simulate and run the main job on the embedded default")
     sim_args(p, days=7, events=20_000, users=5_000, videos=2_000)
+    p.set_defaults(scenario="category_surge")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train", help="run the Dagster training job: train, evaluate, register, gate, promote")
@@ -362,6 +480,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="champion, challenger and the promotion history")
     p.add_argument("--limit", type=int, default=10)
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("serve", help="the recommendation API: champion from MLflow, features from Feast (docs/serving.md)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("drift", help="(re)run the drift report of partitions against the champion's training window")
+    p.add_argument("--partition", help="one day (YYYY-MM-DD)")
+    p.add_argument("--start", help="first day of a range")
+    p.add_argument("--end", help="last day of a range")
+    p.set_defaults(func=cmd_drift)
+
+    p = sub.add_parser("alerts", help="alert webhooks: list dead letters, re-send them, or listen as a test receiver")
+    p.add_argument("action", choices=("dead-letters", "resend", "listen"))
+    p.add_argument("--endpoint", help="only this endpoint's dead letters")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=9000)
+    p.set_defaults(func=cmd_alerts)
 
     p = sub.add_parser("quarantine", help="show quarantined rows and reasons")
     p.add_argument("--table", default="events")

@@ -549,6 +549,37 @@ class Registry:
                 )
                 return run.info.run_id
 
+    def log_drift_report(
+        self,
+        *,
+        partition: str,
+        model_version: str | int,
+        drifted: bool,
+        summary: Mapping[str, float],
+        report_uri: str,
+        report_html: str | None = None,
+        reasons: Sequence[str] = (),
+        experiment: str = "recloop-monitoring",
+    ) -> str:
+        """Log one partition's drift report as a run of the monitoring experiment, linked both ways: the
+        run carries the champion's version and the report's lake URI (and the HTML as an artifact), and
+        the champion's version gets a `recloop.last_drift_run` tag. Returns the run id."""
+        experiment_id = self._experiment_id(experiment)
+        tags = {f"{_TAG}kind": "drift", f"{_TAG}partition": partition, f"{_TAG}model_version": str(model_version),
+                f"{_TAG}drifted": str(bool(drifted)).lower(), f"{_TAG}report_uri": report_uri,
+                f"{_TAG}reasons": _tag_value("; ".join(reasons))}
+        run = self.client.create_run(experiment_id, run_name=f"drift {partition}", tags=tags)
+        run_id = run.info.run_id
+        metrics = [Metric(k, float(v), _ms(_now()), 0) for k, v in summary.items()
+                   if isinstance(v, (int, float)) and math.isfinite(float(v))]
+        if metrics:
+            self.client.log_batch(run_id, metrics=metrics)
+        if report_html is not None:
+            self.client.log_text(run_id, report_html, "drift_report.html")
+        self.client.set_terminated(run_id)
+        self.client.set_model_version_tag(self.model_name, str(model_version), f"{_TAG}last_drift_run", run_id)
+        return run_id
+
     def _logged_model_id(self, run_id: str) -> str:
         run = self.client.get_run(run_id)
         outputs = run.outputs.model_outputs if run.outputs else []

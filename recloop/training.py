@@ -399,9 +399,11 @@ def _deterministic(device: torch.device):
         torch.use_deterministic_algorithms(previous, warn_only=warn_only)
 
 
-def _user_inputs(
+def user_tower_inputs(
     tt: "TwoTowerResult | _Parts", user_ids: np.ndarray, times_us: np.ndarray
 ) -> dict[str, np.ndarray]:
+    """The user tower's inputs (id, meta codes, log activity counts, positive history) of each user as
+    of each time: what training fed it, so that serving can extend them with fresher activity."""
     dense, hist = tt.activity.features(user_ids, times_us, tt.config.history_len)
     ids = pd.Index(np.asarray(user_ids, dtype=object), dtype=object)
     rows = pd.Index(tt.users["user_id"], dtype=object).get_indexer(ids)
@@ -510,7 +512,7 @@ def train_two_tower(window: Window, config: TwoTowerConfig | None = None) -> Two
     activity = _activity_from_frame(activity_frame, vocabs["video"])
     parts = _Parts(config, vocabs, users, activity)
 
-    u_in = _user_inputs(parts, ev_users[ex_rows], ex_time)
+    u_in = user_tower_inputs(parts, ev_users[ex_rows], ex_time)
     v_all = _video_arrays(vocabs, catalog)
     v_dense = v_all.dense(ex_time, ex_vrow)
     u_mean, u_std = _mean_std(u_in["dense"])
@@ -624,7 +626,7 @@ def train_two_tower(window: Window, config: TwoTowerConfig | None = None) -> Two
     )
 
 
-def _forward(
+def tower_forward(
     tower: torch.nn.Module, inputs: dict[str, np.ndarray], out_dim: int, batch_size: int = 65_536
 ) -> np.ndarray:
     """A tower's outputs for numpy inputs, in batches, without gradients (float32 [n, out_dim])."""
@@ -655,8 +657,8 @@ def user_embeddings(tt: TwoTowerResult, user_ids: Sequence[str], as_of: Any = No
     the training window's events before then. Unknown users get the unknown-id path and an empty
     history: still a valid unit vector."""
     ids = np.asarray(list(user_ids), dtype=object)
-    inputs = _user_inputs(tt, ids, np.full(len(ids), _as_of_us(tt, as_of), dtype=np.int64))
-    return _forward(tt.model.user_tower, inputs, tt.args.out_dim)
+    inputs = user_tower_inputs(tt, ids, np.full(len(ids), _as_of_us(tt, as_of), dtype=np.int64))
+    return tower_forward(tt.model.user_tower, inputs, tt.args.out_dim)
 
 
 def _video_inputs(
@@ -674,7 +676,7 @@ def video_embeddings(
     unknown-id path: their vectors come from category, tags, creator, duration and age."""
     videos = tt.videos if videos_df is None else videos_df.reset_index(drop=True)
     va = _video_arrays(tt.vocabs, videos)
-    vectors = _forward(tt.model.video_tower, _video_inputs(tt, va, _as_of_us(tt, as_of)), tt.args.out_dim)
+    vectors = tower_forward(tt.model.video_tower, _video_inputs(tt, va, _as_of_us(tt, as_of)), tt.args.out_dim)
     return videos["video_id"].astype(str).tolist(), vectors
 
 
@@ -696,10 +698,10 @@ def retrieval_scores(tt: TwoTowerResult, df: pd.DataFrame, chunk: int = 200_000)
     times = _to_us(df["event_time"])
     for s in range(0, len(df), chunk):
         sl = slice(s, s + chunk)
-        u = _forward(tt.model.user_tower, _user_inputs(tt, users[sl], times[sl]), tt.args.out_dim)
+        u = tower_forward(tt.model.user_tower, user_tower_inputs(tt, users[sl], times[sl]), tt.args.out_dim)
         rows = catalog.get_indexer(pd.Index(videos[sl], dtype=object))
         rows = np.where(rows >= 0, rows, len(va.video) - 1)
-        v = _forward(tt.model.video_tower, _video_inputs(tt, va, times[sl], rows), tt.args.out_dim)
+        v = tower_forward(tt.model.video_tower, _video_inputs(tt, va, times[sl], rows), tt.args.out_dim)
         out[sl] = np.einsum("ij,ij->i", u, v)
     return out
 
@@ -785,6 +787,17 @@ RETRIEVAL_SCORE = "retrieval_score"
 RANKING_FEATURES: tuple[str, ...] = tuple(f"{v}__{f}" for v in FEATURE_VIEWS for f in feature_names(v))
 
 
+def _float_block(df: pd.DataFrame, columns: Sequence[str]) -> np.ndarray:
+    """[n, len(columns)] float64: NaN for NA (Feast's nullable ints and floats) and for absent columns;
+    column by column with coercion only when some column holds something that is not a number."""
+    block = df.reindex(columns=list(columns))
+    try:
+        return block.to_numpy(dtype=np.float64, na_value=np.nan)
+    except (TypeError, ValueError):
+        return np.column_stack([pd.to_numeric(block[c], errors="coerce").astype("float64").to_numpy()
+                                for c in columns]).reshape(len(df), len(columns))
+
+
 def _is_ratio(column: str) -> bool:
     name = column.rsplit("__", 1)[-1]
     return "rate" in name or "share" in name
@@ -841,25 +854,25 @@ class RankerFeatures:
         return obj
 
     def _raw(self, df: pd.DataFrame) -> np.ndarray:
-        n = len(df)
-        cols, nan = [], {}
-        for c in self.feature_columns:
-            if c in df.columns:  # nullable ints/floats from Feast: NA -> NaN
-                x = pd.to_numeric(df[c], errors="coerce").astype("float64").to_numpy()
-            else:
-                x = np.full(n, np.nan)
-            nan[c] = np.isnan(x)
-            x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
-            cols.append(np.log1p(np.maximum(x, 0.0)) if c in self.log_columns else x)
+        """Features, log1p of the counts, one "view missing" indicator per view, the retrieval score.
+
+        One conversion for the whole block of columns: serving scores a few hundred rows per request,
+        and converting column by column cost 8x more than the model itself."""
+        cols = list(self.feature_columns)
+        x = _float_block(df, cols)
+        nan = np.isnan(x)
+        x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+        logs = np.fromiter((c in self.log_columns for c in cols), dtype=bool, count=len(cols))
+        x[:, logs] = np.log1p(np.maximum(x[:, logs], 0.0))
+        parts = [x]
+        views = np.asarray([c.split("__", 1)[0] for c in cols], dtype=object)
         for v in self.indicator_views:
-            members = [nan[c] for c in self.feature_columns if c.split("__", 1)[0] == v]
-            cols.append(np.logical_and.reduce(members).astype(np.float64))
+            parts.append(nan[:, views == v].all(axis=1, keepdims=True).astype(np.float64))
         if self.use_retrieval:
             if RETRIEVAL_SCORE not in df.columns:
                 raise KeyError(f"this ranker needs a {RETRIEVAL_SCORE!r} column (the two-tower score)")
-            score = pd.to_numeric(df[RETRIEVAL_SCORE], errors="coerce").astype("float64").to_numpy()
-            cols.append(np.nan_to_num(score))
-        return np.stack(cols, axis=1) if cols else np.zeros((n, 0))
+            parts.append(np.nan_to_num(_float_block(df, [RETRIEVAL_SCORE])))
+        return np.concatenate(parts, axis=1)
 
     def transform(self, df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         """(numeric [n, F] float32, categorical codes [n, C] int64)."""

@@ -19,6 +19,7 @@ for _key, _value in {
     "GX_ANALYTICS_ENABLED": "false",
     "DAGSTER_DISABLE_TELEMETRY": "true",
     "FEAST_USAGE": "False",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 }.items():
     os.environ.setdefault(_key, _value)
 
@@ -86,3 +87,16 @@ def recloop_env(tmp_path, monkeypatch):
     from recloop.config import Settings
 
     return Settings.from_env()
+
+
+@pytest.fixture()
+def webhook_receiver(recloop_env, monkeypatch):
+    """A real Standard Webhooks receiver on loopback (`recloop.alerts.WebhookReceiver`), configured as the
+    deployment's alert endpoint through RECLOOP_ALERT_WEBHOOK_URL / _SECRET."""
+    from recloop.alerts import WebhookReceiver, new_secret
+
+    secret = new_secret()
+    with WebhookReceiver(secret) as receiver:
+        monkeypatch.setenv("RECLOOP_ALERT_WEBHOOK_URL", receiver.url)
+        monkeypatch.setenv("RECLOOP_ALERT_WEBHOOK_SECRET", secret)
+        yield receiver

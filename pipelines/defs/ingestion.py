@@ -6,7 +6,7 @@ the blocking schema check (Great Expectations, schema-level expectations) that g
 import dagster as dg
 
 from pipelines.defs.partitions import DAILY
-from pipelines.defs.resources import GreatExpectationsResource, LakeResource
+from pipelines.defs.resources import AlertsResource, GreatExpectationsResource, LakeResource
 from recloop.data.schemas import TABLE_ORDER
 from recloop.ingestion import ingest_partition
 
@@ -56,9 +56,16 @@ def _schema_check(table: str) -> dg.AssetChecksDefinition:
             "partition: readable files, required columns, rows present. A failure stops the partition."
         ),
     )
-    def _check(context: dg.AssetCheckExecutionContext, lake: LakeResource, gx: GreatExpectationsResource) -> dg.AssetCheckResult:
+    def _check(context: dg.AssetCheckExecutionContext, lake: LakeResource, gx: GreatExpectationsResource,
+               alerts: AlertsResource) -> dg.AssetCheckResult:
         partition = context.partition_key
         report = gx.check_schema(lake=lake.open(), table=table, partition=partition)
+        if not report.passed:
+            alerts.send(context.log, "validation.failed", key=f"{bronze_key(table).to_user_string()}/gx_schema/{partition}/{context.run.run_id}",
+                        text=f":x: recloop: {table} of {partition} failed its schema check: {'; '.join(report.failures)}",
+                        asset=bronze_key(table).to_user_string(), partition=partition,
+                        numbers={"rows": report.rows}, details={"check": "gx_schema", "failures": report.failures,
+                                                                 "missing_columns": report.missing_columns})
         return dg.AssetCheckResult(
             passed=report.passed,
             severity=dg.AssetCheckSeverity.ERROR,

@@ -1,4 +1,4 @@
-"""Jobs and schedules of the data plane."""
+"""Jobs and schedules of the data plane (which ends with the day's drift report)."""
 
 
 import dagster as dg
@@ -14,9 +14,10 @@ RETRY = dg.RetryPolicy(max_retries=2, delay=5, backoff=dg.Backoff.EXPONENTIAL, j
 # Every daily-partitioned asset of ingestion, validation and features, run per day in dependency order.
 data_plane_job = dg.define_asset_job(
     name="data_plane_job",
-    selection=dg.AssetSelection.groups("ingestion", "validation", "features") - dg.AssetSelection.keys(FEAST_REGISTRY),
+    selection=dg.AssetSelection.groups("ingestion", "validation", "features", "monitoring") - dg.AssetSelection.keys(FEAST_REGISTRY),
     partitions_def=DAILY,
-    description="Ingest, validate (GX) and build features for one day, then load them into the online store.",
+    description=("Ingest, validate (GX) and build features for one day, load them into the online store, and "
+                 "report the day's drift against the champion's training window."),
     tags={"recloop/stage": "data_plane"},
     op_retry_policy=RETRY,
 )

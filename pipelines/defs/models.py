@@ -9,7 +9,7 @@ import dagster as dg
 from pydantic import Field
 
 from pipelines.defs.features import FEAST_REGISTRY, FEATURE_KEYS
-from pipelines.defs.resources import FeastResource, LakeResource
+from pipelines.defs.resources import AlertsResource, FeastResource, LakeResource
 from pipelines.defs.validation import silver_key
 from recloop import model_plane
 from recloop.registry import GateConfig, Registry
@@ -21,6 +21,7 @@ RANKER = dg.AssetKey(["model", "ranker"])
 EVALUATION = dg.AssetKey(["model", "evaluation"])
 REGISTERED = dg.AssetKey(["model", "registered_version"])
 CHAMPION = dg.AssetKey(["model", "champion"])
+GATE_CHECK = "promotion_gate"
 
 
 class MlflowRegistryResource(dg.ConfigurableResource):
@@ -162,18 +163,20 @@ def registered_version(context: dg.AssetExecutionContext, workspace: ModelWorksp
 
 @dg.asset_check(
     asset=REGISTERED,
-    name="promotion_gate",
+    name=GATE_CHECK,
     blocking=True,
     description=("Beat popularity (first model) or the champion on NDCG@10 by the margin, without breaking the "
                  "coverage/diversity/concentration guardrails, with finite weights and non-identical lists. "
                  "A refusal is recorded in the registry; promotion does not run."),
 )
-def promotion_gate(config: GateRunConfig, workspace: ModelWorkspaceResource,
-                   registry: MlflowRegistryResource) -> dg.AssetCheckResult:
+def promotion_gate(context: dg.AssetCheckExecutionContext, config: GateRunConfig, workspace: ModelWorkspaceResource,
+                   registry: MlflowRegistryResource, alerts: AlertsResource) -> dg.AssetCheckResult:
     version = (workspace.dir() / "version.txt").read_text().strip()
     decision = model_plane.gate_decision(workspace.dir(), config=_gate_config(config))
     if not decision.promote:
         registry.open().refuse(version, decision)
+        _alert_decision(context, alerts, "model.refused", version, decision,
+                        f":no_entry: recloop: version {version} refused by the promotion gate: {decision.reasons[0]}")
     return dg.AssetCheckResult(
         passed=decision.promote,
         severity=dg.AssetCheckSeverity.ERROR,
@@ -185,10 +188,17 @@ def promotion_gate(config: GateRunConfig, workspace: ModelWorkspaceResource,
     )
 
 
+def _alert_decision(context: Any, alerts: AlertsResource, type: str, version: str, decision: Any, text: str) -> None:
+    alerts.send(context.log, type, key=f"version-{version}", text=text, asset=REGISTERED.to_user_string(),
+                model_version=version,
+                numbers={k: v for k, v in decision.metrics.items() if isinstance(v, (int, float))},
+                details={"compared_to": decision.compared_to, "reasons": decision.reasons, "run_id": context.run.run_id})
+
+
 @dg.asset(key=CHAMPION, group_name="models", deps=[REGISTERED], kinds={"mlflow"},
           description="Alias `champion` moved to the version that passed the gate; the decision recorded with when, why and the metrics.")
 def champion(context: dg.AssetExecutionContext, config: GateRunConfig, workspace: ModelWorkspaceResource,
-             registry: MlflowRegistryResource) -> dg.MaterializeResult:
+             registry: MlflowRegistryResource, alerts: AlertsResource) -> dg.MaterializeResult:
     version = (workspace.dir() / "version.txt").read_text().strip()
     decision = model_plane.gate_decision(workspace.dir(), config=_gate_config(config))
     if not decision.promote:
@@ -196,6 +206,8 @@ def champion(context: dg.AssetExecutionContext, config: GateRunConfig, workspace
     reg = registry.open()
     reg.promote(version, decision)
     context.log.info(f"version {version} is now champion: {decision.reasons[0]}")
+    _alert_decision(context, alerts, "model.promoted", version, decision,
+                    f":white_check_mark: recloop: version {version} is the new champion: {decision.reasons[0]}")
     return dg.MaterializeResult(metadata={"champion": version, "compared_to": decision.compared_to,
                                           "lineage": dg.MetadataValue.json(reg.lineage()),
                                           "reasons": dg.MetadataValue.json(decision.reasons)})

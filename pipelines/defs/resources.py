@@ -1,5 +1,5 @@
 """One `ConfigurableResource` per external system: the landing zone and the lake, Great Expectations,
-Feast. Each is a thin, typed handle on the core `recloop` functions; no pipeline logic lives here.
+Feast, the alert webhooks. Each is a thin, typed handle on the core `recloop` functions; no pipeline logic lives here.
 
 Values come from the environment through `recloop.config.Settings` when the code location loads
 (never at import), so the embedded default needs no configuration and production only sets variables.
@@ -96,6 +96,31 @@ class FeastResource(dg.ConfigurableResource):
         return feature_ops.feature_freshness(self.settings(), project=self.project, now=now, store=store)
 
 
+class AlertsResource(dg.ConfigurableResource):
+    """Signed alert webhooks (Standard Webhooks) to the endpoints of `monitoring/alerts.yaml` and
+    RECLOOP_ALERT_WEBHOOK_URL, with retries, a delivery log and a dead-letter store (`recloop.alerts`)."""
+
+    config_path: str | None = Field(default=None, description="Endpoints file (default: monitoring/alerts.yaml).")
+
+    def send(self, log: Any, type: str, *, key: str, text: str, **fields: Any) -> list[Any]:
+        """Sends one event (id derived from type + key, so a re-run step does not deliver it twice) and
+        logs each endpoint's outcome. A receiver that is down never fails the step: its delivery ends in
+        the dead-letter store (`recloop alerts resend`). A broken configuration does raise."""
+        from recloop.alerts import AlertDispatcher, make_event
+
+        event = make_event(type, key=key, text=text, **fields)
+        dispatcher = AlertDispatcher.from_settings(config_path=self.config_path)
+        try:
+            results = dispatcher.send(event)
+        finally:
+            dispatcher.store.close()
+        for result in results:
+            detail = f"HTTP {result.status_code}" if result.status_code else (result.error or "")
+            log.info(f"alert {event.type} {event.id} → {result.endpoint}: {result.outcome} after "
+                     f"{result.attempts} attempt(s) {detail}".rstrip())
+        return results
+
+
 def resources_from_settings(settings: Settings) -> dict[str, dg.ConfigurableResource]:
     """The resources for one deployment, from one settings object."""
     return {
@@ -112,6 +137,7 @@ def resources_from_settings(settings: Settings) -> dict[str, dg.ConfigurableReso
             online_store="redis" if settings.is_production else "sqlite",
             redis_url=settings.redis_url,
         ),
+        "alerts": AlertsResource(),
     }
 
 
@@ -120,4 +146,4 @@ def defs() -> dg.Definitions:
     return dg.Definitions(resources=resources_from_settings(Settings.from_env()))
 
 
-__all__ = ["FeastResource", "GreatExpectationsResource", "LakeResource", "resources_from_settings"]
+__all__ = ["AlertsResource", "FeastResource", "GreatExpectationsResource", "LakeResource", "resources_from_settings"]

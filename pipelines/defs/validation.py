@@ -8,7 +8,7 @@ import dagster as dg
 
 from pipelines.defs.ingestion import bronze_key
 from pipelines.defs.partitions import DAILY
-from pipelines.defs.resources import GreatExpectationsResource, LakeResource
+from pipelines.defs.resources import AlertsResource, GreatExpectationsResource, LakeResource
 from recloop.data.schemas import TABLE_ORDER
 
 # Events are checked against the users and videos accepted up to their day.
@@ -39,11 +39,24 @@ def _silver_asset(table: str) -> dg.AssetsDefinition:
             f"expectation of expectations/{table}.json are kept in quarantine/{table} with their reasons."
         ),
     )
-    def _asset(context: dg.AssetExecutionContext, lake: LakeResource, gx: GreatExpectationsResource) -> dg.MaterializeResult:
-        result = gx.validate(lake=lake.open(), table=table, partition=context.partition_key)
+    def _asset(context: dg.AssetExecutionContext, lake: LakeResource, gx: GreatExpectationsResource,
+               alerts: AlertsResource) -> dg.MaterializeResult:
+        partition = context.partition_key
+        result = gx.validate(lake=lake.open(), table=table, partition=partition)
         rate_ok = result.quarantine_rate <= gx.max_quarantine_rate
         failed = {e["expectation"] + (f"({e['column']})" if e["column"] else ""): e["unexpected_count"]
                   for e in result.expectations if not e["success"]}
+        if not (rate_ok and result.conserved):
+            problem = (f"{result.quarantined} of {result.ingested} rows quarantined ({result.quarantine_rate:.2%}; "
+                       f"maximum {gx.max_quarantine_rate:.0%})" if result.conserved else
+                       f"rows lost: {result.accepted} accepted + {result.quarantined} quarantined != {result.ingested}")
+            alerts.send(context.log, "validation.failed", key=f"{silver_key(table).to_user_string()}/{partition}/{context.run.run_id}",
+                        text=f":x: recloop: {table} of {partition} failed validation: {problem}",
+                        asset=silver_key(table).to_user_string(), partition=partition,
+                        numbers={"ingested": result.ingested, "accepted": result.accepted,
+                                 "quarantined": result.quarantined, "quarantine_rate": result.quarantine_rate},
+                        report_url=result.quarantine_written.uri,
+                        details={"quarantine_reasons": result.reasons, "failed_expectations": failed})
         return dg.MaterializeResult(
             metadata={
                 "dagster/row_count": result.accepted,

@@ -107,7 +107,7 @@ def test_online_backfill_over_a_range_loads_only_the_newest_day(recloop_env, mon
     assert materialized == set(days)
 
 
-def test_schema_failure_blocks_the_partition(recloop_env):
+def test_schema_failure_blocks_the_partition(recloop_env, webhook_receiver):
     from pipelines.run import run_data_plane
 
     settings = recloop_env
@@ -129,6 +129,10 @@ def test_schema_failure_blocks_the_partition(recloop_env):
     assert not lake.has_partition("silver/events", days[0])
     # the delivered rows are not lost: bronze holds all of them
     assert lake.read_partition("bronze/events", days[0]).num_rows == table.num_rows
+    # and a signed validation.failed webhook says which check failed where
+    (alert,) = webhook_receiver.of_type("validation.failed")
+    assert alert["data"]["asset"] == "bronze/events" and alert["data"]["partition"] == days[0]
+    assert "watched_s" in alert["text"] and alert["data"]["details"]["check"] == "gx_schema"
 
 
 @pytest.mark.postgres

@@ -1,0 +1,191 @@
+"""The HTTP API (FastAPI): recommendations, feedback, health, readiness, Prometheus metrics, OpenAPI.
+
+    POST /v1/recommendations   {"user_id", "k"?, "context"?: {"country", "age_bucket", "device"}, "exclude"?}
+    POST /v1/feedback          {"events": [{"user_id", "video_id", "watched_s", ...}]}  -> 202
+    GET  /healthz              the process is up
+    GET  /readyz               503 until a model or the popularity fallback is loaded
+    GET  /metrics              Prometheus text format
+    GET  /docs, /openapi.json  the OpenAPI description
+
+`create_app(settings)` builds the app around a `RecommendationService` started and stopped with the
+app's lifespan; `serve(settings)` runs it with uvicorn (what `recloop serve` calls).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Literal
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field
+
+from recloop.config import Settings
+from recloop.serving.config import ServingConfig
+from recloop.serving.service import Recommendation, RecommendationService
+
+
+class Context(BaseModel):
+    """What the app knows about the user now; it picks the popularity segment of a cold-start user."""
+
+    country: str | None = Field(None, max_length=64, examples=["US"])
+    age_bucket: str | None = Field(None, max_length=16, examples=["25-34"])
+    device: str | None = Field(None, max_length=32, examples=["ios"])
+
+
+class RecommendationRequest(BaseModel):
+    user_id: str = Field(..., min_length=1, max_length=256, examples=["u0000123"])
+    k: int | None = Field(None, ge=1, le=1000, description="How many videos (default 20, capped by max_k).")
+    context: Context | None = None
+    exclude: list[str] = Field(default_factory=list, max_length=1000, description="Videos not to return.")
+
+
+class RecommendedItem(BaseModel):
+    video_id: str
+    score: float = Field(..., description="Final score (ranker blend + freshness; popularity count in fallback).")
+    source: Literal["ann", "popular", "fresh"]
+
+
+class RecommendationResponse(BaseModel):
+    user_id: str
+    items: list[RecommendedItem]
+    model_version: str | None = Field(..., description="The champion version that ranked (None: no model).")
+    fallback: bool = Field(..., description="True when the answer is the segment's popularity, not the model's.")
+    fallback_reason: str | None = Field(None, examples=["feature_store_unavailable"])
+    cold_start: bool
+    segment: dict[str, str]
+    stage_ms: dict[str, float]
+
+    @classmethod
+    def of(cls, r: Recommendation) -> "RecommendationResponse":
+        return cls(
+            user_id=r.user_id,
+            items=[RecommendedItem(video_id=i.video_id, score=i.score, source=i.source) for i in r.items],
+            model_version=r.model_version,
+            fallback=r.fallback,
+            fallback_reason=r.fallback_reason,
+            cold_start=r.cold_start,
+            segment=r.segment,
+            stage_ms={s: round(v * 1000, 3) for s, v in r.stage_seconds.items()},
+        )
+
+
+class FeedbackEvent(BaseModel):
+    """One impression with its outcome: `watched_s = 0` is an impression that was not watched."""
+
+    event_id: str | None = Field(None, max_length=128, description="Idempotency key; generated when absent.")
+    user_id: str = Field(..., min_length=1, max_length=256)
+    video_id: str = Field(..., min_length=1, max_length=256)
+    event_time: datetime | None = Field(None, description="When shown (ISO 8601; default: now, UTC).")
+    surface: str | None = Field(None, max_length=64, examples=["home"])
+    position: int | None = Field(None, ge=0, le=10_000)
+    watched_s: float = Field(0.0, ge=0.0, le=86_400.0)
+    completed: bool = False
+    liked: bool = False
+
+
+class FeedbackRequest(BaseModel):
+    events: list[FeedbackEvent] = Field(..., min_length=1, max_length=10_000)
+
+
+class FeedbackResponse(BaseModel):
+    accepted: int
+    event_ids: list[str]
+
+
+def create_app(
+    settings: Settings | None = None,
+    config: ServingConfig | None = None,
+    *,
+    service: RecommendationService | None = None,
+) -> FastAPI:
+    """The API around `service` (default: a `RecommendationService(settings, config)`), which is
+    started when the app starts (model polling, feedback flushing) and stopped (feedback flushed) when
+    it stops."""
+    service = service or RecommendationService(settings or Settings.from_env(), config)
+    metrics = service.metrics
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        service.start()
+        try:
+            yield
+        finally:
+            service.stop()
+
+    app = FastAPI(
+        title="recloop serving",
+        version="1",
+        description="Recommendations (retrieval → ranking → re-ranking), feedback and health of recloop.",
+        lifespan=lifespan,
+    )
+    app.state.service = service
+
+    @app.middleware("http")
+    async def count(request: Request, call_next):  # noqa: ANN001, ANN202 - Starlette's middleware signature
+        def endpoint() -> str:
+            # The route's template, not the raw path: unknown paths must not create new label values.
+            return getattr(request.scope.get("route"), "path", "unmatched")
+
+        try:
+            response = await call_next(request)
+        except Exception:
+            metrics.requests.labels(endpoint(), "500").inc()
+            metrics.errors.labels(endpoint()).inc()
+            raise
+        metrics.requests.labels(endpoint(), str(response.status_code)).inc()
+        if response.status_code >= 500:
+            metrics.errors.labels(endpoint()).inc()
+        return response
+
+    @app.post("/v1/recommendations", response_model=RecommendationResponse, tags=["recommendations"])
+    def recommendations(body: RecommendationRequest) -> RecommendationResponse:
+        """Top-k videos for a user, with scores, candidate sources and the model version."""
+        context = body.context.model_dump() if body.context else None
+        return RecommendationResponse.of(service.recommend(body.user_id, body.k, context, body.exclude))
+
+    @app.post("/v1/feedback", status_code=202, response_model=FeedbackResponse, tags=["feedback"])
+    def feedback(body: FeedbackRequest) -> FeedbackResponse:
+        """Impressions and watches; stored durably, written to the landing zone for the next ingestion."""
+        ids = service.record_feedback([e.model_dump() for e in body.events])
+        return FeedbackResponse(accepted=len(ids), event_ids=ids)
+
+    @app.get("/healthz", tags=["operations"])
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["operations"])
+    def readyz() -> JSONResponse:
+        status = service.status()
+        return JSONResponse(status, status_code=200 if status["ready"] else 503)
+
+    @app.get("/metrics", tags=["operations"])
+    def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def serve(
+    settings: Settings | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    config: ServingConfig | None = None,
+    log_level: str = "info",
+    access_log: bool = False,
+) -> None:
+    """Run the API with uvicorn in this process (one worker: the model, the history of what users
+    watched and the feedback spool live in it). Torch and FAISS use one thread each: a request is a
+    small batch, and intra-op threads would only contend with the other requests for the cores."""
+    import faiss
+    import torch
+    import uvicorn
+
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    app = create_app(settings or Settings.from_env(), config)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=access_log)

@@ -1,0 +1,84 @@
+"""Settings of the serving API, read from `RECLOOP_SERVING_*` environment variables when asked for.
+
+They sit beside recloop's `Settings` (stores and locations) and only say how the service behaves:
+candidate counts, business rules, polling cadence and where feedback is spooled. Every field has a
+default, so `ServingConfig.from_env()` works on a fresh checkout.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+DEFAULT_SAFETY_FILE = Path(__file__).with_name("safety.yaml")
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """How the service recommends, swaps models and takes feedback.
+
+    Candidate counts (ANN neighbours, popular, fresh) are the bundle's own (`bundle.json`), the ones
+    offline evaluation measured. Re-ranking: at most `max_per_creator` videos of one
+    creator and `max_per_category` of one category in a response, and a freshness boost of
+    `freshness_weight * exp(-age_days / freshness_half_life_days)` added to the ranking score (whose
+    scale is a log of expected watch seconds, so 0.5 is a ~65 % uplift for a video uploaded just now).
+    """
+
+    default_k: int = 20
+    max_k: int = 100
+    max_per_creator: int = 2
+    max_per_category: int = 6
+    freshness_weight: float = 0.5
+    freshness_half_life_days: float = 2.0
+    # Positives of the last `popularity_days` validated days make the popularity lists (per segment).
+    popularity_days: int = 7
+    # Validated days of events whose watches count as "already watched" (plus every feedback event).
+    history_days: int = 28
+    safety_file: Path = DEFAULT_SAFETY_FILE
+    safety_check_seconds: float = 1.0  # how often the file's modification time is looked at
+    # How often the background thread checks the champion alias, the lake and the feature snapshot.
+    poll_seconds: float = 5.0
+    # Where accepted feedback waits (fsynced) until it is flushed to the landing zone.
+    feedback_spool_dir: Path | None = None  # default: <RECLOOP_HOME>/serving/feedback-spool
+    feedback_flush_seconds: float = 10.0
+    feedback_max_batch: int = 5_000
+    # "sqlite" or "redis"; None: Redis in production (RECLOOP_ENV=production), SQLite otherwise.
+    online_store: str | None = None
+    # Most requests ranked in one batch (see recloop.serving.batching).
+    max_ranking_batch: int = 64
+    # The HNSW search breadth at serving time (None: the bundle's own setting). Lower is faster and
+    # recalls less; measure with `recloop.index.recall_at_k` before lowering it.
+    ef_search: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.online_store not in (None, "sqlite", "redis"):
+            raise ValueError(f"online_store must be 'sqlite' or 'redis', got {self.online_store!r}")
+        for name in ("default_k", "max_k", "max_per_creator", "max_per_category"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.default_k > self.max_k:
+            raise ValueError(f"default_k ({self.default_k}) must be <= max_k ({self.max_k})")
+
+    @classmethod
+    def from_env(cls) -> "ServingConfig":
+        """Each field from `RECLOOP_SERVING_<FIELD>` when that variable is set and not empty."""
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            raw = os.environ.get(f"RECLOOP_SERVING_{f.name.upper()}")
+            if raw in (None, ""):
+                continue
+            default = getattr(cls, f.name, None)
+            if isinstance(default, bool):
+                values[f.name] = raw.lower() in ("1", "true", "yes")
+            elif isinstance(default, int):
+                values[f.name] = int(raw)
+            elif isinstance(default, float):
+                values[f.name] = float(raw)
+            elif f.name in ("safety_file", "feedback_spool_dir"):
+                values[f.name] = Path(raw)
+            elif f.name == "ef_search":
+                values[f.name] = int(raw)
+            else:
+                values[f.name] = raw
+        return cls(**values)

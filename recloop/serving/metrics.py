@@ -1,0 +1,67 @@
+"""Prometheus metrics of the serving API, on a registry of their own (one per app, so several apps in
+one process, as in tests, do not collide on prometheus_client's global registry).
+
+    recloop_serving_stage_seconds{stage}        histogram: candidates, batch_wait, features, ranking,
+                                                rerank, total
+    recloop_serving_ranking_batch_size          histogram: requests per ranking batch
+    recloop_serving_requests_total{endpoint,status}
+    recloop_serving_errors_total{endpoint}      answers with status >= 500 and failures behind a fallback
+    recloop_serving_fallbacks_total{reason}     no_model, feature_store_unavailable, model_error
+    recloop_serving_model_version               the registry version being served (0: none)
+    recloop_serving_model_swaps_total
+    recloop_serving_feedback_events_total{outcome}  accepted, flushed
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# batch_wait: time a request waits for the ranking worker (see recloop.serving.batching); features and
+# ranking are the times of the batch the request was part of.
+STAGES = ("candidates", "batch_wait", "features", "ranking", "rerank", "total")
+# Sub-millisecond to a second: the stages take from ~0.1 ms to the tens of ms a slow request needs.
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.035, 0.05, 0.075, 0.1,
+    0.25, 0.5, 1.0,
+)
+
+
+class ServingMetrics:
+    """The service's instruments; `registry` is what `/metrics` exposes."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.stage_seconds = Histogram(
+            "recloop_serving_stage_seconds", "Latency of each recommendation stage and of the whole request",
+            ["stage"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.requests = Counter(
+            "recloop_serving_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r
+        )
+        self.errors = Counter(
+            "recloop_serving_errors", "Failed requests (5xx) and failures answered by a fallback",
+            ["endpoint"], registry=r,
+        )
+        self.fallbacks = Counter(
+            "recloop_serving_fallbacks", "Recommendations answered from popularity, by reason", ["reason"],
+            registry=r,
+        )
+        # A plain number rather than an info-style label: registry versions are integers, and a label
+        # would have to be removed on every swap, which prometheus_client does not support in its
+        # multi-process mode (Feast switches that mode on by exporting PROMETHEUS_MULTIPROC_DIR).
+        self.model_version = Gauge(
+            "recloop_serving_model_version", "Registry version of the champion being served (0: none)", registry=r
+        )
+        self.batch_size = Histogram(
+            "recloop_serving_ranking_batch_size", "Requests ranked together in one batch",
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64), registry=r,
+        )
+        self.model_swaps = Counter("recloop_serving_model_swaps", "Models swapped in", registry=r)
+        self.feedback_events = Counter(
+            "recloop_serving_feedback_events", "Feedback events accepted and flushed to the landing zone",
+            ["outcome"], registry=r,
+        )
+        for stage in STAGES:  # expose every series from the start, at zero
+            self.stage_seconds.labels(stage)
+

@@ -1,0 +1,449 @@
+"""The recommendation service without any web framework: what `recloop.serving.app` exposes over HTTP.
+
+`RecommendationService.recommend(user_id, k, context)` runs the three stages on the current model:
+
+1. candidates: the ANN neighbours of the user's two-tower vector, the popular videos of the user's
+   segment and the freshest uploads, merged without duplicates and tagged with their source; a
+   cold-start user (unknown to the model, no activity yet) gets popular-in-segment + fresh only;
+   watched and blocked videos are removed here;
+2. ranking: the champion's ranker scores every candidate in one batch, on the user's online features
+   (Feast, read per request) and the cached video features;
+3. re-ranking: freshness boost, then diversity caps per creator and per category.
+
+The current model is one reference (`ServingModel`), replaced whole by the background thread when the
+`champion` alias moves, when the lake holds new uploads or when Feast holds a newer feature snapshot: a
+request takes the reference once at its start, so requests in flight finish on the model they began
+with and none fails during a swap. Without a model (no champion yet, or it cannot be loaded), with the
+online store unreachable, or on any failure of the model path, the answer comes from the popularity of
+the user's segment, marked `fallback` with the reason, and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from recloop.config import Settings
+from recloop.data.engagement import positive_mask
+from recloop.lake import Lake, open_lake
+from recloop.pipeline import SOURCES
+from recloop.serving import lakeview
+from recloop.serving.batching import Batcher, Job
+from recloop.serving.config import ServingConfig
+from recloop.serving.feedback import FeedbackWriter
+from recloop.serving.history import UserHistory
+from recloop.serving.metrics import ServingMetrics
+from recloop.serving.model import ServingModel
+from recloop.serving.online import FeatureStoreUnavailable, OnlineFeatures
+from recloop.serving.popularity import Popularity
+from recloop.serving.rerank import diversify, eligible, freshness_boost
+from recloop.serving.safety import SafetyList, SafetyRules
+
+log = logging.getLogger(__name__)
+
+FALLBACK_NO_MODEL = "no_model"
+FALLBACK_FEATURE_STORE = "feature_store_unavailable"
+FALLBACK_MODEL_ERROR = "model_error"
+
+
+@dataclass(frozen=True)
+class Item:
+    video_id: str
+    score: float
+    source: str
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    user_id: str
+    items: list[Item]
+    model_version: str | None
+    fallback: bool
+    fallback_reason: str | None
+    cold_start: bool
+    segment: dict[str, str]
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Sources:
+    """What the data refresh produced: the newest events day it read and what was built from it."""
+
+    events_partition: str | None = None
+    popularity: Popularity | None = None
+
+
+class RecommendationService:
+    """Serves recommendations and takes feedback; see the module docstring.
+
+    Args:
+        settings: recloop's stores (lake, landing, Feast, MLflow through `registry`).
+        config: the service's behaviour (`ServingConfig.from_env()` by default).
+        registry: where the `champion` alias is read (default `recloop.registry.open_registry`).
+        metrics: the Prometheus instruments (a fresh registry by default).
+        online: the Feast reader (default: built on first refresh, SQLite or Redis per `config`).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        config: ServingConfig | None = None,
+        *,
+        registry: Any = None,
+        metrics: ServingMetrics | None = None,
+        online: OnlineFeatures | None = None,
+    ) -> None:
+        self.settings = settings
+        self.config = config or ServingConfig.from_env()
+        self.metrics = metrics or ServingMetrics()
+        if registry is None:
+            from recloop.registry import open_registry
+
+            registry = open_registry(settings)
+        self.registry = registry
+        self.online = online
+        self.lake: Lake = open_lake(settings.lake_uri, s3_endpoint_url=settings.s3_endpoint_url)
+        self.safety = SafetyList(self.config.safety_file, self.config.safety_check_seconds)
+        self.history = UserHistory()
+        spool = self.config.feedback_spool_dir or settings.home / "serving" / "feedback-spool"
+        self.feedback = FeedbackWriter(
+            open_lake(settings.landing_uri, s3_endpoint_url=settings.s3_endpoint_url),
+            spool,
+            flush_seconds=self.config.feedback_flush_seconds,
+            max_batch=self.config.feedback_max_batch,
+            on_flushed=lambda n: self.metrics.feedback_events.labels("flushed").inc(n),
+        )
+        self._model: ServingModel | None = None
+        # (download folder, bundle folder in it) of the model being served: kept to reload the same
+        # version when new uploads or a new feature snapshot arrive, removed when the version changes.
+        self._bundle: tuple[Path, Path] | None = None
+        self._sources = _Sources()
+        self._ranking = Batcher(self._rank_batch, max_batch=self.config.max_ranking_batch, name="ranking")
+        self._refresh_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._poller: threading.Thread | None = None
+        self.last_error: str | None = None
+
+    # --- state ------------------------------------------------------------------------------------
+
+    @property
+    def model(self) -> ServingModel | None:
+        return self._model
+
+    @property
+    def popularity(self) -> Popularity | None:
+        return self._sources.popularity
+
+    @property
+    def ready(self) -> bool:
+        """Ready when there is something to answer with: a model, or at least the popularity fallback."""
+        return self._model is not None or self._sources.popularity is not None
+
+    def status(self) -> dict[str, Any]:
+        model = self._model
+        return {
+            "ready": self.ready,
+            "model_version": model.version if model else None,
+            "catalog_size": len(model.ids) if model else 0,
+            "feature_snapshot": model.feature_snapshot if model else None,
+            "events_partition": self._sources.events_partition,
+            "popularity_ready": self._sources.popularity is not None,
+            "last_error": self.last_error,
+        }
+
+    # --- background refresh -----------------------------------------------------------------------
+
+    def _online(self) -> OnlineFeatures:
+        if self.online is None:
+            online = self.config.online_store or ("redis" if self.settings.is_production else "sqlite")
+            self.online = OnlineFeatures(self.settings, online=online)
+        return self.online
+
+    def _refresh_sources(self) -> None:
+        newest = lakeview.newest_partition(self.lake, "silver/events")
+        if newest is None or (newest == self._sources.events_partition and self._sources.popularity is not None):
+            return
+        days = max(self.config.history_days, self.config.popularity_days)
+        events = lakeview.recent_events(self.lake, days)
+        self.history.load_lake(events, newest)
+        since = (pd.Timestamp(newest, tz="UTC") - pd.Timedelta(days=self.config.popularity_days - 1)).value // 1000
+        popularity = Popularity.build(
+            events[events["time_us"] >= since], lakeview.users(self.lake), lakeview.videos(self.lake)
+        )
+        self._sources = _Sources(newest, popularity)
+
+    def _refresh_model(self) -> bool:
+        champion = self.registry.champion()
+        current = self._model
+        if champion is None:
+            if current is None:
+                self.last_error = f"no champion alias on {self.registry.model_name}: serving popularity"
+            return False
+        version = str(champion.version)
+        online = self._online()
+        online.refresh_registry()
+        if current is not None and current.version == version:
+            stale_videos = lakeview.newest_partition(self.lake, "silver/videos") != current.lake_videos
+            if not stale_videos and online.snapshot() == current.feature_snapshot:
+                return False
+            assert self._bundle is not None
+            bundle = self._bundle
+        else:
+            root = Path(tempfile.mkdtemp(prefix=f"recloop-serving-v{version}-"))
+            try:
+                bundle = (root, self.registry.bundle_path(version, dst_dir=root))
+            except BaseException:
+                shutil.rmtree(root, ignore_errors=True)
+                raise
+        try:
+            model = ServingModel.load(bundle[1], version, online, self.lake, ef_search=self.config.ef_search)
+        except BaseException:
+            if bundle is not self._bundle:
+                shutil.rmtree(bundle[0], ignore_errors=True)
+            raise
+        previous, self._bundle = self._bundle, bundle
+        self._model = model  # the swap: one reference assignment
+        if previous is not None and previous is not bundle:
+            shutil.rmtree(previous[0], ignore_errors=True)
+        self.metrics.model_swaps.inc()
+        self.metrics.model_version.set(int(version))
+        log.info("serving champion version %s (%d videos)", version, len(model.ids))
+        return True
+
+    def refresh(self) -> bool:
+        """One round of the background thread: lake data, then the model. Never raises: a failure is
+        logged, kept in `last_error`, and the current model (or the fallback) keeps serving. Returns
+        whether a new model was swapped in."""
+        with self._refresh_lock:
+            swapped = False
+            errors = []
+            for step in (self._refresh_sources, self._refresh_model):
+                try:
+                    swapped = bool(step()) or swapped
+                except Exception as err:
+                    log.exception("serving refresh step %s failed", step.__name__)
+                    errors.append(f"{step.__name__}: {type(err).__name__}: {err}")
+            if errors:
+                self.last_error = "; ".join(errors)
+            elif self._model is not None:
+                self.last_error = None
+            return swapped
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self.refresh()
+            self._stop.wait(self.config.poll_seconds)
+
+    def start(self) -> None:
+        """Recover spooled feedback, then refresh in the background every `poll_seconds`."""
+        self.feedback.start()
+        self._stop.clear()
+        self._poller = threading.Thread(target=self._poll, name="recloop-serving-refresh", daemon=True)
+        self._poller.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._poller is not None:
+            self._poller.join()
+            self._poller = None
+        self.feedback.stop()
+
+    def close(self) -> None:
+        """Stop everything, including the ranking worker (the service cannot be restarted after)."""
+        self.stop()
+        self._ranking.close()
+
+    # --- recommendations --------------------------------------------------------------------------
+
+    def recommend(
+        self,
+        user_id: str,
+        k: int | None = None,
+        context: Mapping[str, str | None] | None = None,
+        exclude: Sequence[str] = (),
+    ) -> Recommendation:
+        """Top-k videos for `user_id` (see the module docstring). `context` may give the user's
+        `country`, `age_bucket` and `device`; `exclude` adds videos not to show (e.g. on screen now)."""
+        started = time.perf_counter()
+        k = min(int(k or self.config.default_k), self.config.max_k)
+        context = {key: value for key, value in (context or {}).items() if value}
+        model, popularity = self._model, self._sources.popularity
+        segment = popularity.segment_of(user_id, context) if popularity else dict(context)
+        rules = self.safety.rules()
+        watched = self.history.watched(user_id).union(exclude)
+        if model is None:
+            return self._fallback(user_id, k, segment, watched, rules, FALLBACK_NO_MODEL, started)
+        try:
+            result = self._recommend(model, popularity, user_id, k, context, segment, watched, rules, started)
+        except FeatureStoreUnavailable as err:
+            log.warning("online store unavailable, serving popularity: %s", err)
+            self.metrics.errors.labels("recommendations").inc()
+            return self._fallback(user_id, k, segment, watched, rules, FALLBACK_FEATURE_STORE, started, model)
+        except Exception:
+            log.exception("model path failed for user %s, serving popularity", user_id)
+            self.metrics.errors.labels("recommendations").inc()
+            return self._fallback(user_id, k, segment, watched, rules, FALLBACK_MODEL_ERROR, started, model)
+        return result
+
+    def _recommend(
+        self,
+        model: ServingModel,
+        popularity: Popularity | None,
+        user_id: str,
+        k: int,
+        context: Mapping[str, str],
+        segment: dict[str, str],
+        watched: set[str],
+        rules: SafetyRules,
+        started: float,
+    ) -> Recommendation:
+        cfg = self.config
+        timings: dict[str, float] = {}
+        mark = started
+
+        def lap(stage: str) -> None:
+            nonlocal mark
+            now = time.perf_counter()
+            timings[stage] = now - mark
+            mark = now
+
+        recent = self.history.recent(user_id, model.cutoff_us)
+        cold = not model.knows(user_id) and not recent
+        uvec = model.user_vector(user_id, recent, {**segment, **context})
+        popular = model.rows_of([v for v, _ in popularity.top(segment)]) if popularity else np.zeros(0, np.int64)
+        rows, sources = model.candidates(None if cold else uvec, popular)
+        ok = eligible(model.ids[rows], watched, model.blocked(rules)[rows])
+        rows, sources = rows[ok], sources[ok]
+        lap("candidates")
+
+        categories = np.unique(model.category[rows]) if len(rows) else np.zeros(0, object)
+        job = self._ranking.run((model, user_id, rows, uvec, categories))
+        scores = job.result
+        timings.update({s: job.timings[s] for s in ("batch_wait", "features", "ranking")})
+        batch_size = job.timings["batch_size"]
+        mark = time.perf_counter()
+
+        scores = scores + freshness_boost(
+            model.upload_us[rows], model.clock_us, cfg.freshness_weight, cfg.freshness_half_life_days
+        )
+        order = np.argsort(-scores, kind="stable")
+        picked = diversify(order, model.creator[rows], model.category[rows], k, cfg.max_per_creator, cfg.max_per_category)
+        items = [Item(model.ids[rows[i]], float(scores[i]), SOURCES[sources[i]]) for i in picked]
+        lap("rerank")
+        timings["total"] = time.perf_counter() - started
+        self._observe(timings)
+        self.metrics.batch_size.observe(batch_size)
+        return Recommendation(user_id, items, model.version, False, None, cold, segment, timings)
+
+    def _rank_batch(self, jobs: Sequence[Job]) -> None:
+        """The batcher's work: one Feast read and one ranker call per model among the waiting requests
+        (two models only while a swap is under way)."""
+        by_model: dict[int, list[Job]] = {}
+        for job in jobs:
+            by_model.setdefault(id(job.payload[0]), []).append(job)
+        for group in by_model.values():
+            model: ServingModel = group[0].payload[0]
+            t0 = time.perf_counter()
+            try:
+                features = self._online().user_features([(j.payload[1], list(j.payload[4])) for j in group])
+            except FeatureStoreUnavailable as err:
+                for job in group:
+                    job.error = err
+                continue
+            t1 = time.perf_counter()
+            inputs = [
+                model.ranking_input(rows, uvec, user, affinity, categories)
+                for (_, _, rows, uvec, categories), (user, affinity) in zip((j.payload for j in group), features)
+            ]
+            for job, scores in zip(group, model.scores(inputs)):
+                job.result = scores
+                job.timings.update(features=t1 - t0, ranking=time.perf_counter() - t1)
+
+    def _fallback(
+        self,
+        user_id: str,
+        k: int,
+        segment: dict[str, str],
+        watched: set[str],
+        rules: SafetyRules,
+        reason: str,
+        started: float,
+        model: ServingModel | None = None,
+    ) -> Recommendation:
+        """Popularity of the user's segment, with the same safety, no-repeat and diversity rules."""
+        self.metrics.fallbacks.labels(reason).inc()
+        popularity = self._sources.popularity
+        ranked = popularity.top(segment) if popularity else ()
+        meta = popularity.video_meta if popularity else {}
+        videos = [
+            (v, count) for v, count in ranked
+            if v not in watched and v in meta and not rules.blocks(v, meta[v][2])
+        ]
+        creators = [meta[v][1] for v, _ in videos]
+        categories = [meta[v][0] for v, _ in videos]
+        cfg = self.config
+        picked = diversify(np.arange(len(videos)), creators, categories, k, cfg.max_per_creator, cfg.max_per_category)
+        items = [Item(videos[i][0], float(videos[i][1]), "popular") for i in picked]
+        total = time.perf_counter() - started
+        self._observe({"total": total})
+        return Recommendation(
+            user_id, items, model.version if model else None, True, reason,
+            model is None or not model.knows(user_id), segment, {"total": total},
+        )
+
+    def _observe(self, timings: Mapping[str, float]) -> None:
+        for stage, seconds in timings.items():
+            self.metrics.stage_seconds.labels(stage).observe(seconds)
+
+    # --- feedback ---------------------------------------------------------------------------------
+
+    def record_feedback(self, events: Sequence[Mapping[str, Any]]) -> list[str]:
+        """Accept impressions and watches (events-table fields; `event_id` and `event_time` are filled
+        in when missing). Durable on return; the history sees them at once. Returns the event ids."""
+        now = datetime.now(timezone.utc)
+        model = self._model
+        rows = []
+        for e in events:
+            t = e.get("event_time") or now
+            t = t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
+            rows.append(
+                {
+                    "event_id": e.get("event_id") or f"fb-{uuid.uuid4().hex}",
+                    "user_id": str(e["user_id"]),
+                    "video_id": str(e["video_id"]),
+                    "event_time": t,
+                    "surface": e.get("surface"),
+                    "position": e.get("position"),
+                    "watched_s": float(e.get("watched_s") or 0.0),
+                    "completed": bool(e.get("completed") or False),
+                    "liked": bool(e.get("liked") or False),
+                }
+            )
+        self.feedback.submit(rows)
+        frame = pd.DataFrame(rows, columns=["user_id", "video_id", "watched_s", "completed", "liked"])
+        if model is not None:
+            duration = np.asarray([model.duration_s[r] if (r := model.row.get(v, -1)) >= 0 else np.nan
+                                   for v in frame["video_id"]], np.float64)
+        else:
+            duration = np.full(len(frame), np.nan)
+        positive = positive_mask(frame, duration)
+        self.history.add(
+            [
+                (r["user_id"], r["video_id"], int(r["event_time"].timestamp() * 1_000_000), r["watched_s"] > 0, bool(p))
+                for r, p in zip(rows, positive)
+            ]
+        )
+        self.metrics.feedback_events.labels("accepted").inc(len(rows))
+        return [r["event_id"] for r in rows]
