@@ -72,8 +72,8 @@ def build(workdir: Path, videos: int, users: int, days: int, events_per_day: int
     import torch
 
     from recloop.config import Settings
-    from recloop.data.simulator import SimConfig, Simulator
-    from recloop.features import apply_repo, compute_features, materialize_partition
+    from recloop.data.simulator import SimConfig, simulate_validated
+    from recloop.features import apply_repo, materialize_partition
     from recloop.index import AnnIndex
     from recloop.lake import LocalLake
     from recloop.pipeline import point_in_time_features, save_bundle
@@ -99,14 +99,7 @@ def build(workdir: Path, videos: int, users: int, days: int, events_per_day: int
         seed=3, days=days, initial_users=users, initial_videos=videos, events_per_day=events_per_day,
         new_users_per_day=users // 100, new_videos_per_day=videos // 200, n_creators=max(300, videos // 50),
     )
-    sim = Simulator(config)
-    partitions = [config.date_of(i).isoformat() for i in range(days)]
-    for i, day in enumerate(partitions):
-        tables = sim.day(i)
-        for name in ("users", "videos", "events"):
-            lake.write_partition(f"silver/{name}", day, tables[name])
-    for day in partitions:
-        compute_features(lake, day)
+    partitions = simulate_validated(config, lake)
     timings["simulate_and_features_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

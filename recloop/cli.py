@@ -449,16 +449,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("parquet", "csv"), default="parquet")
     p.set_defaults(func=cmd_movielens)
 
+    def partition_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--partition", help="one day (YYYY-MM-DD)")
+        p.add_argument("--start", help="first day of a range")
+        p.add_argument("--end", help="last day of a range")
+
     p = sub.add_parser("run", help="run the data plane job for partitions")
-    p.add_argument("--partition", help="one day (YYYY-MM-DD)")
-    p.add_argument("--start", help="first day of a range")
-    p.add_argument("--end", help="last day of a range")
+    partition_args(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("demo", help="simulate and run the main job on the embedded default")
     sim_args(p, days=7, events=20_000, users=5_000, videos=2_000)
-    p.set_defaults(scenario="category_surge")
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=cmd_demo, scenario="category_surge")
 
     p = sub.add_parser("train", help="run the Dagster training job: train, evaluate, register, gate, promote")
     p.add_argument("--train-days", type=int, default=7)
@@ -488,9 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("drift", help="(re)run the drift report of partitions against the champion's training window")
-    p.add_argument("--partition", help="one day (YYYY-MM-DD)")
-    p.add_argument("--start", help="first day of a range")
-    p.add_argument("--end", help="last day of a range")
+    partition_args(p)
     p.set_defaults(func=cmd_drift)
 
     p = sub.add_parser("alerts", help="alert webhooks: list dead letters, re-send them, or listen as a test receiver")

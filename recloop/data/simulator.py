@@ -617,3 +617,20 @@ def simulate(config: SimConfig, landing: Lake, fmt: str = "parquet") -> SimSumma
         del tables
     summary.seconds = time.perf_counter() - began
     return summary
+
+
+def simulate_validated(config: SimConfig, lake: Lake) -> list[str]:
+    """Simulate straight into a lake's `silver/*` (simulated rows are what validation accepts) and
+    compute each day's feature snapshots: the state after the data plane, for tests and benchmarks of
+    what comes after it. Returns the days, in order."""
+    from recloop.features import compute_features
+
+    sim = Simulator(config)
+    days = [config.date_of(i).isoformat() for i in range(config.days)]
+    for i, day in enumerate(days):
+        tables = sim.day(i)
+        for name in TABLE_ORDER:
+            lake.write_partition(f"silver/{name}", day, tables[name])
+    for day in days:
+        compute_features(lake, day)
+    return days

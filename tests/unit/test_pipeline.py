@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 import torch
 
-from recloop.data.simulator import SimConfig, Simulator
-from recloop.features import FEATURE_VIEWS, compute_features, feature_dataset, feature_names
+from recloop.data.simulator import SimConfig, simulate_validated
+from recloop.features import FEATURE_VIEWS, feature_dataset, feature_names
 from recloop.index import AnnIndex
 from recloop.lake import LocalLake
 from recloop.pipeline import (
@@ -52,13 +52,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def lake(tmp_path_factory) -> LocalLake:
     lake = LocalLake(tmp_path_factory.mktemp("pipeline") / "lake")
-    sim = Simulator(SIM)
-    for i, day in enumerate(DAYS):
-        tables = sim.day(i)
-        for name in ("users", "videos", "events"):
-            lake.write_partition(f"silver/{name}", day, tables[name])
-    for day in DAYS:
-        compute_features(lake, day)
+    simulate_validated(SIM, lake)
     return lake
 
 

@@ -27,8 +27,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from recloop.config import REPO_ROOT, Settings
-from recloop.data.simulator import SimConfig, Simulator
-from recloop.features import apply_repo, compute_features, materialize_partition
+from recloop.data.simulator import SimConfig, simulate_validated
+from recloop.features import apply_repo, materialize_partition
 from recloop.index import AnnIndex
 from recloop.ingestion import ingest_partition
 from recloop.lake import LocalLake
@@ -72,13 +72,7 @@ def world(tmp_path_factory):
         feast_data_dir=root / "feast", feast_project=f"t{uuid.uuid4().hex[:10]}",
     )
     lake = LocalLake(settings.lake_uri)
-    sim = Simulator(SIM)
-    for i, day in enumerate(DAYS):
-        tables = sim.day(i)
-        for name in ("users", "videos", "events"):
-            lake.write_partition(f"silver/{name}", day, tables[name])
-    for day in DAYS:
-        compute_features(lake, day)
+    simulate_validated(SIM, lake)
     apply_repo(settings)
     materialize_partition(settings, DAYS[-1])
 
