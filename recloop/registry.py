@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import mlflow
 import yaml
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema

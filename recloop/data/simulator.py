@@ -352,7 +352,7 @@ class Simulator:
 
     def _add_videos(self, rng: np.random.Generator, n: int, t_lo: int, t_hi: int) -> pa.Table:
         c = self.config
-        n_cat, dim = c.n_categories, c.latent_dim
+        dim = c.latent_dim
         upload = np.sort(rng.integers(t_lo, t_hi, n, dtype=np.int64))
         cat = _choice(rng, self._category_weight, n).astype(np.int32)
         creator = self._creator_in(cat, rng.random(n)).astype(np.int32)

@@ -9,7 +9,6 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
-import torch
 
 from recloop.data.simulator import SimConfig, Simulator
 from recloop.index import AnnIndex, exact_search, recall_at_k
