@@ -117,7 +117,7 @@ def drift_report(context: dg.AssetExecutionContext, config: DriftRunConfig, lake
             "champion_version": version,
             "reasons": dg.MetadataValue.json(result.reasons),
             "reference_partitions": dg.MetadataValue.json(reference),
-            "report": dg.MetadataValue.url(result.report_uri) if result.report_uri else "",
+            "report": _link(result.report_uri),
             "mlflow_run_id": run_id,
         },
         check_results=[dg.AssetCheckResult(
@@ -125,6 +125,13 @@ def drift_report(context: dg.AssetExecutionContext, config: DriftRunConfig, lake
             description=explanation, metadata={"report": result.report_uri or ""},
         )],
     )
+
+
+def _link(uri: str | None) -> Any:
+    """A report's lake URI as Dagster metadata: a link for s3://…, a path for a local lake."""
+    if not uri:
+        return ""
+    return dg.MetadataValue.url(uri) if "://" in uri else dg.MetadataValue.path(uri)
 
 
 def _cooldown() -> timedelta:
