@@ -50,8 +50,9 @@ class PartitionRun:
     error: str | None = None
 
 
-def _value(v: Any) -> Any:
-    return getattr(v, "value", v)
+def metadata_values(metadata: Any) -> dict[str, Any]:
+    """Dagster metadata (name → MetadataValue) as plain values."""
+    return {k: getattr(v, "value", v) for k, v in (metadata or {}).items()}
 
 
 def root_cause(error: Any) -> str:
@@ -85,11 +86,11 @@ def run_job(
     out = PartitionRun(partition=partition or "", run_id=result.run_id, success=result.success)
     for event in result.get_asset_materialization_events():
         mat = event.step_materialization_data.materialization
-        out.materialized[mat.asset_key.to_user_string()] = {k: _value(v) for k, v in mat.metadata.items()}
+        out.materialized[mat.asset_key.to_user_string()] = metadata_values(mat.metadata)
     for evaluation in result.get_asset_check_evaluations():
         name = f"{evaluation.asset_key.to_user_string()}:{evaluation.check_name}"
         out.checks[name] = evaluation.passed
-        out.check_metadata[name] = {k: _value(v) for k, v in evaluation.metadata.items()}
+        out.check_metadata[name] = metadata_values(evaluation.metadata)
     if not result.success:
         failures = [e for e in result.all_events if e.is_step_failure]
         skipped = [e.step_key for e in result.all_events if e.is_step_skipped]

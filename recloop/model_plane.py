@@ -214,8 +214,8 @@ def train_ranking(lake: Lake, workdir: Path, config: Any = None, *, negatives_pe
     is_train = day.isin(ranker_days) & ~is_valid
     train, valid = df[is_train].reset_index(drop=True), df[is_valid].reset_index(drop=True)
     if negatives_per_user:
-        window = load_window(lake, ranker_days)
-        neg = retrieval_negatives(scorer, window.videos, train, per_user=negatives_per_user)
+        # The serving model's catalog is the one at the end of the training days, the ranker's last day.
+        neg = retrieval_negatives(scorer, serving.videos, train, per_user=negatives_per_user)
         train = pd.concat([train, point_in_time_features(lake, neg)], ignore_index=True)
     result = train_ranker(train, valid if len(valid) else None, retrieval=scorer, config=config or RankerConfig())
     save_ranker(result, Path(workdir) / "ranker")

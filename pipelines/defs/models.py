@@ -122,7 +122,7 @@ def ranker(lake: LakeResource, workspace: ModelWorkspaceResource) -> dg.Material
 def evaluation(lake: LakeResource, workspace: ModelWorkspaceResource, registry: MlflowRegistryResource) -> dg.MaterializeResult:
     reg = registry.open()
     champion = reg.champion()
-    bundle = reg.bundle_path("champion") if champion is not None else None
+    bundle = reg.bundle_path(champion.version) if champion is not None else None
     ev = model_plane.evaluate_candidate(lake.open(), workspace.dir(), champion_bundle=bundle,
                                         champion_version=str(champion.version) if champion else None)
     table = {name: {m: round(v, 4) for m, v in values.items() if m in (

@@ -21,7 +21,7 @@ from pipelines.defs.models import GATE_CHECK, MlflowRegistryResource, training_j
 from pipelines.defs.partitions import DAILY
 from pipelines.defs.resources import AlertsResource, LakeResource
 from pipelines.defs.validation import silver_key
-from pipelines.run import root_cause
+from pipelines.run import metadata_values, root_cause
 
 DRIFT = dg.AssetKey(["monitoring", "drift"])
 NO_DRIFT_CHECK = "no_drift"
@@ -45,7 +45,7 @@ def _drift_of(instance: dg.DagsterInstance, partition: str) -> dict[str, Any] | 
     ).records
     if not records or records[0].asset_materialization is None:
         return None
-    return {k: getattr(v, "value", v) for k, v in records[0].asset_materialization.metadata.items()}
+    return metadata_values(records[0].asset_materialization.metadata)
 
 
 def episode_start(instance: dg.DagsterInstance, partition: str, champion_version: str) -> str:
@@ -87,7 +87,7 @@ def drift_report(context: dg.AssetExecutionContext, config: DriftRunConfig, lake
             check_results=[dg.AssetCheckResult(check_name=NO_DRIFT_CHECK, passed=True, description=status)],
         )
     version = str(champion.version)
-    bundle = reg.bundle_path("champion")
+    bundle = reg.bundle_path(version)
     the_lake = lake.open()
     reference = drift.champion_reference(bundle)
     result = drift.detect_drift(the_lake, partition, reference,
@@ -155,7 +155,7 @@ def drift_retraining_sensor(context: dg.SensorEvaluationContext) -> dg.SensorRes
     requests, skipped = [], []
     for record in records:
         mat = record.asset_materialization
-        meta = {k: getattr(v, "value", v) for k, v in (mat.metadata if mat else {}).items()}
+        meta = metadata_values(mat.metadata if mat else None)
         partition = mat.partition if mat else None
         if not meta.get("drifted") or meta.get("drift_episode") != partition:
             continue
