@@ -9,11 +9,13 @@
 3. For each rate in `--rates` (default 50, 100, 200, 300 requests/s) sends requests at that fixed rate
    for `--seconds` (open loop: a request is sent at its scheduled time whether or not earlier ones
    returned; latency counts from the scheduled time, so a stalled server is not hidden by a slowed-down
-   client), from asyncio + httpx, for known users (90 %) and cold-start users (10 %).
+   client), from a minimal keep-alive HTTP/1.1 client on asyncio/uvloop (the generator shares the two
+   cores with the server), for known users (90 %, drawn uniformly: most are not in the server's
+   feature cache yet) and cold-start users (10 %).
 4. Prints one JSON object: p50/p95/p99/max latency, achieved QPS, errors per rate (requests still
    unanswered 10 s after the level's last send count as errors, so an overloaded level ends), the
    server-side per-stage split (from the `stage_ms` of every response; /metrics has the same
-   histograms), the ranking batch sizes; writes it to `--out` and a PNG plot beside it.
+   histograms), the ranking batch sizes, the feature cache's hit rate; writes it to `--out` and a PNG plot beside it.
 
     python bench/serving.py                                  # build if needed, then 50/100/200/300 QPS
     python bench/serving.py --rates 200 --seconds 60         # one longer level
@@ -183,9 +185,73 @@ def percentiles(values: list[float]) -> dict[str, float]:
     }
 
 
+class _StaleConnection(Exception):
+    """The connection was closed before the answer began."""
+
+
+class LoopbackClient:
+    """A minimal HTTP/1.1 keep-alive client for the load generator (asyncio streams, on uvloop when present).
+
+    The generator shares the two cores with the server it measures: httpx spends several times more CPU
+    per request than the few dozen lines below need for JSON POSTs to one loopback server. Connections
+    are pooled; a request takes an idle one or opens a new one (`max_connections` at most in flight)."""
+
+    def __init__(self, host: str, port: int, max_connections: int = 512) -> None:
+        self.host, self.port = host, port
+        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self._slots = asyncio.Semaphore(max_connections)
+
+    async def request(self, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
+        async with self._slots:
+            while self._idle:
+                # A pooled connection the server closed while it was idle (uvicorn's keep-alive timeout)
+                # fails before any byte of the answer: the request goes again on the next connection,
+                # as any HTTP client does.
+                try:
+                    return await self._exchange(self._idle.pop(), method, path, body)
+                except _StaleConnection:
+                    continue
+            try:
+                return await self._exchange(await asyncio.open_connection(self.host, self.port), method, path, body)
+            except _StaleConnection as err:
+                raise ConnectionResetError(f"{method} {path}: the server closed the connection") from err
+
+    async def _exchange(self, conn, method: str, path: str, body: bytes) -> tuple[int, bytes]:  # noqa: ANN001
+        reader, writer = conn
+        try:
+            writer.write(
+                f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+            )
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionResetError) as err:
+                if isinstance(err, asyncio.IncompleteReadError) and err.partial:
+                    raise
+                raise _StaleConnection from err
+            lines = head.decode("latin-1").split("\r\n")
+            status = int(lines[0].split(" ", 2)[1])
+            headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
+            if "content-length" not in headers:
+                raise ValueError(f"no Content-Length in the answer to {method} {path}")
+            payload = await reader.readexactly(int(headers["content-length"]))
+        except BaseException:
+            writer.close()
+            raise
+        if headers.get("connection", "").lower() == "close":
+            writer.close()
+        else:
+            self._idle.append(conn)
+        return status, payload
+
+    def close(self) -> None:
+        for _, writer in self._idle:
+            writer.close()
+        self._idle.clear()
+
+
 async def run_level(url: str, users: list[str], rate: float, seconds: float, seed: int, grace: float = 10.0) -> dict:
     """Open-loop load at a fixed `rate` for `seconds`; latency from each request's scheduled time."""
-    import httpx
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -195,41 +261,42 @@ async def run_level(url: str, users: list[str], rate: float, seconds: float, see
     stages: dict[str, list[float]] = {s: [] for s in STAGES}
     errors: dict[str, int] = {}
     fallbacks = 0
-    limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
-    # The client's timeout is the level's grace period: past it a request is unanswered, not slow.
-    async with httpx.AsyncClient(base_url=url, timeout=grace, limits=limits) as http:
+    host, port = url.removeprefix("http://").split(":")
+    http = LoopbackClient(host, int(port))
 
-        async def one(when: float, user: str) -> None:
-            nonlocal fallbacks
-            await asyncio.sleep(max(0.0, when - time.perf_counter()))
-            try:
-                r = await http.post("/v1/recommendations", json={"user_id": user})
-            except httpx.HTTPError as err:
-                errors[type(err).__name__] = errors.get(type(err).__name__, 0) + 1
-                return
-            done = time.perf_counter()
-            if r.status_code != 200:
-                errors[str(r.status_code)] = errors.get(str(r.status_code), 0) + 1
-                return
-            latencies.append((done - when) * 1000)
-            body = r.json()
-            fallbacks += bool(body["fallback"])
-            for s, v in body["stage_ms"].items():
-                stages.setdefault(s, []).append(v)
+    async def one(when: float, user: str) -> None:
+        nonlocal fallbacks
+        await asyncio.sleep(max(0.0, when - time.perf_counter()))
+        try:
+            status, payload = await http.request("POST", "/v1/recommendations", json.dumps({"user_id": user}).encode())
+        except (OSError, asyncio.IncompleteReadError, ValueError) as err:
+            errors[type(err).__name__] = errors.get(type(err).__name__, 0) + 1
+            return
+        done = time.perf_counter()
+        if status != 200:
+            errors[str(status)] = errors.get(str(status), 0) + 1
+            return
+        latencies.append((done - when) * 1000)
+        body = json.loads(payload)
+        fallbacks += bool(body["fallback"])
+        for s, v in body["stage_ms"].items():
+            stages.setdefault(s, []).append(v)
 
-        start = time.perf_counter() + 0.2
-        tasks = [asyncio.create_task(one(start + i / rate, u)) for i, u in enumerate(picks)]
-        # An overloaded server would stretch the level far past its length: requests still unanswered
-        # `grace` seconds after the last scheduled send are cancelled and counted as errors.
-        _, pending = await asyncio.wait(tasks, timeout=seconds + grace)
-        for task in pending:
-            task.cancel()
-        if pending:
-            errors["unanswered"] = len(pending)
-        elapsed = time.perf_counter() - start
-        metrics = (await http.get("/metrics")).text
+    start = time.perf_counter() + 0.2
+    tasks = [asyncio.create_task(one(start + i / rate, u)) for i, u in enumerate(picks)]
+    # An overloaded server would stretch the level far past its length: requests still unanswered
+    # `grace` seconds after the last scheduled send are cancelled and counted as errors.
+    _, pending = await asyncio.wait(tasks, timeout=seconds + grace)
+    for task in pending:
+        task.cancel()
+    if pending:
+        errors["unanswered"] = len(pending)
+    elapsed = time.perf_counter() - start
+    metrics = (await http.request("GET", "/metrics"))[1].decode()
+    http.close()
     samples = dict(line.rsplit(" ", 1) for line in metrics.splitlines() if line and not line.startswith("#"))
     batch = [float(samples.get(f"recloop_serving_ranking_batch_size_{s}", 0.0)) for s in ("sum", "count")]
+    cache = {o: float(samples.get(f'recloop_serving_feature_cache_total{{outcome="{o}"}}', 0.0)) for o in ("hit", "miss")}
     return {
         "offered_qps": rate,
         "achieved_qps": round(len(latencies) / elapsed, 1),
@@ -242,6 +309,7 @@ async def run_level(url: str, users: list[str], rate: float, seconds: float, see
         "server_stage_ms": {s: percentiles(v) for s, v in stages.items() if v},
         "load_average_before": round(os.getloadavg()[0], 2),
         "_batch_totals": batch,
+        "_cache_totals": cache,
     }
 
 
@@ -280,15 +348,29 @@ async def drive(url: str, users: list[str], rates: list[float], seconds: float, 
     await run_level(url, users, rate=50, seconds=warmup / 50, seed=0)  # warm caches, JIT paths, pools
     levels = []
     previous = (0.0, 0.0)
+    cache_before = {"hit": 0.0, "miss": 0.0}
     for i, rate in enumerate(rates):
         level = await run_level(url, users, rate, seconds, seed=i + 1)
         total, count = level.pop("_batch_totals") or (0.0, 0.0)
         if count > previous[1]:
             level["mean_ranking_batch_size"] = round((total - previous[0]) / (count - previous[1]), 2)
         previous = (total, count)
+        cache = level.pop("_cache_totals")
+        hits, misses = (cache[o] - cache_before[o] for o in ("hit", "miss"))
+        level["feature_cache_hit_rate"] = round(hits / (hits + misses), 3) if hits + misses else None
+        cache_before = cache
         levels.append(level)
         await asyncio.sleep(2)  # let the queue drain between levels
     return levels
+
+
+def run_async(coro):  # noqa: ANN001, ANN201
+    """asyncio.run on uvloop when it is installed (uvicorn[standard] brings it): a lighter generator."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 def main() -> int:
@@ -332,7 +414,7 @@ def main() -> int:
         t0 = time.perf_counter()
         status = asyncio.run(wait_ready(url, proc, timeout=600))
         ready_s = time.perf_counter() - t0
-        levels = asyncio.run(drive(url, users, args.rates, args.seconds, args.warmup))
+        levels = run_async(drive(url, users, args.rates, args.seconds, args.warmup))
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=60)

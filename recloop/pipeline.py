@@ -377,13 +377,26 @@ class RecommendationPipeline:
         ranker mode: log(P(completed) x predicted watch seconds + 1e-3) + retrieval_weight x u.v / T,
         with T the two-tower temperature (so the second term is its softmax logit).
         """
+        retrieval = df[RETRIEVAL_SCORE].to_numpy(dtype=np.float64)
         if self.mode == "retrieval":
-            return df[RETRIEVAL_SCORE].to_numpy(dtype=np.float64)
+            return retrieval
         assert self.ranker is not None
-        s = np.log(self.ranker.score(df).astype(np.float64) + 1e-3)
+        return self._blend(self.ranker.score(df), retrieval)
+
+    def final_score_arrays(self, features: np.ndarray, retrieval: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        """`final_score` without a DataFrame (the serving path): `features` [n, ranker feature columns]
+        in `self.ranker.feature_columns` order, `retrieval` [n] = u.v, `codes` the ranker's categorical
+        codes (`self.ranker.features.encode_categorical`)."""
+        retrieval = np.asarray(retrieval, np.float64)
+        if self.mode == "retrieval":
+            return retrieval
+        assert self.ranker is not None
+        return self._blend(self.ranker.score_arrays(features, retrieval, codes), retrieval)
+
+    def _blend(self, expected_watch: np.ndarray, retrieval: np.ndarray) -> np.ndarray:
+        s = np.log(expected_watch.astype(np.float64) + 1e-3)
         if self.retrieval_weight:
-            logit = df[RETRIEVAL_SCORE].to_numpy(np.float64) / self.two_tower.config.temperature
-            s = s + self.retrieval_weight * logit
+            s = s + self.retrieval_weight * retrieval / self.two_tower.config.temperature
         return s
 
     def scored_candidates(

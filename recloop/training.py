@@ -21,7 +21,7 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -854,12 +854,20 @@ class RankerFeatures:
         return obj
 
     def _raw(self, df: pd.DataFrame) -> np.ndarray:
-        """Features, log1p of the counts, one "view missing" indicator per view, the retrieval score.
+        """Features, log1p of the counts, one "view missing" indicator per view, the retrieval score."""
+        retrieval = None
+        if self.use_retrieval:
+            if RETRIEVAL_SCORE not in df.columns:
+                raise KeyError(f"this ranker needs a {RETRIEVAL_SCORE!r} column (the two-tower score)")
+            retrieval = _float_block(df, [RETRIEVAL_SCORE])[:, 0]
+        return self._raw_arrays(_float_block(df, list(self.feature_columns)), retrieval)
 
-        One conversion for the whole block of columns: serving scores a few hundred rows per request,
-        and converting column by column cost 8x more than the model itself."""
+    def _raw_arrays(self, x: np.ndarray, retrieval: np.ndarray | None) -> np.ndarray:
+        """`_raw` on arrays: `x` [n, len(feature_columns)] float64 (NaN = missing), `retrieval` [n].
+
+        Whole-block numpy: serving scores a few hundred rows per request, and converting column by
+        column cost 8x more than the model itself."""
         cols = list(self.feature_columns)
-        x = _float_block(df, cols)
         nan = np.isnan(x)
         x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
         logs = np.fromiter((c in self.log_columns for c in cols), dtype=bool, count=len(cols))
@@ -869,19 +877,37 @@ class RankerFeatures:
         for v in self.indicator_views:
             parts.append(nan[:, views == v].all(axis=1, keepdims=True).astype(np.float64))
         if self.use_retrieval:
-            if RETRIEVAL_SCORE not in df.columns:
+            if retrieval is None:
                 raise KeyError(f"this ranker needs a {RETRIEVAL_SCORE!r} column (the two-tower score)")
-            parts.append(np.nan_to_num(_float_block(df, [RETRIEVAL_SCORE])))
+            parts.append(np.nan_to_num(np.asarray(retrieval, np.float64)).reshape(-1, 1))
         return np.concatenate(parts, axis=1)
 
     def transform(self, df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         """(numeric [n, F] float32, categorical codes [n, C] int64)."""
-        x = (self._raw(df) - np.asarray(self.mean)) / np.asarray(self.std)
         cats = np.zeros((len(df), len(self.categorical)), dtype=np.int64)
         for i, c in enumerate(self.categorical):
             if c in df.columns:
                 cats[:, i] = self.cat_vocabs[c].encode(df[c])
-        return x.astype(np.float32), cats
+        return self._normalise(self._raw(df)), cats
+
+    def transform_arrays(
+        self, x: np.ndarray, retrieval: np.ndarray | None, codes: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """`transform` without a DataFrame (the serving path): `x` [n, len(feature_columns)] float64 in
+        `feature_columns` order, `retrieval` [n] (u.v), `codes` [n, len(categorical)] already encoded
+        with `cat_vocabs` (`encode_categorical`)."""
+        return self._normalise(self._raw_arrays(np.array(x, np.float64), retrieval)), np.asarray(codes, np.int64)
+
+    def encode_categorical(self, values: Mapping[str, Any], n: int) -> np.ndarray:
+        """[n, len(categorical)] vocab codes of `values[column]` (0 = unknown, or column absent)."""
+        cats = np.zeros((n, len(self.categorical)), dtype=np.int64)
+        for i, c in enumerate(self.categorical):
+            if c in values:
+                cats[:, i] = self.cat_vocabs[c].encode(values[c])
+        return cats
+
+    def _normalise(self, raw: np.ndarray) -> np.ndarray:
+        return ((raw - np.asarray(self.mean)) / np.asarray(self.std)).astype(np.float32)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -936,7 +962,9 @@ class RankerResult:
 
     def _heads(self, df: pd.DataFrame, batch_size: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
         """(P(completed), predicted log1p watch seconds) per row."""
-        x, c = self.features.transform(df)
+        return self._forward(*self.features.transform(df), batch_size=batch_size)
+
+    def _forward(self, x: np.ndarray, c: np.ndarray, batch_size: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
         device = next(self.model.parameters()).device
         ps, ws = [], []
         self.model.eval()
@@ -953,13 +981,21 @@ class RankerResult:
 
     def predict(self, df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         """(P(completed), predicted watch seconds = expm1 of the predicted log1p watch time) per row."""
-        p, log_w = self._heads(df)
-        return p, np.expm1(np.maximum(log_w, 0.0))
+        return self._expected(*self._heads(df))
 
     def score(self, df: pd.DataFrame) -> np.ndarray:
         """The ranking score: expected completed watch time, P(completed) x predicted watch seconds."""
         p, w = self.predict(df)
         return (p * w).astype(np.float32)
+
+    def score_arrays(self, x: np.ndarray, retrieval: np.ndarray | None, codes: np.ndarray) -> np.ndarray:
+        """`score` on arrays (see `RankerFeatures.transform_arrays`): the serving path, no DataFrame."""
+        p, w = self._expected(*self._forward(*self.features.transform_arrays(x, retrieval, codes)))
+        return (p * w).astype(np.float32)
+
+    @staticmethod
+    def _expected(p: np.ndarray, log_w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return p, np.expm1(np.maximum(log_w, 0.0))
 
 
 def time_split(

@@ -22,9 +22,11 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from recloop.config import Settings
 from recloop.serving.config import ServingConfig
+from recloop.serving.metrics import ServingMetrics
 from recloop.serving.service import Recommendation, RecommendationService
 
 
@@ -96,6 +98,39 @@ class FeedbackResponse(BaseModel):
     event_ids: list[str]
 
 
+class _CountRequests:
+    """Counts every HTTP answer by route template and status (and 5xx as errors).
+
+    A plain ASGI middleware, not Starlette's `BaseHTTPMiddleware` (`@app.middleware("http")`), which
+    runs each request through an extra task and memory streams: at a few hundred requests per second on
+    two cores that overhead is a measurable share of the latency budget."""
+
+    def __init__(self, app: ASGIApp, metrics: ServingMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            # The route's template, not the raw path: unknown paths must not create new label values.
+            endpoint = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+            if status >= 500:
+                self.metrics.errors.labels(endpoint).inc()
+
+
 def create_app(
     settings: Settings | None = None,
     config: ServingConfig | None = None,
@@ -124,22 +159,7 @@ def create_app(
     )
     app.state.service = service
 
-    @app.middleware("http")
-    async def count(request: Request, call_next):  # noqa: ANN001, ANN202 - Starlette's middleware signature
-        def endpoint() -> str:
-            # The route's template, not the raw path: unknown paths must not create new label values.
-            return getattr(request.scope.get("route"), "path", "unmatched")
-
-        try:
-            response = await call_next(request)
-        except Exception:
-            metrics.requests.labels(endpoint(), "500").inc()
-            metrics.errors.labels(endpoint()).inc()
-            raise
-        metrics.requests.labels(endpoint(), str(response.status_code)).inc()
-        if response.status_code >= 500:
-            metrics.errors.labels(endpoint()).inc()
-        return response
+    app.add_middleware(_CountRequests, metrics=metrics)
 
     @app.post("/v1/recommendations", response_model=RecommendationResponse, tags=["recommendations"])
     def recommendations(body: RecommendationRequest) -> RecommendationResponse:

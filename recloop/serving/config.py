@@ -45,6 +45,9 @@ class ServingConfig:
     feedback_max_batch: int = 5_000
     # "sqlite" or "redis"; None: Redis in production (RECLOOP_ENV=production), SQLite otherwise.
     online_store: str | None = None
+    # Users whose online feature rows are kept for the current materialized snapshot (0: read every
+    # request from Feast); see recloop.serving.online.
+    feature_cache_users: int = 200_000
     # Most requests ranked in one batch (see recloop.serving.batching).
     max_ranking_batch: int = 64
     # The HNSW search breadth at serving time (None: the bundle's own setting). Lower is faster and

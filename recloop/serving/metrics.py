@@ -10,6 +10,8 @@ one process, as in tests, do not collide on prometheus_client's global registry)
     recloop_serving_model_version               the registry version being served (0: none)
     recloop_serving_model_swaps_total
     recloop_serving_feedback_events_total{outcome}  accepted, flushed
+    recloop_serving_feature_cache_total{outcome}    users' online rows: hit (cached for the current
+                                                snapshot), miss (read from Feast)
 """
 
 from __future__ import annotations
@@ -61,6 +63,10 @@ class ServingMetrics:
         self.feedback_events = Counter(
             "recloop_serving_feedback_events", "Feedback events accepted and flushed to the landing zone",
             ["outcome"], registry=r,
+        )
+        self.feature_cache = Counter(
+            "recloop_serving_feature_cache", "Users' online feature rows served from the per-snapshot cache "
+            "(hit) or read from Feast (miss)", ["outcome"], registry=r,
         )
         for stage in STAGES:  # expose every series from the start, at zero
             self.stage_seconds.labels(stage)

@@ -49,10 +49,10 @@ SOURCE_CODE = {s: i for i, s in enumerate(SOURCES)}
 
 @dataclass(frozen=True)
 class RankingInput:
-    """One request's candidates for the ranker: feature matrix (RANKING_FEATURES), categories, u.v."""
+    """One request's candidates for the ranker: index rows, feature matrix (RANKING_FEATURES), u.v."""
 
+    rows: np.ndarray
     features: np.ndarray
-    categories: np.ndarray
     retrieval: np.ndarray
 
 
@@ -78,6 +78,10 @@ class ServingModel:
     cutoff_us: int
     clock_us: int  # the newest upload known: "now" of the catalog, for freshness
     lake_videos: str | None  # newest silver/videos partition added (None: no lake)
+    # The ranker's inputs that do not depend on the request, computed at load: which RANKING_FEATURES
+    # columns it takes, in its order, and each index row's categorical codes (its category).
+    ranker_columns: np.ndarray
+    ranker_codes: np.ndarray
     _blocked: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -111,6 +115,8 @@ class ServingModel:
         upload_us = upload.astype("datetime64[us, UTC]").astype("int64").to_numpy(np.float64)
         upload_us[upload.isna().to_numpy()] = np.nan
 
+        category = meta["category"].fillna("unknown").astype(str).to_numpy(dtype=object)
+        columns, codes = _ranker_arrays(pipe, category)
         users = tt.users["user_id"].astype(str).to_numpy(dtype=object)
         cutoff_us = int(cutoff.tz_convert("UTC").value // 1000) if cutoff.tzinfo else int(cutoff.value // 1000)
         inputs = user_tower_inputs(tt, users, np.full(len(users), cutoff_us, dtype=np.int64))
@@ -121,7 +127,7 @@ class ServingModel:
             pipeline=pipe,
             ids=ids,
             row={v: i for i, v in enumerate(ids)},
-            category=meta["category"].fillna("unknown").astype(str).to_numpy(dtype=object),
+            category=category,
             creator=meta["creator_id"].fillna("unknown").astype(str).to_numpy(dtype=object),
             tags=[frozenset(t for t in str(x or "").split("|") if t) for x in meta["tags"].fillna("")],
             upload_us=upload_us,
@@ -135,6 +141,8 @@ class ServingModel:
             cutoff_us=cutoff_us,
             clock_us=int(max(np.nanmax(upload_us) if len(upload_us) else cutoff_us, cutoff_us)),
             lake_videos=newest_videos,
+            ranker_columns=columns,
+            ranker_codes=codes,
         )
 
     # --- per request ------------------------------------------------------------------------------
@@ -193,22 +201,27 @@ class ServingModel:
         """The ranker's input for one request's candidates: the user's features (broadcast), their
         affinity to each candidate's category (`affinity` rows aligned with `categories`), the cached
         video features, the category and the two-tower score u.v."""
-        where = {c: i for i, c in enumerate(categories)}
         cats = self.category[rows]
         x = np.empty((len(rows), len(RANKING_FEATURES)))
         a0, v0 = len(USER_COLUMNS), len(USER_COLUMNS) + len(AFFINITY_COLUMNS)
         x[:, :a0] = user
-        x[:, a0:v0] = affinity[[where[c] for c in cats]] if len(rows) else 0.0
+        # `categories` is sorted and unique (np.unique of the candidates' categories).
+        x[:, a0:v0] = affinity[np.searchsorted(categories, cats)] if len(rows) else 0.0
         x[:, v0:] = self.video_features[rows]
-        return RankingInput(x, cats, self.pipeline.index.vectors[rows] @ uvec)
+        return RankingInput(rows, x, self.pipeline.index.vectors[rows] @ uvec)
 
     def scores(self, inputs: Sequence[RankingInput]) -> list[np.ndarray]:
-        """The pipeline's final score (ranker blend) of every candidate of every input, in one ranker call."""
-        frame = pd.DataFrame(np.concatenate([i.features for i in inputs]), columns=list(RANKING_FEATURES))
-        frame["category"] = np.concatenate([i.categories for i in inputs])
-        frame[RETRIEVAL_SCORE] = np.concatenate([i.retrieval for i in inputs])
-        scores = self.pipeline.final_score(frame) if len(frame) else np.zeros(0)
-        return np.split(scores, np.cumsum([len(i.categories) for i in inputs])[:-1])
+        """The pipeline's final score (ranker blend) of every candidate of every input, in one ranker
+        call on arrays (`RecommendationPipeline.final_score_arrays`: no DataFrame per request)."""
+        rows = np.concatenate([i.rows for i in inputs])
+        if not len(rows):
+            return [np.zeros(0) for _ in inputs]
+        scores = self.pipeline.final_score_arrays(
+            np.concatenate([i.features for i in inputs])[:, self.ranker_columns],
+            np.concatenate([i.retrieval for i in inputs]),
+            self.ranker_codes[rows],
+        )
+        return np.split(scores, np.cumsum([len(i.rows) for i in inputs])[:-1])
 
     def blocked(self, rules: SafetyRules) -> np.ndarray:
         """Per index row: blocked by the safety list (computed once per list version)."""
@@ -218,3 +231,21 @@ class ServingModel:
             self._blocked.clear()
             self._blocked[rules.version] = mask
         return mask
+
+
+def _ranker_arrays(pipe: RecommendationPipeline, category: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(positions of the ranker's feature columns in RANKING_FEATURES, [rows, C] categorical codes)."""
+    if pipe.ranker is None:
+        return np.arange(len(RANKING_FEATURES)), np.zeros((len(category), 0), np.int64)
+    features = pipe.ranker.features
+    where = {c: i for i, c in enumerate(RANKING_FEATURES)}
+    unknown = [c for c in features.feature_columns if c not in where]
+    if unknown:
+        raise ValueError(f"the ranker needs features serving does not read from Feast: {unknown}")
+    unsupported = [c for c in features.categorical if c != "category"]
+    if unsupported:
+        raise ValueError(f"the ranker needs categorical inputs serving does not have: {unsupported}")
+    return (
+        np.asarray([where[c] for c in features.feature_columns], np.int64),
+        features.encode_categorical({"category": category}, len(category)),
+    )

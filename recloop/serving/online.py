@@ -7,13 +7,22 @@ user until the next materialization: they are read once into an array when a mod
 when Feast records a newer materialization, so a request never reads hundreds of video rows. This is
 the usual split between request-time and batch features.
 
+The user rows read are kept in a bounded in-process cache tied to the materialized snapshot they came
+from: online user features change only when a new snapshot is materialized, so within one snapshot a
+cached row is exactly what Feast would return, and the cache is emptied as soon as the service sees a
+newer snapshot (`ServingModel.feature_snapshot`, checked every poll). A user's second request within a
+snapshot then costs no store read at all; only what is missing (a new user, a category not read
+before) goes to Feast, in one call for the whole batch of requests.
+
 Failures of the store (unreachable Redis, broken SQLite file, missing tables) surface as
-`FeatureStoreUnavailable`, which the service answers with its popularity fallback.
+`FeatureStoreUnavailable`, which the service answers with its popularity fallback. Rows already cached
+keep being served while the store is down (they are the current snapshot's values).
 """
 
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -56,33 +65,104 @@ def _matrix(values: dict[str, list], columns: list[str]) -> np.ndarray:
     return np.column_stack([np.asarray(values[c], dtype=np.float64) for c in columns])
 
 
-class OnlineFeatures:
-    """Reads of one Feast feature store, serialised by a lock (the SQLite store shares one connection)."""
+class _UserRows:
+    """One user's cached rows: `user_activity` [13] and `user_category_affinity` [3] per category."""
 
-    def __init__(self, settings: "Settings", *, online: str = "sqlite", project: str | None = None) -> None:
+    __slots__ = ("activity", "affinity")
+
+    def __init__(self, activity: np.ndarray) -> None:
+        self.activity = activity
+        self.affinity: dict[str, np.ndarray] = {}
+
+
+class OnlineFeatures:
+    """Reads of one Feast feature store, serialised by a lock (the SQLite store shares one connection),
+    with the per-snapshot cache of user rows described in the module docstring.
+
+    Args:
+        settings, online, project: the Feast store (`recloop.features.feature_store`).
+        cache_users: the most users whose rows are kept (least recently used dropped first); 0 = no cache.
+    """
+
+    def __init__(
+        self, settings: "Settings", *, online: str = "sqlite", project: str | None = None, cache_users: int = 200_000
+    ) -> None:
         self.settings = settings
         self.store = feature_store(settings, project=project, online=online)
         self._lock = threading.Lock()
-        self._user_refs = _refs(USER_ACTIVITY) + _refs(USER_CATEGORY_AFFINITY)
+        self._activity_refs = _refs(USER_ACTIVITY)
+        self._user_refs = self._activity_refs + _refs(USER_CATEGORY_AFFINITY)
+        self.cache_users = cache_users
+        self._cache: OrderedDict[str, _UserRows] = OrderedDict()
+        self._cache_snapshot: str | None = None
+        self._cache_lock = threading.Lock()
+        self.hits = 0  # user rows served from the cache / read from Feast (for metrics)
+        self.misses = 0
 
-    def user_features(self, requests: Sequence[tuple[str, Sequence[str]]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    def user_features(
+        self, requests: Sequence[tuple[str, Sequence[str]]], snapshot: str | None = None
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
         """For each (user, categories): the `user_activity` values [13] and the affinity values
-        [len(categories), 3], NaN where missing; all users in one `get_online_features` call."""
+        [len(categories), 3], NaN where missing. Rows not cached for `snapshot` (the materialized
+        snapshot the caller's model was built on) are read in one `get_online_features` call."""
+        with self._cache_lock:
+            if snapshot != self._cache_snapshot:
+                self._cache.clear()
+                self._cache_snapshot = snapshot
+            cached = [self._cached(user) for user, _ in requests]
         rows: list[dict[str, str]] = []
-        spans = []
-        for user, categories in requests:
-            start = len(rows)
-            rows.extend({"user_id": user, "category": c} for c in categories or [""])
-            spans.append((start, len(categories)))
-        try:
-            with self._lock:
-                values = self.store.get_online_features(
-                    features=self._user_refs, entity_rows=rows, full_feature_names=True
-                ).to_dict()
-        except Exception as err:  # any store failure means the same thing to serving: no features now
-            raise FeatureStoreUnavailable(f"{type(err).__name__}: {err}") from err
-        user, affinity = _matrix(values, USER_COLUMNS), _matrix(values, AFFINITY_COLUMNS)
-        return [(user[start], affinity[start : start + n]) for start, n in spans]
+        wanted: list[tuple[int, str | None]] = []  # (request, category or None for the activity row)
+        for i, ((user, categories), entry) in enumerate(zip(requests, cached)):
+            if entry is None:
+                rows.append({"user_id": user, "category": ""})
+                wanted.append((i, None))
+            for c in categories:
+                if entry is None or c not in entry.affinity:
+                    rows.append({"user_id": user, "category": c})
+                    wanted.append((i, c))
+        self.hits += len(requests) - sum(1 for _, c in wanted if c is None)
+        self.misses += sum(1 for _, c in wanted if c is None)
+        if rows:
+            refs = self._user_refs if any(c is None for _, c in wanted) else _refs(USER_CATEGORY_AFFINITY)
+            try:
+                with self._lock:
+                    values = self.store.get_online_features(
+                        features=refs, entity_rows=rows, full_feature_names=True
+                    ).to_dict()
+            except Exception as err:  # any store failure means the same thing to serving: no features now
+                raise FeatureStoreUnavailable(f"{type(err).__name__}: {err}") from err
+            affinity = _matrix(values, AFFINITY_COLUMNS)
+            activity = _matrix(values, USER_COLUMNS) if refs is self._user_refs else None
+            fresh: dict[int, _UserRows] = {}
+            for j, (i, c) in enumerate(wanted):
+                entry = cached[i] or fresh.get(i)
+                if c is None:
+                    assert activity is not None
+                    entry = fresh[i] = _UserRows(activity[j])
+                else:
+                    if entry is None:  # the activity row of this request comes first in `wanted`
+                        raise AssertionError("affinity row before its user's activity row")
+                    entry.affinity[c] = affinity[j]
+            with self._cache_lock:
+                if self.cache_users and snapshot == self._cache_snapshot:
+                    for i, entry in fresh.items():
+                        self._cache[requests[i][0]] = entry
+                    while len(self._cache) > self.cache_users:
+                        self._cache.popitem(last=False)
+            cached = [entry or fresh.get(i) for i, entry in enumerate(cached)]
+        out = []
+        for (user, categories), entry in zip(requests, cached):
+            assert entry is not None
+            aff = (np.stack([entry.affinity[c] for c in categories]) if len(categories)
+                   else np.zeros((0, len(AFFINITY_COLUMNS))))
+            out.append((entry.activity, aff))
+        return out
+
+    def _cached(self, user: str) -> _UserRows | None:
+        entry = self._cache.get(user)
+        if entry is not None:
+            self._cache.move_to_end(user)
+        return entry
 
     def video_features(self, video_ids: Sequence[str], chunk: int = 10_000) -> np.ndarray:
         """`video_popularity` values [len(video_ids), 13] of the current snapshot (NaN where missing)."""

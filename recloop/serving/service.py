@@ -7,7 +7,8 @@
    cold-start user (unknown to the model, no activity yet) gets popular-in-segment + fresh only;
    watched and blocked videos are removed here;
 2. ranking: the champion's ranker scores every candidate in one batch, on the user's online features
-   (Feast, read per request) and the cached video features;
+   (Feast, read when not cached for the current snapshot: `recloop.serving.online`) and the cached
+   video features;
 3. re-ranking: freshness boost, then diversity caps per creator and per category.
 
 The current model is one reference (`ServingModel`), replaced whole by the background thread when the
@@ -168,7 +169,7 @@ class RecommendationService:
     def _online(self) -> OnlineFeatures:
         if self.online is None:
             online = self.config.online_store or ("redis" if self.settings.is_production else "sqlite")
-            self.online = OnlineFeatures(self.settings, online=online)
+            self.online = OnlineFeatures(self.settings, online=online, cache_users=self.config.feature_cache_users)
         return self.online
 
     def _refresh_sources(self) -> None:
@@ -356,12 +357,19 @@ class RecommendationService:
         for group in by_model.values():
             model: ServingModel = group[0].payload[0]
             t0 = time.perf_counter()
+            online = self._online()
+            hits, misses = online.hits, online.misses
             try:
-                features = self._online().user_features([(j.payload[1], list(j.payload[4])) for j in group])
+                features = online.user_features(
+                    [(j.payload[1], j.payload[4]) for j in group], snapshot=model.feature_snapshot
+                )
             except FeatureStoreUnavailable as err:
                 for job in group:
                     job.error = err
                 continue
+            finally:
+                self.metrics.feature_cache.labels("hit").inc(online.hits - hits)
+                self.metrics.feature_cache.labels("miss").inc(online.misses - misses)
             t1 = time.perf_counter()
             inputs = [
                 model.ranking_input(rows, uvec, user, affinity, categories)

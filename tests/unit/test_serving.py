@@ -8,6 +8,7 @@ server on loopback for the hot swap under concurrent load).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
 import sqlite3
@@ -288,10 +289,18 @@ def test_feature_store_down_answers_from_popularity_and_says_so(world, tmp_path)
     svc = RecommendationService(broken, _config(tmp_path), registry=world["registry"])
     with TestClient(create_app(service=svc)) as client:
         svc.refresh()
-        user = known_users(svc, 1)[0]
-        assert recommend(client, user)["fallback"] is False
+        cached, user = known_users(svc, 2)
+        first = recommend(client, cached)
+        assert first["fallback"] is False
+        assert metric(client, "recloop_serving_feature_cache_total", outcome="miss") == 1.0
         with sqlite3.connect(feast / "online.db") as db:  # the online store loses its user table
             db.execute(f"DROP TABLE {settings.feast_project}_user_activity")
+        # A user whose rows were read for the current snapshot is still ranked by the model: the cache
+        # holds exactly what the store held for that snapshot.
+        again = recommend(client, cached)
+        assert again["fallback"] is False and again["items"] == first["items"]
+        assert metric(client, "recloop_serving_feature_cache_total", outcome="hit") == 1.0
+        # A user who needs the store gets the popularity fallback, and the answer says so.
         body = recommend(client, user)
         assert body["fallback"] is True and body["fallback_reason"] == "feature_store_unavailable"
         assert body["model_version"] == "1" and len(body["items"]) == K
@@ -400,3 +409,147 @@ def pa_table(frame: pd.DataFrame):
     from recloop.data.schemas import VIDEOS
 
     return pa.Table.from_pandas(frame[VIDEOS.columns], schema=VIDEOS.schema, preserve_index=False)
+
+
+def test_cached_user_rows_equal_feast_reads_and_a_new_snapshot_empties_the_cache(world, service):
+    from recloop.serving.online import OnlineFeatures
+
+    model = service.model
+    users = known_users(service, 30)
+    categories = np.unique(model.category)
+    requests = [(u, categories[i % 3 :: 2]) for i, u in enumerate(users)]
+    uncached = OnlineFeatures(world["settings"], cache_users=0)
+    cached = OnlineFeatures(world["settings"], cache_users=1_000)
+    truth = uncached.user_features(requests, snapshot="s1")
+    for _ in range(2):  # the first pass reads the store, the second is served from the cache
+        got = cached.user_features(requests, snapshot="s1")
+        for (a, b), (c, d) in zip(truth, got):
+            np.testing.assert_array_equal(a, c)
+            np.testing.assert_array_equal(b, d)
+    assert (cached.misses, cached.hits) == (30, 30)
+    assert np.isfinite(np.stack([a for a, _ in truth])).any()  # real rows, not only missing values
+    # More categories for a cached user: only those are read, and still equal to a store read.
+    more = [(users[0], categories)]
+    np.testing.assert_array_equal(cached.user_features(more, "s1")[0][1], uncached.user_features(more, "s1")[0][1])
+    cached.user_features(requests[:5], snapshot="s2")  # a newer materialization: everything read again
+    assert cached.misses == 35
+    small = OnlineFeatures(world["settings"], cache_users=10)
+    small.user_features(requests, snapshot="s1")
+    small.user_features(requests[-10:], snapshot="s1")
+    assert small.hits == 10 and len(small._cache) == 10  # bounded: the least recently used are dropped
+
+
+def test_the_ranker_array_path_scores_exactly_as_the_dataframe_path(service):
+    from recloop.training import RETRIEVAL_SCORE
+
+    model = service.model
+    user = known_users(service, 1)[0]
+    uvec = model.user_vectors[model.user_row[user]]
+    rows, _ = model.candidates(uvec, np.zeros(0, np.int64))
+    categories = np.unique(model.category[rows])
+    (activity, affinity), = service.online.user_features([(user, categories)], snapshot=model.feature_snapshot)
+    inputs = model.ranking_input(rows, uvec, activity, affinity, categories)
+    frame = pd.DataFrame(inputs.features, columns=list(RANKING_FEATURES))
+    frame["category"] = model.category[rows]
+    frame[RETRIEVAL_SCORE] = inputs.retrieval
+    np.testing.assert_allclose(model.scores([inputs])[0], model.pipeline.final_score(frame), rtol=1e-6)
+    assert len(rows) > 100 and np.ptp(model.scores([inputs])[0]) > 0
+
+
+class _TcpProxy:
+    """A loopback TCP proxy to a server, which the test can cut: the server going away mid-service."""
+
+    def __init__(self, host: str, port: int) -> None:
+        import socket
+
+        self.target = (host, port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list = []
+        self.up = True
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+
+        while self.up:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if not self.up:
+                client.close()
+                return
+            upstream = socket.create_connection(self.target)
+            self.sockets += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src, dst) -> None:  # noqa: ANN001
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(2)
+
+    def cut(self) -> None:
+        self.up = False
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(2)  # wakes the accept() under way (a bare close would not, on Linux)
+        self.listener.close()
+        for s in self.sockets:
+            with contextlib.suppress(OSError):
+                s.shutdown(2)
+                s.close()
+
+
+@pytest.mark.redis
+def test_production_online_store_redis_serves_and_its_loss_falls_back(world, redis_url, tmp_path):
+    """The production path: features materialized into the real Redis, read by the service through
+    Feast's Redis online store; when Redis goes away, users not cached get the fallback, not a 5xx."""
+    import redis
+    from urllib.parse import urlparse
+
+    target = urlparse(redis_url)
+    proxy = _TcpProxy(target.hostname or "127.0.0.1", target.port or 6379)
+    through_proxy = f"redis://127.0.0.1:{proxy.port}{target.path or '/0'}"
+    settings = dataclasses.replace(world["settings"], redis_url=through_proxy)
+    project = settings.feast_project
+    materialize_partition(settings, DAYS[-1], online="redis", redis_url=redis_url)
+    svc = RecommendationService(settings, _config(tmp_path, online_store="redis"), registry=world["registry"])
+    client = redis.Redis.from_url(redis_url)
+    try:
+        assert client.exists(*client.scan_iter(match=b"*" + project.encode(), count=1000)) > 0
+        with TestClient(create_app(service=svc)) as http:
+            svc.refresh()
+            assert svc.model is not None and svc.last_error is None
+            assert type(svc.online.store._get_provider().online_store).__name__ == "RedisOnlineStore"
+            cached, user = known_users(svc, 2)
+            body = recommend(http, cached)
+            assert body["fallback"] is False and len(body["items"]) == K
+            # The rows came from Redis and equal what the embedded store holds for the same snapshot.
+            from recloop.serving.online import OnlineFeatures
+
+            sqlite_rows = OnlineFeatures(world["settings"], cache_users=0)
+            categories = np.unique(svc.model.category)
+            (a, b), = svc.online.user_features([(cached, categories)], "direct")
+            (c, d), = sqlite_rows.user_features([(cached, categories)], "direct")
+            np.testing.assert_array_equal(a, c)
+            np.testing.assert_array_equal(b, d)
+            proxy.cut()  # Redis is gone
+            body = recommend(http, user)
+            assert body["fallback"] is True and body["fallback_reason"] == "feature_store_unavailable"
+            assert len(body["items"]) == K
+            assert metric(http, "recloop_serving_requests_total", endpoint="/v1/recommendations", status="500") == 0
+    finally:
+        svc.close()
+        proxy.cut()
+        keys = list(client.scan_iter(match=b"*" + project.encode(), count=1000))
+        if keys:
+            client.delete(*keys)
+        client.close()
