@@ -1,5 +1,10 @@
 """Running the code location's jobs from Python (the `recloop` CLI, benchmarks, tests) against the same
-Dagster instance the UI reads, so every run shows up in `dagster dev` afterwards."""
+Dagster instance the UI reads, so every run shows up in `dagster dev` afterwards.
+
+Runs started here execute in this process (`execute_in_process`), whatever executor the jobs are
+configured with (`RECLOOP_DAGSTER_EXECUTOR`): that executor applies to runs the webserver, schedules and
+sensors launch through the daemon. In production the instance is deploy/dagster.yaml (PostgreSQL), so
+runs started here are recorded where the deployment's UI reads them."""
 
 import os
 from dataclasses import dataclass, field
@@ -8,7 +13,7 @@ from typing import Any
 
 import dagster as dg
 
-from recloop.config import Settings
+from recloop.config import REPO_ROOT, Settings
 
 DAGSTER_YAML = """\
 # Written by recloop for the embedded default: runs, events and schedules in SQLite under this folder.
@@ -22,18 +27,25 @@ run_coordinator:
 """
 
 
+# The production instance (dagster-postgres; its URL from RECLOOP_DAGSTER_PG_URL).
+PRODUCTION_DAGSTER_YAML = REPO_ROOT / "deploy" / "dagster.yaml"
+
+
 def dagster_home(settings: Settings) -> Path:
-    """DAGSTER_HOME if set, else `<RECLOOP_HOME>/dagster`, created with a dagster.yaml when new."""
+    """DAGSTER_HOME if set, else `<RECLOOP_HOME>/dagster`, created with a dagster.yaml when it has none:
+    the embedded default's (SQLite under that folder) locally, deploy/dagster.yaml (PostgreSQL) in
+    production. An existing dagster.yaml is the deployment's own and is left as it is."""
     home = Path(os.environ.get("DAGSTER_HOME") or settings.home / "dagster").resolve()
     home.mkdir(parents=True, exist_ok=True)
     config = home / "dagster.yaml"
     if not config.exists():
-        config.write_text(DAGSTER_YAML)
+        config.write_text(PRODUCTION_DAGSTER_YAML.read_text() if settings.is_production else DAGSTER_YAML)
     os.environ["DAGSTER_HOME"] = str(home)
     return home
 
 
 def instance(settings: Settings) -> dg.DagsterInstance:
+    """The Dagster instance of this deployment (the one the UI and the daemon read)."""
     dagster_home(settings)
     return dg.DagsterInstance.get()
 

@@ -24,7 +24,7 @@ import time
 from datetime import date, timedelta
 from typing import Any
 
-from recloop.config import Settings
+from recloop.config import Settings, mask_url
 
 TELEMETRY_OPT_OUTS = {
     "DO_NOT_TRACK": "1",
@@ -220,7 +220,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if training is not None:
         from recloop.registry import registry_settings
 
-        print(f"  MLflow runs and registry at {registry_settings(settings).tracking_uri}")
+        print(f"  MLflow runs and registry at {mask_url(registry_settings(settings).tracking_uri)}")
     print()
     print("Look at it in the Dagster UI (asset runs, checks, lineage, the drift sensor and the retraining schedule):  "
           "make ui  →  http://127.0.0.1:3000")

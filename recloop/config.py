@@ -1,18 +1,122 @@
 """One settings object for recloop, read from the environment when asked for (never at import time).
 
 `RECLOOP_ENV` is the one switch between the embedded default (`local`: folders, SQLite, DuckDB) and the
-production stack (`production`: S3, Postgres, Redis). Every other setting has a default derived from
-`RECLOOP_HOME` so that a fresh checkout runs with no configuration at all.
+production stack (`production`: S3, Postgres, Redis). Locally every setting has a default derived from
+`RECLOOP_HOME`, so a fresh checkout runs with no configuration at all. In production nothing falls back
+to a local file: `Settings.from_env()` fails at once with one `SettingsError` that lists every required
+variable that is missing or malformed (see docs/production.md, "Production settings").
+
+Secrets (passwords inside the database and Redis URLs, AWS keys) are read from the environment only:
+never from a file, never from code. `repr(settings)` and `settings.describe()` mask them, so a settings
+object can be logged.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, fields
 from datetime import date
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+ENVIRONMENTS = ("local", "production")
+EXECUTORS = ("multiprocess", "in_process")
+
+# Settings field -> the environment variable it is read from.
+ENV_VARS: dict[str, str] = {
+    "env": "RECLOOP_ENV",
+    "home": "RECLOOP_HOME",
+    "landing_uri": "RECLOOP_LANDING_URI",
+    "lake_uri": "RECLOOP_LAKE_URI",
+    "s3_endpoint_url": "RECLOOP_S3_ENDPOINT_URL",
+    "feature_repo": "RECLOOP_FEAST_REPO",
+    "expectations_dir": "RECLOOP_EXPECTATIONS_DIR",
+    "feast_data_dir": "RECLOOP_FEAST_DATA_DIR",
+    "feast_project": "RECLOOP_FEAST_PROJECT",
+    "redis_url": "RECLOOP_REDIS_URL",
+    "feast_registry_url": "RECLOOP_FEAST_REGISTRY_URL",
+    "mlflow_tracking_uri": "RECLOOP_MLFLOW_TRACKING_URI",
+    "mlflow_artifact_uri": "RECLOOP_MLFLOW_ARTIFACT_URI",
+    "alerts_db_url": "RECLOOP_ALERTS_DB_URL",
+    "dagster_pg_url": "RECLOOP_DAGSTER_PG_URL",
+    "dagster_executor": "RECLOOP_DAGSTER_EXECUTOR",
+    "dagster_max_concurrent": "RECLOOP_DAGSTER_MAX_CONCURRENT",
+    "partition_start": "RECLOOP_PARTITION_START",
+    "max_quarantine_rate": "RECLOOP_MAX_QUARANTINE_RATE",
+}
+
+_POSTGRES = re.compile(r"^postgresql(\+[a-z0-9_]+)?$")
+# dagster-postgres drives psycopg2 (its own dependency); SQLAlchemy 2.1 maps a bare postgresql:// URL
+# to psycopg 3, so the Dagster URL names its driver.
+_POSTGRES_PSYCOPG2 = re.compile(r"^postgresql\+psycopg2$")
+
+# What each production variable must look like: (check, what to write in the error).
+_PRODUCTION_REQUIRED: dict[str, tuple[str, str]] = {
+    "landing_uri": ("s3", "s3://bucket/prefix where raw files arrive"),
+    "lake_uri": ("s3", "s3://bucket/prefix of the lake"),
+    "redis_url": ("redis", "redis://[:password@]host:6379/0, the Feast online store"),
+    "feast_registry_url": ("postgres", "postgresql+psycopg://user:password@host:5432/feast, Feast's SQL registry"),
+    "mlflow_tracking_uri": (
+        "mlflow",
+        "http://mlflow:5000 (tracking server with proxied S3 artifacts) or postgresql+psycopg://…/mlflow "
+        "(backend store; then RECLOOP_MLFLOW_ARTIFACT_URI=s3://… too)",
+    ),
+    "alerts_db_url": ("postgres", "postgresql+psycopg://user:password@host:5432/recloop, the alert delivery log"),
+    "dagster_pg_url": (
+        "postgres_psycopg2",
+        "postgresql+psycopg2://user:password@host:5432/dagster, the Dagster instance (deploy/dagster.yaml)",
+    ),
+}
+
+_SECRET_QUERY_KEYS = re.compile(r"(password|passwd|secret|token|access_key|sslkey)", re.IGNORECASE)
+MASK = "***"
+
+
+class SettingsError(ValueError):
+    """Settings that cannot run: every problem at once, each naming its environment variable."""
+
+    def __init__(self, env: str, problems: list[str]) -> None:
+        self.env = env
+        self.problems = list(problems)
+        head = (
+            f"RECLOOP_ENV={env}: {len(problems)} setting(s) missing or invalid (production never falls back "
+            "to local files; see docs/production.md):"
+            if env == "production"
+            else f"{len(problems)} setting(s) invalid:"
+        )
+        super().__init__("\n".join([head, *(f"  - {p}" for p in problems)]))
+
+    @property
+    def variables(self) -> list[str]:
+        """The environment variables named by the problems, in order."""
+        return [p.split(":", 1)[0] for p in self.problems]
+
+
+def mask_url(value: str | None) -> str | None:
+    """`value` with any password in its userinfo or query string replaced by `***`."""
+    if not value or "://" not in value:
+        return value
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        return MASK
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hostport = netloc.rpartition("@")
+        user, sep, password = userinfo.partition(":")
+        if sep and password:
+            netloc = f"{user}:{MASK}@{hostport}"
+        elif not sep and parts.scheme.startswith("redis") and user:
+            # redis://secret@host: Redis reads a lone userinfo as the password
+            netloc = f"{MASK}@{hostport}"
+    query = "&".join(
+        f"{k}={MASK}" if _SECRET_QUERY_KEYS.search(k) else f"{k}{eq}{v}"
+        for k, eq, v in (item.partition("=") for item in parts.query.split("&") if item)
+    )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -20,7 +124,26 @@ def _env(name: str, default: str | None = None) -> str | None:
     return value if value not in (None, "") else default
 
 
-@dataclass(frozen=True)
+def _scheme(url: str | None) -> str:
+    return url.split("://", 1)[0].lower() if url and "://" in url else ""
+
+
+def _check(kind: str, value: str) -> bool:
+    scheme = _scheme(value)
+    if kind == "s3":
+        return scheme == "s3" and bool(value[5:].split("/", 1)[0])
+    if kind == "redis":
+        return scheme in ("redis", "rediss")
+    if kind == "postgres":
+        return bool(_POSTGRES.match(scheme))
+    if kind == "postgres_psycopg2":
+        return bool(_POSTGRES_PSYCOPG2.match(scheme))
+    if kind == "mlflow":
+        return scheme in ("http", "https") or bool(_POSTGRES.match(scheme))
+    raise AssertionError(kind)
+
+
+@dataclass(frozen=True, repr=False)
 class Settings:
     env: str = "local"
     home: Path = field(default_factory=lambda: Path(".recloop").resolve())
@@ -32,33 +155,130 @@ class Settings:
     # Feast's file registry and SQLite online store (embedded default).
     feast_data_dir: Path = field(default_factory=lambda: Path(".recloop/feast").resolve())
     feast_project: str = "recloop"
+    # Production: the Redis online store and the SQL registry of Feast.
     redis_url: str | None = None
+    feast_registry_url: str | None = None
+    # MLflow: None = sqlite under <home>/mlflow (see recloop.registry.registry_settings).
+    mlflow_tracking_uri: str | None = None
+    mlflow_artifact_uri: str | None = None
+    # The alert delivery log (recloop.alerts); None = sqlite under <home>.
+    alerts_db_url: str | None = None
+    # The production Dagster instance storage (read by deploy/dagster.yaml through the environment).
+    dagster_pg_url: str | None = None
+    # Executor of the code location's jobs: multiprocess (at most `dagster_max_concurrent` steps at once)
+    # or in_process.
+    dagster_executor: str = "multiprocess"
+    dagster_max_concurrent: int = 2
     partition_start: date = date(2025, 1, 1)
     # Largest share of a partition's rows that may be quarantined before its validation check fails.
     max_quarantine_rate: float = 0.2
 
     def __post_init__(self) -> None:
-        if self.env not in ("local", "production"):
+        if self.env not in ENVIRONMENTS:
             raise ValueError(f"RECLOOP_ENV must be 'local' or 'production', got {self.env!r}")
+        problems = self.problems()
+        if problems:
+            raise SettingsError(self.env, problems)
+
+    def problems(self) -> list[str]:
+        """Every missing or malformed setting, as `VARIABLE: what is wrong (what is expected)`."""
+        out: list[str] = []
+        if self.dagster_executor not in EXECUTORS:
+            out.append(f"RECLOOP_DAGSTER_EXECUTOR: must be one of {', '.join(EXECUTORS)}, got {self.dagster_executor!r}")
+        if isinstance(self.dagster_max_concurrent, bool) or not isinstance(self.dagster_max_concurrent, int) \
+                or self.dagster_max_concurrent < 1:
+            out.append(f"RECLOOP_DAGSTER_MAX_CONCURRENT: must be a whole number >= 1, got {self.dagster_max_concurrent!r}")
+        if not self.is_production:
+            return out
+        for name, (kind, expected) in _PRODUCTION_REQUIRED.items():
+            value = getattr(self, name)
+            var = ENV_VARS[name]
+            if not value:
+                out.append(f"{var}: missing (expected {expected})")
+            elif not _check(kind, value):
+                out.append(f"{var}: {mask_url(value)!r} is not valid (expected {expected})")
+        if _POSTGRES.match(_scheme(self.mlflow_tracking_uri)):
+            if not self.mlflow_artifact_uri:
+                out.append(
+                    "RECLOOP_MLFLOW_ARTIFACT_URI: missing (expected s3://bucket/prefix: artifacts of new "
+                    "experiments when RECLOOP_MLFLOW_TRACKING_URI is a database)"
+                )
+        if self.mlflow_artifact_uri and not _check("s3", self.mlflow_artifact_uri):
+            out.append(f"RECLOOP_MLFLOW_ARTIFACT_URI: {self.mlflow_artifact_uri!r} is not valid (expected s3://bucket/prefix)")
+        return out
 
     @classmethod
     def from_env(cls) -> "Settings":
+        """The settings of this process's environment; raises `SettingsError` listing every problem."""
+        env = _env("RECLOOP_ENV", "local")
         home = Path(_env("RECLOOP_HOME", ".recloop")).resolve()
-        return cls(
-            env=_env("RECLOOP_ENV", "local"),
+        production = env == "production"
+        problems: list[str] = []
+
+        def number(name: str, default: str, kind: type):
+            raw = _env(name, default)
+            try:
+                return kind(raw)
+            except ValueError:
+                problems.append(f"{name}: {raw!r} is not a {'whole number' if kind is int else 'number'}")
+                return kind(default)
+
+        def day(name: str, default: str) -> date:
+            raw = _env(name, default)
+            try:
+                return date.fromisoformat(raw)
+            except ValueError:
+                problems.append(f"{name}: {raw!r} is not a date (YYYY-MM-DD)")
+                return date.fromisoformat(default)
+
+        values = dict(
+            env=env,
             home=home,
-            landing_uri=_env("RECLOOP_LANDING_URI", str(home / "landing")),
-            lake_uri=_env("RECLOOP_LAKE_URI", str(home / "lake")),
+            # In production the lake and landing zone have no local default: missing is an error.
+            landing_uri=_env("RECLOOP_LANDING_URI", "" if production else str(home / "landing")),
+            lake_uri=_env("RECLOOP_LAKE_URI", "" if production else str(home / "lake")),
             s3_endpoint_url=_env("RECLOOP_S3_ENDPOINT_URL"),
             feature_repo=Path(_env("RECLOOP_FEAST_REPO", str(REPO_ROOT / "feature_repo"))),
             expectations_dir=Path(_env("RECLOOP_EXPECTATIONS_DIR", str(REPO_ROOT / "expectations"))),
             feast_data_dir=Path(_env("RECLOOP_FEAST_DATA_DIR", str(home / "feast"))),
             feast_project=_env("RECLOOP_FEAST_PROJECT", "recloop"),
             redis_url=_env("RECLOOP_REDIS_URL"),
-            partition_start=date.fromisoformat(_env("RECLOOP_PARTITION_START", "2025-01-01")),
-            max_quarantine_rate=float(_env("RECLOOP_MAX_QUARANTINE_RATE", "0.2")),
+            feast_registry_url=_env("RECLOOP_FEAST_REGISTRY_URL"),
+            mlflow_tracking_uri=_env("RECLOOP_MLFLOW_TRACKING_URI"),
+            mlflow_artifact_uri=_env("RECLOOP_MLFLOW_ARTIFACT_URI"),
+            alerts_db_url=_env("RECLOOP_ALERTS_DB_URL"),
+            dagster_pg_url=_env("RECLOOP_DAGSTER_PG_URL"),
+            dagster_executor=_env("RECLOOP_DAGSTER_EXECUTOR", "multiprocess"),
+            dagster_max_concurrent=number("RECLOOP_DAGSTER_MAX_CONCURRENT", "2", int),
+            partition_start=day("RECLOOP_PARTITION_START", "2025-01-01"),
+            max_quarantine_rate=number("RECLOOP_MAX_QUARANTINE_RATE", "0.2", float),
         )
+        if env not in ENVIRONMENTS:
+            raise ValueError(f"RECLOOP_ENV must be 'local' or 'production', got {env!r}")
+        try:
+            settings = cls(**values)
+        except SettingsError as err:
+            raise SettingsError(env, problems + err.problems) from None
+        if problems:
+            raise SettingsError(env, problems)
+        return settings
 
     @property
     def is_production(self) -> bool:
         return self.env == "production"
+
+    def describe(self) -> dict[str, str]:
+        """Every setting by its environment variable, secrets masked: safe to log or print."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[ENV_VARS[f.name]] = "" if value is None else str(mask_url(str(value)))
+        return out
+
+    def __repr__(self) -> str:
+        def shown(value: object) -> str:
+            return repr(mask_url(value)) if isinstance(value, str) else repr(value)
+
+        return "Settings(" + ", ".join(f"{f.name}={shown(getattr(self, f.name))}" for f in fields(self)) + ")"
+
+    __str__ = __repr__

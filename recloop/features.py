@@ -8,7 +8,9 @@ Two halves, no Dagster in either:
 * The Feast wrapper (`feature_store`, `apply_repo`, `materialize_partition`, `online_features`,
   `training_set`, `feature_freshness`) drives Feast's own apply / materialize / retrieval on the repo in
   `feature_repo/`, whose `feature_store.yaml` takes its paths from `RECLOOP_*` environment variables
-  that `feature_store()` sets (for the duration of the load) from recloop's Settings.
+  that `feature_store()` sets (for the duration of the load) from recloop's Settings. In production
+  (RECLOOP_ENV=production) the same yaml is loaded with its registry (SQL, PostgreSQL), online store
+  (Redis) and, for a lake on S3, offline store (`recloop.feast_offline`) swapped in code.
 
 Feature definitions (all windows end at the snapshot time `T = D+1 00:00 UTC`; the 1/7/28-day windows
 are `[T - n days, T)`):
@@ -366,8 +368,26 @@ def redis_connection_string(url: str) -> str:
     return ",".join(parts)
 
 
-def _repo_config(settings: "Settings", project: str | None, online: str, redis_url: str | None):
-    """Feast's RepoConfig from feature_store.yaml, read exactly as Feast reads it (`${VAR}` expanded)."""
+def resolve_online(settings: "Settings", online: str | None) -> str:
+    """The online store to use: as asked, else Redis in production and SQLite in the embedded default."""
+    if online is None:
+        return "redis" if getattr(settings, "is_production", False) else "sqlite"
+    if online not in ("sqlite", "redis"):
+        raise ValueError(f"online must be 'sqlite' or 'redis', got {online!r}")
+    return online
+
+
+def _repo_config(settings: "Settings", project: str | None, online: str | None, redis_url: str | None):
+    """Feast's RepoConfig from feature_store.yaml, read exactly as Feast reads it (`${VAR}` expanded),
+    with the production blocks swapped in code (so there is one yaml to maintain):
+
+    * `online_store`: Redis at `redis_url` / `settings.redis_url` when `online` is "redis" (the default in
+      production);
+    * `registry`: Feast's SQL registry at `settings.feast_registry_url` (PostgreSQL) in production, with
+      the yaml's cache ttl;
+    * `offline_store`: `recloop.feast_offline.S3DuckDBOfflineStore` (Feast's DuckDB store reading `s3://`
+      sources through Arrow's S3 filesystem) when the lake is on S3.
+    """
     import yaml
     from feast.repo_config import FeastConfigError, RepoConfig
     from pydantic import ValidationError
@@ -375,13 +395,29 @@ def _repo_config(settings: "Settings", project: str | None, online: str, redis_u
     repo = Path(settings.feature_repo).resolve()
     yaml_path = repo / "feature_store.yaml"
     raw = yaml.safe_load(os.path.expandvars(yaml_path.read_text()))  # = feast.repo_config.load_repo_config
-    if online == "redis":
+    if resolve_online(settings, online) == "redis":
         url = redis_url or getattr(settings, "redis_url", None)
         if not url:
             raise ValueError("online='redis' needs redis_url (or settings.redis_url / RECLOOP_REDIS_URL)")
         raw["online_store"] = {"type": "redis", "connection_string": redis_connection_string(url)}
-    elif online != "sqlite":
-        raise ValueError(f"online must be 'sqlite' or 'redis', got {online!r}")
+    if getattr(settings, "is_production", False):
+        registry_url = getattr(settings, "feast_registry_url", None)
+        if not registry_url:
+            raise ValueError("production needs RECLOOP_FEAST_REGISTRY_URL (Feast's SQL registry)")
+        file_registry = raw.get("registry") if isinstance(raw.get("registry"), dict) else {}
+        raw["registry"] = {
+            "registry_type": "sql",
+            "path": registry_url,
+            "cache_ttl_seconds": file_registry.get("cache_ttl_seconds", 10),
+            # connections from a pool may have been closed by the server or a proxy in between
+            "sqlalchemy_config_kwargs": {"echo": False, "pool_pre_ping": True},
+        }
+    if str(settings.lake_uri).startswith("s3://"):
+        from recloop.feast_offline import STORE_TYPE
+
+        offline = dict(raw.get("offline_store") or {})
+        if offline.get("type", "duckdb") == "duckdb":
+            raw["offline_store"] = {**offline, "type": STORE_TYPE}
     try:
         config = RepoConfig(**raw)
     except ValidationError as err:
@@ -412,23 +448,26 @@ def feature_store(
     settings: "Settings",
     *,
     project: str | None = None,
-    online: str = "sqlite",
+    online: str | None = None,
     redis_url: str | None = None,
 ) -> "feast.FeatureStore":
     """A Feast FeatureStore on `settings.feature_repo`.
 
-    The registry (`registry.db`) and the SQLite online store (`online.db`) live in
-    `settings.feast_data_dir`; the project defaults to `settings.feast_project` ("recloop"). With
-    `online="redis"` the online store is Redis at `redis_url` (default `settings.redis_url`): the same
-    feature_store.yaml is loaded and only its `online_store` block is swapped, in code, before the
-    RepoConfig is built (`FeatureStore(config=...)`), so there is one yaml to maintain.
+    Embedded default: the registry (`registry.db`) and the SQLite online store (`online.db`) live in
+    `settings.feast_data_dir`. Production (`settings.is_production`): the SQL registry on PostgreSQL
+    (`settings.feast_registry_url`) and the Redis online store. `online` ("sqlite" | "redis", default by
+    the environment) picks the online store; with "redis" it is at `redis_url` (default
+    `settings.redis_url`). The project defaults to `settings.feast_project` ("recloop"). The same
+    feature_store.yaml is loaded in every case and only its production blocks are swapped, in code,
+    before the RepoConfig is built (`FeatureStore(config=...)`; see `_repo_config`).
     """
     from feast import FeatureStore
 
     if not _ATEXIT.is_set():
         _ATEXIT.set()
         atexit.register(_close_ibis_default_backend)
-    Path(settings.feast_data_dir).mkdir(parents=True, exist_ok=True)
+    if not getattr(settings, "is_production", False) or resolve_online(settings, online) == "sqlite":
+        Path(settings.feast_data_dir).mkdir(parents=True, exist_ok=True)  # file registry / SQLite store
     with _FEAST_LOCK, _patched_environ(feast_environment(settings, project)):
         config = _repo_config(settings, project, online, redis_url)
         return FeatureStore(repo_path=str(config.repo_path), config=config)
@@ -464,7 +503,7 @@ def apply_repo(
     settings: "Settings",
     *,
     project: str | None = None,
-    online: str = "sqlite",
+    online: str | None = None,
     redis_url: str | None = None,
 ) -> dict[str, Any]:
     """`feast apply` for the repo, in process: Feast's own parser and apply (objects removed from the
@@ -516,7 +555,7 @@ def materialize_partition(
     *,
     views: Iterable[str] | None = None,
     project: str | None = None,
-    online: str = "sqlite",
+    online: str | None = None,
     redis_url: str | None = None,
     lake: Lake | None = None,
 ) -> dict[str, Any]:
@@ -599,7 +638,7 @@ def online_features(
     categories: Sequence[str] | None = None,
     features: str | Sequence[str] | None = None,
     project: str | None = None,
-    online: str = "sqlite",
+    online: str | None = None,
     redis_url: str | None = None,
     store: "feast.FeatureStore | None" = None,
 ) -> "pd.DataFrame":

@@ -2,6 +2,9 @@
 
 Tests marked `postgres` or `redis` use the servers on this machine. When a server is unreachable they
 skip on a developer's machine, but fail with a clear message in CI (CI=true): a CI run must exercise them.
+S3 is moto's standalone server, started on loopback by the `s3_endpoint` fixture (no MinIO binary here);
+each test gets its own bucket (`s3_bucket`), PostgreSQL databases (`pg_database`, `make_pg_database`)
+and Feast project in Redis (`redis_feast_project`), all removed afterwards.
 """
 
 from __future__ import annotations
@@ -22,6 +25,13 @@ for _key, _value in {
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 }.items():
     os.environ.setdefault(_key, _value)
+
+# The deployment's service settings: a developer's shell may export them; an isolated test must not see them.
+PRODUCTION_VARS = (
+    "RECLOOP_S3_ENDPOINT_URL", "RECLOOP_REDIS_URL", "RECLOOP_FEAST_REGISTRY_URL", "RECLOOP_MLFLOW_TRACKING_URI",
+    "RECLOOP_MLFLOW_ARTIFACT_URI", "RECLOOP_ALERTS_DB_URL", "RECLOOP_DAGSTER_PG_URL", "RECLOOP_DAGSTER_EXECUTOR",
+    "RECLOOP_DAGSTER_MAX_CONCURRENT", "MLFLOW_S3_ENDPOINT_URL",
+)
 
 PG_DSN = os.environ.get("RECLOOP_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("RECLOOP_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -55,23 +65,113 @@ def pg_dsn() -> str:
 
 
 @pytest.fixture()
-def pg_database(pg_dsn):
-    """A fresh PostgreSQL database for one test, dropped afterwards. Yields its URL."""
+def make_pg_database(pg_dsn):
+    """A factory of fresh PostgreSQL databases for one test (`make_pg_database("feast")` → a plain
+    `postgresql://…/recloop_test_feast_<hex>` URL); every database it made is dropped afterwards, open
+    connections and all."""
     import psycopg
 
-    name = f"recloop_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(pg_dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
+    made: list[str] = []
     parsed = urlparse(pg_dsn)
-    yield parsed._replace(path=f"/{name}").geturl()
+
+    def make(label: str = "db") -> str:
+        name = f"recloop_test_{label}_{uuid.uuid4().hex[:10]}"
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        made.append(name)
+        return parsed._replace(path=f"/{name}").geturl()
+
+    yield make
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        for name in made:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture()
+def pg_database(make_pg_database):
+    """A fresh PostgreSQL database for one test, dropped afterwards. Yields its URL."""
+    return make_pg_database("db")
 
 
 @pytest.fixture()
 def redis_url() -> str:
     require_server("Redis", REDIS_URL, 6379)
     return REDIS_URL
+
+
+@pytest.fixture()
+def redis_feast_project(redis_url):
+    """A unique Feast project name; every Redis key of that project is deleted afterwards (Feast's Redis
+    keys end with the project name), and the cleanup checks none is left."""
+    project = f"t_prod_{uuid.uuid4().hex[:10]}"
+    yield project
+    assert drop_feast_redis_keys(redis_url, project) == 0
+
+
+@pytest.fixture()
+def drop_feast_keys(redis_url):
+    """`drop_feast_keys(project)`: `drop_feast_redis_keys` on the test Redis, for a project a test made."""
+    return lambda project: drop_feast_redis_keys(redis_url, project)
+
+
+def drop_feast_redis_keys(redis_url: str, project: str) -> int:
+    """Deletes every Redis key of Feast project `project` (Feast's Redis keys are `<serialized entity
+    key><project>`); returns how many are left (0)."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        keys = list(client.scan_iter(match=b"*" + project.encode(), count=1000))
+        if keys:
+            client.delete(*keys)
+        return len(list(client.scan_iter(match=b"*" + project.encode(), count=1000)))
+    finally:
+        client.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto's standalone S3-compatible server on a free loopback port, for the whole session."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    # werkzeug logs every request at INFO: thousands of lines in a failing test's captured log
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture()
+def s3_bucket(s3_endpoint, monkeypatch):
+    """A fresh bucket on the loopback S3 server, with dummy AWS credentials in the environment (boto3,
+    Arrow's S3 client and MLflow all read them from there). Yields `(endpoint_url, bucket)`; the bucket
+    and everything in it are deleted afterwards."""
+    import boto3
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    bucket = f"recloop-{uuid.uuid4().hex[:12]}"
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    client.create_bucket(Bucket=bucket)
+    yield s3_endpoint, bucket
+    paginator = client.get_paginator("list_objects_v2")
+    for page in paginator.paginate(Bucket=bucket):
+        objects = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+        if objects:
+            client.delete_objects(Bucket=bucket, Delete={"Objects": objects, "Quiet": True})
+    client.delete_bucket(Bucket=bucket)
 
 
 @pytest.fixture()
@@ -82,7 +182,7 @@ def recloop_env(tmp_path, monkeypatch):
     (home / "dagster").mkdir(parents=True)
     monkeypatch.setenv("DAGSTER_HOME", str(home / "dagster"))
     monkeypatch.setenv("RECLOOP_FEAST_PROJECT", f"t{uuid.uuid4().hex[:10]}")
-    for var in ("RECLOOP_LANDING_URI", "RECLOOP_LAKE_URI", "RECLOOP_FEAST_DATA_DIR", "RECLOOP_ENV"):
+    for var in ("RECLOOP_LANDING_URI", "RECLOOP_LAKE_URI", "RECLOOP_FEAST_DATA_DIR", "RECLOOP_ENV", *PRODUCTION_VARS):
         monkeypatch.delenv(var, raising=False)
     from recloop.config import Settings
 

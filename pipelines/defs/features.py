@@ -1,5 +1,6 @@
 """Features: daily point-in-time snapshots (DuckDB) per feature view, Feast's registry (`feast apply`),
-and the online store materialized per partition, with freshness checks.
+and the online store materialized per partition, with freshness checks. Thin adapters over
+`recloop.lifecycle` and `recloop.features` (shared with the Airflow DAGs in dags/).
 """
 
 
@@ -11,6 +12,7 @@ from pipelines.defs.partitions import DAILY
 from pipelines.defs.resources import FeastResource, LakeResource
 from pipelines.defs.validation import silver_key
 from recloop import features as feature_ops
+from recloop import lifecycle
 
 FEATURE_KEYS = {view: dg.AssetKey(["features", view]) for view in feature_ops.FEATURE_VIEWS}
 FEAST_REGISTRY = dg.AssetKey(["feast", "registry"])
@@ -33,15 +35,15 @@ ONLINE_FEATURES = dg.AssetKey(["feast", "online_features"])
 )
 def feature_snapshots(context: dg.AssetExecutionContext, lake: LakeResource):
     """Computes every feature view's snapshot for the partition's day in one DuckDB pass over the data."""
-    written = feature_ops.compute_features(lake.open(), context.partition_key)
+    written = lifecycle.compute_features(lake.open(), context.partition_key)
     for view, part in written.items():
         yield dg.MaterializeResult(
             asset_key=FEATURE_KEYS[view],
             metadata={
-                "dagster/row_count": part.rows,
-                "bytes": part.bytes,
-                "path": dg.MetadataValue.path(part.uri),
-                "snapshot_time": feature_ops.snapshot_time(context.partition_key).isoformat(),
+                "dagster/row_count": part["rows"],
+                "bytes": part["bytes"],
+                "path": dg.MetadataValue.path(part["path"]),
+                "snapshot_time": part["snapshot_time"],
             },
         )
 
@@ -81,20 +83,19 @@ def feast_registry(feast: FeastResource) -> dg.MaterializeResult:
 )
 def online_features(context: dg.AssetExecutionContext, feast: FeastResource, lake: LakeResource) -> dg.MaterializeResult:
     days = sorted(context.partition_keys)
-    result = feast.materialize(partition=days[-1], lake=lake.open())
-    views = result.get("views", {})
-    if result.get("skipped"):
-        context.log.info(f"online materialization skipped: {result.get('reason')}")
+    out = lifecycle.online_summary(feast.materialize(partition=days[-1], lake=lake.open()), days)
+    if out["skipped"]:
+        context.log.info(f"online materialization skipped: {out['reason']}")
     return dg.MaterializeResult(
         metadata={
-            "snapshot": result["snapshot"],
-            "online_store": result.get("online_store", ""),
-            "skipped": bool(result.get("skipped")),
-            "skipped_views": dg.MetadataValue.json(result.get("skipped_views", {})),
-            "superseded_days": dg.MetadataValue.json(days[:-1]),
-            "rows_written": sum(v["rows"] for v in views.values()),
-            "views": dg.MetadataValue.json(views),
-            "seconds": result.get("seconds", 0.0),
+            "snapshot": out["snapshot"],
+            "online_store": out["online_store"],
+            "skipped": out["skipped"],
+            "skipped_views": dg.MetadataValue.json(out["skipped_views"]),
+            "superseded_days": dg.MetadataValue.json(out["superseded_days"]),
+            "rows_written": out["rows_written"],
+            "views": dg.MetadataValue.json(out["views"]),
+            "seconds": out["seconds"],
         }
     )
 

@@ -1,14 +1,17 @@
 """Ingestion: one daily-partitioned asset per table landing raw files into the lake's bronze layer, and
 the blocking schema check (Great Expectations, schema-level expectations) that guards everything after.
+Thin adapters over `recloop.lifecycle` (shared with the Airflow DAGs in dags/).
 """
 
+from functools import partial
+from pathlib import Path
 
 import dagster as dg
 
 from pipelines.defs.partitions import DAILY
 from pipelines.defs.resources import AlertsResource, GreatExpectationsResource, LakeResource
+from recloop import lifecycle
 from recloop.data.schemas import TABLE_ORDER
-from recloop.ingestion import ingest_partition
 
 
 def bronze_key(table: str) -> dg.AssetKey:
@@ -27,18 +30,17 @@ def _bronze_asset(table: str) -> dg.AssetsDefinition:
         ),
     )
     def _asset(context: dg.AssetExecutionContext, landing: LakeResource, lake: LakeResource) -> dg.MaterializeResult:
-        result = ingest_partition(table, context.partition_key, landing=landing.open(), lake=lake.open())
-        m = result.manifest
+        out = lifecycle.ingest(table, context.partition_key, landing=landing.open(), lake=lake.open())
         return dg.MaterializeResult(
             metadata={
-                "dagster/row_count": m.rows,
-                "bytes": result.written.bytes,
-                "path": dg.MetadataValue.path(result.written.uri),
-                "files": len(m.files),
-                "malformed_lines": sum(f.malformed_rows for f in m.files),
-                "encoding_errors": sum(f.encoding_errors for f in m.files),
-                "rejected_files": dg.MetadataValue.json([r.__dict__ for r in m.rejected_files]),
-                "ingested_at": m.ingested_at,
+                "dagster/row_count": out["rows"],
+                "bytes": out["bytes"],
+                "path": dg.MetadataValue.path(out["path"]),
+                "files": out["files"],
+                "malformed_lines": out["malformed_lines"],
+                "encoding_errors": out["encoding_errors"],
+                "rejected_files": dg.MetadataValue.json(out["rejected_files"]),
+                "ingested_at": out["ingested_at"],
             }
         )
 
@@ -58,25 +60,22 @@ def _schema_check(table: str) -> dg.AssetChecksDefinition:
     )
     def _check(context: dg.AssetCheckExecutionContext, lake: LakeResource, gx: GreatExpectationsResource,
                alerts: AlertsResource) -> dg.AssetCheckResult:
-        partition = context.partition_key
-        report = gx.check_schema(lake=lake.open(), table=table, partition=partition)
-        if not report.passed:
-            alerts.send(context.log, "validation.failed", key=f"{bronze_key(table).to_user_string()}/gx_schema/{partition}/{context.run.run_id}",
-                        text=f":x: recloop: {table} of {partition} failed its schema check: {'; '.join(report.failures)}",
-                        asset=bronze_key(table).to_user_string(), partition=partition,
-                        numbers={"rows": report.rows}, details={"check": "gx_schema", "failures": report.failures,
-                                                                 "missing_columns": report.missing_columns})
+        check = lifecycle.check_schema(lake.open(), table, context.partition_key,
+                                       expectations_dir=Path(gx.expectations_dir), run_id=context.run.run_id)
+        if check.alert is not None:
+            check.alert.send_with(partial(alerts.send, context.log))
+        summary = check.summary()
         return dg.AssetCheckResult(
-            passed=report.passed,
+            passed=check.passed,
             severity=dg.AssetCheckSeverity.ERROR,
-            description="; ".join(report.failures) if report.failures else "schema conforms",
+            description=check.description,
             metadata={
-                "partition": partition,
-                "rows": report.rows,
-                "failures": dg.MetadataValue.json(report.failures),
-                "warnings": dg.MetadataValue.json(report.warnings),
-                "missing_columns": dg.MetadataValue.json(report.missing_columns),
-                "extra_columns_dropped": dg.MetadataValue.json(report.extra_columns),
+                "partition": summary["partition"],
+                "rows": summary["rows"],
+                "failures": dg.MetadataValue.json(summary["failures"]),
+                "warnings": dg.MetadataValue.json(summary["warnings"]),
+                "missing_columns": dg.MetadataValue.json(summary["missing_columns"]),
+                "extra_columns_dropped": dg.MetadataValue.json(summary["extra_columns_dropped"]),
             },
         )
 

@@ -1,10 +1,28 @@
-"""Jobs and schedules of the data plane (which ends with the day's drift report)."""
+"""Jobs and schedules of the data plane (which ends with the day's drift report), and the executor every
+job of the code location runs with."""
 
 
 import dagster as dg
 
 from pipelines.defs.features import FEAST_REGISTRY
 from pipelines.defs.partitions import DAILY
+from recloop.config import Settings
+
+
+def executor_for(settings: Settings) -> dg.ExecutorDefinition:
+    """The executor of every job, from `RECLOOP_DAGSTER_EXECUTOR` / `RECLOOP_DAGSTER_MAX_CONCURRENT`.
+
+    `multiprocess` (default): each step in its own process, at most `dagster_max_concurrent` at once, on
+    the machine the run worker is on. `in_process`: every step in the run worker's process, one after
+    the other (cheaper for small runs and for debugging). Teams that outgrow one machine swap in
+    Dagster's Kubernetes or Celery executor here (see docs/deployment.md); the assets do not change.
+    """
+    if settings.dagster_executor == "in_process":
+        return dg.in_process_executor
+    return dg.multiprocess_executor.configured(
+        {"max_concurrent": settings.dagster_max_concurrent}, name="multiprocess"
+    )
+
 
 # Transient failures (a busy S3, a locked SQLite file) deserve a retry; a retry never duplicates data
 # because every partition write replaces the partition. Bad data never reaches a retry: the blocking
@@ -40,4 +58,10 @@ daily_data_plane_schedule = dg.build_schedule_from_partitioned_job(
 
 @dg.definitions
 def defs() -> dg.Definitions:
-    return dg.Definitions(jobs=[data_plane_job, feast_apply_job], schedules=[daily_data_plane_schedule])
+    # The executor given here is the code location's default: every job without its own uses it
+    # (data_plane_job, feast_apply_job, training_job, drift_job, ...).
+    return dg.Definitions(
+        jobs=[data_plane_job, feast_apply_job],
+        schedules=[daily_data_plane_schedule],
+        executor=executor_for(Settings.from_env()),
+    )

@@ -1,7 +1,9 @@
 """The model plane: training set → two-tower → ANN index → ranker → evaluation → registered version →
 champion, with the promotion gate as a blocking check in front of promotion. Thin adapters over
-`recloop.model_plane`; every number worth plotting is asset metadata."""
+`recloop.model_plane` and `recloop.lifecycle` (shared with the Airflow DAGs in dags/); every number worth
+plotting is asset metadata."""
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -9,9 +11,9 @@ import dagster as dg
 from pydantic import Field
 
 from pipelines.defs.features import FEAST_REGISTRY, FEATURE_KEYS
-from pipelines.defs.resources import AlertsResource, FeastResource, LakeResource
+from pipelines.defs.resources import AlertsResource, FeastResource, LakeResource, secret_value
 from pipelines.defs.validation import silver_key
-from recloop import model_plane
+from recloop import lifecycle, model_plane
 from recloop.registry import GateConfig, Registry
 
 TRAINING_SET = dg.AssetKey(["model", "training_set"])
@@ -72,15 +74,14 @@ def _numbers(d: dict[str, Any]) -> dict[str, Any]:
 )
 def training_set(config: TrainingWindowConfig, lake: LakeResource, feast: FeastResource,
                  workspace: ModelWorkspaceResource) -> dg.MaterializeResult:
-    plan = model_plane.plan_window(lake.open(), train_days=config.TrainDays, test_days=config.TestDays,
-                                   ranker_days=config.RankerDays)
-    out = model_plane.build_training_set(feast.settings(), lake.open(), plan, workspace.dir())
+    out = lifecycle.build_training_set(feast.settings(), lake.open(), workspace.dir(), train_days=config.TrainDays,
+                                      test_days=config.TestDays, ranker_days=config.RankerDays)
     return dg.MaterializeResult(metadata={
         "dagster/row_count": out["rows"],
         **_numbers({k: v for k, v in out.items() if k not in ("rows", "partitions")}),
         "features": dg.MetadataValue.json(out["features"]),
-        "train_partitions": dg.MetadataValue.json(plan.train_partitions),
-        "test_partitions": dg.MetadataValue.json(plan.test_partitions),
+        "train_partitions": dg.MetadataValue.json(out["train_partitions"]),
+        "test_partitions": dg.MetadataValue.json(out["test_partitions"]),
     })
 
 
@@ -120,29 +121,21 @@ def ranker(lake: LakeResource, workspace: ModelWorkspaceResource) -> dg.Material
           description=("Offline evaluation on the held-out days, full ranking, seen items excluded: full pipeline, "
                        "retrieval alone, popularity, tuned ALS and the current champion on the same split."))
 def evaluation(lake: LakeResource, workspace: ModelWorkspaceResource, registry: MlflowRegistryResource) -> dg.MaterializeResult:
-    reg = registry.open()
-    champion = reg.champion()
-    bundle = reg.bundle_path(champion.version) if champion is not None else None
-    ev = model_plane.evaluate_candidate(lake.open(), workspace.dir(), champion_bundle=bundle,
-                                        champion_version=str(champion.version) if champion else None)
-    table = {name: {m: round(v, 4) for m, v in values.items() if m in (
-        "recall_at_10", "ndcg_at_10", "map_at_10", "hit_rate_at_10", "coverage", "diversity", "novelty_at_10",
-        "popularity_concentration")} for name, values in ev.metrics.items()}
-    full, pop = ev.metrics[model_plane.PRIMARY], ev.metrics["popularity"]
+    out = lifecycle.evaluate_candidate(lake.open(), registry.open(), workspace.dir())
     return dg.MaterializeResult(metadata={
-        "ndcg_at_10": full["ndcg_at_10"],
-        "recall_at_10": full["recall_at_10"],
-        "recall_at_10_vs_popularity": round(full["recall_at_10"] / pop["recall_at_10"], 3) if pop["recall_at_10"] else float("inf"),
-        "users_evaluated": ev.result["recommenders"][model_plane.PRIMARY]["users_evaluated"],
-        "by_recommender": dg.MetadataValue.json(table),
-        "sanity": dg.MetadataValue.json(ev.sanity),
-        "champion_compared": ev.champion_version or "none (first model: compared with popularity)",
+        "ndcg_at_10": out["ndcg_at_10"],
+        "recall_at_10": out["recall_at_10"],
+        "recall_at_10_vs_popularity": out["recall_at_10_vs_popularity"],
+        "users_evaluated": out["users_evaluated"],
+        "by_recommender": dg.MetadataValue.json(out["by_recommender"]),
+        "sanity": dg.MetadataValue.json(out["sanity"]),
+        "champion_compared": out["champion_compared"],
     })
 
 
 def _gate_config(config: GateRunConfig | None = None) -> GateConfig:
     c = config or GateRunConfig()
-    return GateConfig(min_improvement=c.MinImprovement, max_identical_list_share=c.MaxIdenticalListShare)
+    return lifecycle.gate_config(min_improvement=c.MinImprovement, max_identical_list_share=c.MaxIdenticalListShare)
 
 
 @dg.asset(
@@ -154,11 +147,9 @@ def _gate_config(config: GateRunConfig | None = None) -> GateConfig:
 )
 def registered_version(context: dg.AssetExecutionContext, workspace: ModelWorkspaceResource,
                        registry: MlflowRegistryResource) -> dg.MaterializeResult:
-    version = model_plane.register_candidate(registry.open(), workspace.dir())
-    context.log.info(f"registered version {version} as challenger")
-    (workspace.dir() / "version.txt").write_text(version)
-    return dg.MaterializeResult(metadata={"version": version, "model_name": registry.model_name,
-                                          "model_uri": f"models:/{registry.model_name}/{version}"})
+    out = lifecycle.register_candidate(registry.open(), workspace.dir())
+    context.log.info(f"registered version {out['version']} as challenger")
+    return dg.MaterializeResult(metadata=out)
 
 
 @dg.asset_check(
@@ -171,46 +162,36 @@ def registered_version(context: dg.AssetExecutionContext, workspace: ModelWorksp
 )
 def promotion_gate(context: dg.AssetCheckExecutionContext, config: GateRunConfig, workspace: ModelWorkspaceResource,
                    registry: MlflowRegistryResource, alerts: AlertsResource) -> dg.AssetCheckResult:
-    version = (workspace.dir() / "version.txt").read_text().strip()
-    decision = model_plane.gate_decision(workspace.dir(), config=_gate_config(config))
-    if not decision.promote:
-        registry.open().refuse(version, decision)
-        _alert_decision(context, alerts, "model.refused", version, decision,
-                        f":no_entry: recloop: version {version} refused by the promotion gate: {decision.reasons[0]}")
+    gate = lifecycle.check_gate(registry.open(), workspace.dir(), config=_gate_config(config), run_id=context.run.run_id)
+    if gate.alert is not None:
+        gate.alert.send_with(partial(alerts.send, context.log))
+    out = gate.summary()
     return dg.AssetCheckResult(
-        passed=decision.promote,
+        passed=gate.passed,
         severity=dg.AssetCheckSeverity.ERROR,
-        description=decision.reasons[0],
-        metadata={"version": version, "compared_to": decision.compared_to,
-                  "reasons": dg.MetadataValue.json(decision.reasons),
-                  "checks": dg.MetadataValue.json(decision.checks),
-                  "metrics": dg.MetadataValue.json(decision.metrics)},
+        description=out["reasons"][0],
+        metadata={"version": out["version"], "compared_to": out["compared_to"],
+                  "reasons": dg.MetadataValue.json(out["reasons"]),
+                  "checks": dg.MetadataValue.json(out["checks"]),
+                  "metrics": dg.MetadataValue.json(out["metrics"])},
     )
-
-
-def _alert_decision(context: Any, alerts: AlertsResource, type: str, version: str, decision: Any, text: str) -> None:
-    alerts.send(context.log, type, key=f"version-{version}", text=text, asset=REGISTERED.to_user_string(),
-                model_version=version,
-                numbers={k: v for k, v in decision.metrics.items() if isinstance(v, (int, float))},
-                details={"compared_to": decision.compared_to, "reasons": decision.reasons, "run_id": context.run.run_id})
 
 
 @dg.asset(key=CHAMPION, group_name="models", deps=[REGISTERED], kinds={"mlflow"},
           description="Alias `champion` moved to the version that passed the gate; the decision recorded with when, why and the metrics.")
 def champion(context: dg.AssetExecutionContext, config: GateRunConfig, workspace: ModelWorkspaceResource,
              registry: MlflowRegistryResource, alerts: AlertsResource) -> dg.MaterializeResult:
-    version = (workspace.dir() / "version.txt").read_text().strip()
-    decision = model_plane.gate_decision(workspace.dir(), config=_gate_config(config))
-    if not decision.promote:
-        raise dg.Failure(f"version {version} did not pass the promotion gate: {decision.reasons[0]}")
-    reg = registry.open()
-    reg.promote(version, decision)
-    context.log.info(f"version {version} is now champion: {decision.reasons[0]}")
-    _alert_decision(context, alerts, "model.promoted", version, decision,
-                    f":white_check_mark: recloop: version {version} is the new champion: {decision.reasons[0]}")
-    return dg.MaterializeResult(metadata={"champion": version, "compared_to": decision.compared_to,
-                                          "lineage": dg.MetadataValue.json(reg.lineage()),
-                                          "reasons": dg.MetadataValue.json(decision.reasons)})
+    try:
+        promotion = lifecycle.promote_candidate(registry.open(), workspace.dir(), config=_gate_config(config),
+                                                run_id=context.run.run_id)
+    except lifecycle.GateRefused as refused:
+        raise dg.Failure(str(refused)) from refused
+    context.log.info(f"version {promotion.version} is now champion: {promotion.decision.reasons[0]}")
+    promotion.alert.send_with(partial(alerts.send, context.log))
+    out = promotion.summary()
+    return dg.MaterializeResult(metadata={"champion": out["champion"], "compared_to": out["compared_to"],
+                                          "lineage": dg.MetadataValue.json(out["lineage"]),
+                                          "reasons": dg.MetadataValue.json(out["reasons"])})
 
 
 training_job = dg.define_asset_job(
@@ -233,8 +214,12 @@ def defs() -> dg.Definitions:
         asset_checks=[promotion_gate],
         jobs=[training_job],
         resources={
-            "registry": MlflowRegistryResource(tracking_uri=rs.tracking_uri, model_name=rs.model_name,
-                                               artifact_location=rs.artifact_location),
+            # A postgresql:// tracking URI carries a password: Dagster then shows the variable's name.
+            "registry": MlflowRegistryResource(
+                tracking_uri=secret_value("RECLOOP_MLFLOW_TRACKING_URI", rs.tracking_uri),
+                model_name=rs.model_name,
+                artifact_location=rs.artifact_location,
+            ),
             "workspace": ModelWorkspaceResource(path=str(model_plane.workdir_for(settings))),
         },
     )

@@ -1,7 +1,8 @@
 """The monitoring loop: a daily Evidently drift report against the champion's training window, a sensor
 that turns a drifted partition into one retraining run, a cron schedule that retrains on a cadence, and
 signed webhooks for drift, failed retraining (and, from the other stages, failed validation, promotion
-and refusal). Thin adapters over `recloop.drift`, `recloop.alerts` and `recloop.registry`.
+and refusal). Thin adapters over `recloop.lifecycle` (drift episodes, the retraining decision, the alerts;
+shared with the Airflow DAGs in dags/), `recloop.drift`, `recloop.alerts` and `recloop.registry`.
 
 Drift comes in episodes: consecutive drifted days under one champion. The first day of an episode sends
 the `drift.detected` alert and asks for one retraining run; the days after it are reported (metadata,
@@ -9,8 +10,8 @@ MLflow, the `no_drift` check) but do not page or retrain again. A retrained mode
 promotion gate as any other: drift never bypasses it.
 """
 
-import os
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import dagster as dg
@@ -22,40 +23,19 @@ from pipelines.defs.partitions import DAILY
 from pipelines.defs.resources import AlertsResource, LakeResource
 from pipelines.defs.validation import silver_key
 from pipelines.run import metadata_values, root_cause
+from recloop import lifecycle
+from recloop.lifecycle import COOLDOWN_ENV
 
 DRIFT = dg.AssetKey(["monitoring", "drift"])
 NO_DRIFT_CHECK = "no_drift"
 TRIGGER_TAG = "recloop/trigger"
 
-# Sensor and schedule settings come from the environment: they are read when the code location loads
-# (a sensor has no run config), and a deployment changes them without a code change.
-COOLDOWN_ENV = "RECLOOP_RETRAIN_COOLDOWN_HOURS"
-CRON_ENV = "RECLOOP_RETRAIN_CRON"
-TIMEZONE_ENV = "RECLOOP_RETRAIN_TIMEZONE"
+# Sensor and schedule settings come from the environment (`recloop.lifecycle.retrain_cooldown`,
+# `retrain_schedule`): a sensor has no run config, and a deployment changes them without a code change.
 
 
 class DriftRunConfig(dg.Config):
     ConfigPath: str | None = Field(default=None, description="Drift methods/thresholds file (default monitoring/drift.yaml).")
-
-
-def _drift_of(instance: dg.DagsterInstance, partition: str) -> dict[str, Any] | None:
-    """The metadata of the latest drift report of `partition`, or None."""
-    records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=DRIFT, asset_partitions=[partition]), limit=1
-    ).records
-    if not records or records[0].asset_materialization is None:
-        return None
-    return metadata_values(records[0].asset_materialization.metadata)
-
-
-def episode_start(instance: dg.DagsterInstance, partition: str, champion_version: str) -> str:
-    """The first day of the drift episode `partition` belongs to: the previous day's episode when that
-    day drifted against the same champion, else `partition` itself."""
-    previous = (datetime.fromisoformat(partition) - timedelta(days=1)).date().isoformat()
-    before = _drift_of(instance, previous)
-    if before and before.get("drifted") and str(before.get("champion_version")) == champion_version:
-        return str(before.get("drift_episode") or previous)
-    return partition
 
 
 @dg.asset(
@@ -73,56 +53,32 @@ def episode_start(instance: dg.DagsterInstance, partition: str, champion_version
 )
 def drift_report(context: dg.AssetExecutionContext, config: DriftRunConfig, lake: LakeResource,
                  registry: MlflowRegistryResource, alerts: AlertsResource) -> dg.MaterializeResult:
-    from recloop import drift
-    from recloop.pipeline import load_bundle
-
-    partition = context.partition_key
-    reg = registry.open()
-    champion = reg.champion()
-    if champion is None:
-        status = "no champion yet: no training window to compare with (the retraining schedule trains the first)"
-        context.log.info(status)
+    outcome = lifecycle.drift_report(lake.open(), registry.open(), context.partition_key, config_path=config.ConfigPath)
+    if outcome.champion_version is None:
+        context.log.info(outcome.status)
         return dg.MaterializeResult(
-            metadata={"drifted": False, "status": status},
-            check_results=[dg.AssetCheckResult(check_name=NO_DRIFT_CHECK, passed=True, description=status)],
+            metadata={"drifted": False, "status": outcome.status},
+            check_results=[dg.AssetCheckResult(check_name=NO_DRIFT_CHECK, passed=True, description=outcome.status)],
         )
-    version = str(champion.version)
-    bundle = reg.bundle_path(version)
-    the_lake = lake.open()
-    reference = drift.champion_reference(bundle)
-    result = drift.detect_drift(the_lake, partition, reference,
-                                config=drift.DriftConfig.load(config.ConfigPath),
-                                champion=load_bundle(bundle, lake=the_lake))
-    episode = episode_start(context.instance, partition, version) if result.drifted else None
-    html = the_lake.read_bytes(drift.report_key(partition)).decode() if result.report_uri else None
-    run_id = reg.log_drift_report(partition=partition, model_version=version, drifted=result.drifted,
-                                  summary=result.summary, report_uri=result.report_uri, report_html=html,
-                                  reasons=result.reasons)
-    explanation = "; ".join(result.reasons) or "no drift"
-    if result.drifted and episode == partition:
-        alerts.send(context.log, "drift.detected", key=f"{partition}/champion-{version}",
-                    text=(f":warning: recloop: drift on {partition} against champion v{version}'s training window: "
-                          + "; ".join(result.reasons[:3])),
-                    asset=DRIFT.to_user_string(), partition=partition, model_version=version,
-                    numbers=result.summary, report_url=result.report_uri,
-                    details={"reasons": result.reasons, "reference_partitions": reference, "mlflow_run_id": run_id})
-    elif result.drifted:
-        context.log.info(f"drift continues the episode that started on {episode}: no new alert or retraining")
+    if outcome.alert is not None:
+        outcome.alert.send_with(partial(alerts.send, context.log))
+    elif outcome.drifted:
+        context.log.info(outcome.status)
     return dg.MaterializeResult(
         metadata={
             # The summary first: its numeric `drifted` (for plots) gives way to the boolean below.
-            **{k: float(v) for k, v in result.summary.items()},
-            "drifted": result.drifted,
-            "drift_episode": episode or "",
-            "champion_version": version,
-            "reasons": dg.MetadataValue.json(result.reasons),
-            "reference_partitions": dg.MetadataValue.json(reference),
-            "report": _link(result.report_uri),
-            "mlflow_run_id": run_id,
+            **{k: float(v) for k, v in outcome.summary.items()},
+            "drifted": outcome.drifted,
+            "drift_episode": outcome.drift_episode or "",
+            "champion_version": outcome.champion_version,
+            "reasons": dg.MetadataValue.json(outcome.reasons),
+            "reference_partitions": dg.MetadataValue.json(outcome.reference_partitions),
+            "report": _link(outcome.report_uri),
+            "mlflow_run_id": outcome.mlflow_run_id,
         },
         check_results=[dg.AssetCheckResult(
-            check_name=NO_DRIFT_CHECK, passed=not result.drifted, severity=dg.AssetCheckSeverity.WARN,
-            description=explanation, metadata={"report": result.report_uri or ""},
+            check_name=NO_DRIFT_CHECK, passed=not outcome.drifted, severity=dg.AssetCheckSeverity.WARN,
+            description=outcome.explanation, metadata={"report": outcome.report_uri or ""},
         )],
     )
 
@@ -132,10 +88,6 @@ def _link(uri: str | None) -> Any:
     if not uri:
         return ""
     return dg.MetadataValue.url(uri) if "://" in uri else dg.MetadataValue.path(uri)
-
-
-def _cooldown() -> timedelta:
-    return timedelta(hours=float(os.environ.get(COOLDOWN_ENV, "24")))
 
 
 @dg.sensor(
@@ -152,36 +104,25 @@ def drift_retraining_sensor(context: dg.SensorEvaluationContext) -> dg.SensorRes
     records = context.instance.fetch_materializations(
         dg.AssetRecordsFilter(asset_key=DRIFT, after_storage_id=after), limit=1000, ascending=True
     ).records
-    requests, skipped = [], []
-    for record in records:
-        mat = record.asset_materialization
-        meta = metadata_values(mat.metadata if mat else None)
-        partition = mat.partition if mat else None
-        if not meta.get("drifted") or meta.get("drift_episode") != partition:
-            continue
-        version = str(meta.get("champion_version"))
-        if requests:  # one retraining covers every episode seen in this tick
-            skipped.append(f"{partition}: covered by the retraining requested for {requests[0].tags['recloop/drift_partition']}")
-            continue
-        recent = _recent_drift_run(context.instance)
-        if recent is not None:
-            skipped.append(f"{partition}: a drift-triggered run ({recent}) started within the cooldown of {_cooldown()}")
-            continue
-        requests.append(dg.RunRequest(
-            run_key=f"drift-{partition}-champion-{version}",
-            tags={TRIGGER_TAG: "drift", "recloop/drift_partition": partition, "recloop/champion_version": version},
-        ))
+    reports = [{**metadata_values(r.asset_materialization.metadata), "partition": r.asset_materialization.partition}
+               for r in records if r.asset_materialization is not None]
+    # A run key already used is dropped by the daemon: `already_requested` is left to it.
+    plan = lifecycle.plan_retraining(reports, recent_retraining=lambda: _recent_drift_run(context.instance))
     cursor = str(records[-1].storage_id) if records else context.cursor
-    if not requests:
-        return dg.SensorResult(skip_reason="; ".join(skipped) or "no new drift episode", cursor=cursor)
-    for reason in skipped:
+    if not plan.requests:
+        return dg.SensorResult(skip_reason=plan.skip_reason, cursor=cursor)
+    for reason in plan.skipped:
         context.log.info(reason)
-    return dg.SensorResult(run_requests=requests, cursor=cursor)
+    return dg.SensorResult(cursor=cursor, run_requests=[
+        dg.RunRequest(run_key=r.key, tags={TRIGGER_TAG: "drift", "recloop/drift_partition": r.partition,
+                                            "recloop/champion_version": r.champion_version})
+        for r in plan.requests
+    ])
 
 
 def _recent_drift_run(instance: dg.DagsterInstance) -> str | None:
     """The id of a drift-triggered training run created within the cooldown, if any."""
-    since = datetime.now(UTC) - _cooldown()
+    since = datetime.now(UTC) - lifecycle.retrain_cooldown()
     runs = instance.get_run_records(
         filters=dg.RunsFilter(job_name=training_job.name, tags={TRIGGER_TAG: "drift"}, created_after=since), limit=1
     )
@@ -191,8 +132,7 @@ def _recent_drift_run(instance: dg.DagsterInstance) -> str | None:
 def retraining_schedule() -> dg.ScheduleDefinition:
     """training_job on a cadence: the floor under drift-triggered retraining (daily at 03:00 UTC unless
     RECLOOP_RETRAIN_CRON / RECLOOP_RETRAIN_TIMEZONE say otherwise)."""
-    cron = os.environ.get(CRON_ENV, "0 3 * * *")
-    timezone = os.environ.get(TIMEZONE_ENV, "UTC")
+    cron, timezone = lifecycle.retrain_schedule()
     return dg.ScheduleDefinition(
         name="retraining_schedule",
         job=training_job,
@@ -219,12 +159,11 @@ def retraining_failure_alerts(context: dg.RunFailureSensorContext, alerts: Alert
     failure = "; ".join(f"{e.step_key}: {root_cause(e.step_failure_data.error)}" for e in steps
                         if e.step_failure_data and e.step_failure_data.error) or (
         context.failure_event.message if context.failure_event else "run failed")
-    alerts.send(context.log, "retraining.failed", key=f"run-{run.run_id}",
-                text=f":x: recloop: retraining run {run.run_id[:8]} ({run.tags.get(TRIGGER_TAG, 'manual')}) failed: {failure}",
-                asset=training_job.name, partition=run.tags.get("recloop/drift_partition"),
-                model_version=run.tags.get("recloop/champion_version"),
-                details={"run_id": run.run_id, "trigger": run.tags.get(TRIGGER_TAG, "manual"),
-                         "steps_failed": [e.step_key for e in steps]})
+    lifecycle.retraining_failed_alert(
+        job=training_job.name, run_id=run.run_id, trigger=run.tags.get(TRIGGER_TAG, "manual"), failure=failure,
+        steps_failed=[e.step_key for e in steps if e.step_key], partition=run.tags.get("recloop/drift_partition"),
+        model_version=run.tags.get("recloop/champion_version"),
+    ).send_with(partial(alerts.send, context.log))
 
 
 def _gate_refused(instance: dg.DagsterInstance, run_id: str) -> bool:

@@ -3,11 +3,14 @@ Feast, the alert webhooks. Each is a thin, typed handle on the core `recloop` fu
 
 Values come from the environment through `recloop.config.Settings` when the code location loads
 (never at import), so the embedded default needs no configuration and production only sets variables.
+A value that carries a secret (a URL with a password) is handed to Dagster as `dg.EnvVar`, so the UI's
+resource view shows the variable's name, never the password.
 """
 
 
 import contextlib
 import io
+import os
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
@@ -17,7 +20,6 @@ import dagster as dg
 from pydantic import Field
 
 from recloop import features as feature_ops
-from recloop import validation
 from recloop.config import Settings
 from recloop.lake import Lake, open_lake
 
@@ -36,28 +38,24 @@ class LakeResource(dg.ConfigurableResource):
 
 
 class GreatExpectationsResource(dg.ConfigurableResource):
-    """Runs the Great Expectations suites kept as files in `expectations/`."""
+    """Where the Great Expectations suites live (`expectations/`) and how much quarantine a partition
+    may have: the ingestion and validation assets run them through `recloop.lifecycle`."""
 
     expectations_dir: str = Field(description="Folder holding one GX suite (JSON) per table.")
     max_quarantine_rate: float = Field(
         default=0.2, description="Share of a partition's rows that may be quarantined before its check fails."
     )
 
-    def check_schema(self, *, lake: Lake, table: str, partition: str) -> validation.SchemaReport:
-        """Args: lake, table, partition. Returns: the schema-level report of the bronze partition."""
-        report, _, _ = validation.check_schema(lake, table, partition, expectations_dir=Path(self.expectations_dir))
-        return report
-
-    def validate(self, *, lake: Lake, table: str, partition: str) -> validation.ValidationResult:
-        """Splits the bronze partition into silver and quarantine. Raises SchemaValidationError."""
-        return validation.validate_partition(lake, table, partition, expectations_dir=Path(self.expectations_dir))
 
 
 class FeastResource(dg.ConfigurableResource):
-    """The Feast feature store of `feature_repo/`: apply, materialize, read."""
+    """The Feast feature store of `feature_repo/`: apply, materialize, read.
+
+    Embedded: file registry and SQLite online store under `data_dir`. Production: Feast's SQL registry on
+    PostgreSQL (RECLOOP_FEAST_REGISTRY_URL, read through `Settings`) and the Redis online store."""
 
     repo_path: str = Field(description="The Feast repo (feature_store.yaml and definitions).")
-    data_dir: str = Field(description="Where the file registry and the SQLite online store live.")
+    data_dir: str = Field(description="Where the file registry and the SQLite online store live (embedded).")
     lake_uri: str = Field(description="The lake whose features/ datasets are Feast's offline sources.")
     project: str = Field(default="recloop", description="Feast project name.")
     online_store: str = Field(default="sqlite", description="'sqlite' (embedded) or 'redis' (production).")
@@ -70,6 +68,7 @@ class FeastResource(dg.ConfigurableResource):
             feature_repo=Path(self.repo_path),
             feast_data_dir=Path(self.data_dir),
             lake_uri=self.lake_uri,
+            redis_url=self.redis_url or base.redis_url,
         )
 
     def _kw(self) -> dict[str, Any]:
@@ -106,23 +105,21 @@ class AlertsResource(dg.ConfigurableResource):
         """Sends one event (id derived from type + key, so a re-run step does not deliver it twice) and
         logs each endpoint's outcome. A receiver that is down never fails the step: its delivery ends in
         the dead-letter store (`recloop alerts resend`). A broken configuration does raise."""
-        from recloop.alerts import AlertDispatcher, make_event
+        from recloop.lifecycle import Alert, send_alert
 
-        event = make_event(type, key=key, text=text, **fields)
-        dispatcher = AlertDispatcher.from_settings(config_path=self.config_path)
-        try:
-            results = dispatcher.send(event)
-        finally:
-            dispatcher.store.close()
-        for result in results:
-            detail = f"HTTP {result.status_code}" if result.status_code else (result.error or "")
-            log.info(f"alert {event.type} {event.id} → {result.endpoint}: {result.outcome} after "
-                     f"{result.attempts} attempt(s) {detail}".rstrip())
-        return results
+        return send_alert(Alert(type, key, text, fields), logger=log, config_path=self.config_path)
+
+
+def secret_value(var: str, value: str | None) -> str | None:
+    """`value`, as `dg.EnvVar(var)` when it is what the environment variable `var` holds: Dagster then
+    resolves it when the resource is built and shows only the variable's name in its UI."""
+    if value and os.environ.get(var) == value:
+        return dg.EnvVar(var)
+    return value
 
 
 def resources_from_settings(settings: Settings) -> dict[str, dg.ConfigurableResource]:
-    """The resources for one deployment, from one settings object."""
+    """The resources for one deployment, from one settings object (RECLOOP_ENV picks the Feast stores)."""
     return {
         "landing": LakeResource(uri=settings.landing_uri, s3_endpoint_url=settings.s3_endpoint_url),
         "lake": LakeResource(uri=settings.lake_uri, s3_endpoint_url=settings.s3_endpoint_url),
@@ -135,7 +132,7 @@ def resources_from_settings(settings: Settings) -> dict[str, dg.ConfigurableReso
             lake_uri=settings.lake_uri,
             project=settings.feast_project,
             online_store="redis" if settings.is_production else "sqlite",
-            redis_url=settings.redis_url,
+            redis_url=secret_value("RECLOOP_REDIS_URL", settings.redis_url),
         ),
         "alerts": AlertsResource(),
     }
@@ -146,4 +143,7 @@ def defs() -> dg.Definitions:
     return dg.Definitions(resources=resources_from_settings(Settings.from_env()))
 
 
-__all__ = ["AlertsResource", "FeastResource", "GreatExpectationsResource", "LakeResource", "resources_from_settings"]
+__all__ = [
+    "AlertsResource", "FeastResource", "GreatExpectationsResource", "LakeResource", "resources_from_settings",
+    "secret_value",
+]

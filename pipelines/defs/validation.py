@@ -1,14 +1,18 @@
 """Validation: one daily-partitioned asset per table, splitting the bronze partition into accepted rows
 (`silver/<table>`) and quarantined rows with their reasons, with two blocking checks: row conservation
-(accepted + quarantined = ingested) and the quarantine rate.
+(accepted + quarantined = ingested) and the quarantine rate. Thin adapters over `recloop.lifecycle`
+(shared with the Airflow DAGs in dags/).
 """
 
+from functools import partial
+from pathlib import Path
 
 import dagster as dg
 
 from pipelines.defs.ingestion import bronze_key
 from pipelines.defs.partitions import DAILY
 from pipelines.defs.resources import AlertsResource, GreatExpectationsResource, LakeResource
+from recloop import lifecycle
 from recloop.data.schemas import TABLE_ORDER
 
 # Events are checked against the users and videos accepted up to their day.
@@ -41,52 +45,39 @@ def _silver_asset(table: str) -> dg.AssetsDefinition:
     )
     def _asset(context: dg.AssetExecutionContext, lake: LakeResource, gx: GreatExpectationsResource,
                alerts: AlertsResource) -> dg.MaterializeResult:
-        partition = context.partition_key
-        result = gx.validate(lake=lake.open(), table=table, partition=partition)
-        rate_ok = result.quarantine_rate <= gx.max_quarantine_rate
-        failed = {e["expectation"] + (f"({e['column']})" if e["column"] else ""): e["unexpected_count"]
-                  for e in result.expectations if not e["success"]}
-        if not (rate_ok and result.conserved):
-            problem = (f"{result.quarantined} of {result.ingested} rows quarantined ({result.quarantine_rate:.2%}; "
-                       f"maximum {gx.max_quarantine_rate:.0%})" if result.conserved else
-                       f"rows lost: {result.accepted} accepted + {result.quarantined} quarantined != {result.ingested}")
-            alerts.send(context.log, "validation.failed", key=f"{silver_key(table).to_user_string()}/{partition}/{context.run.run_id}",
-                        text=f":x: recloop: {table} of {partition} failed validation: {problem}",
-                        asset=silver_key(table).to_user_string(), partition=partition,
-                        numbers={"ingested": result.ingested, "accepted": result.accepted,
-                                 "quarantined": result.quarantined, "quarantine_rate": result.quarantine_rate},
-                        report_url=result.quarantine_written.uri,
-                        details={"quarantine_reasons": result.reasons, "failed_expectations": failed})
+        outcome = lifecycle.validate(lake.open(), table, context.partition_key,
+                                     expectations_dir=Path(gx.expectations_dir),
+                                     max_quarantine_rate=gx.max_quarantine_rate, run_id=context.run.run_id)
+        if outcome.alert is not None:
+            outcome.alert.send_with(partial(alerts.send, context.log))
+        out = outcome.summary()
         return dg.MaterializeResult(
             metadata={
-                "dagster/row_count": result.accepted,
-                "ingested": result.ingested,
-                "accepted": result.accepted,
-                "quarantined": result.quarantined,
-                "quarantine_rate": round(result.quarantine_rate, 6),
-                "quarantine_reasons": dg.MetadataValue.json(result.reasons),
-                "failed_expectations": dg.MetadataValue.json(failed),
-                "extra_columns_dropped": dg.MetadataValue.json(result.schema.extra_columns),
-                "path": dg.MetadataValue.path(result.accepted_written.uri),
-                "quarantine_path": dg.MetadataValue.path(result.quarantine_written.uri),
+                "dagster/row_count": out["accepted"],
+                "ingested": out["ingested"],
+                "accepted": out["accepted"],
+                "quarantined": out["quarantined"],
+                "quarantine_rate": out["quarantine_rate"],
+                "quarantine_reasons": dg.MetadataValue.json(out["quarantine_reasons"]),
+                "failed_expectations": dg.MetadataValue.json(out["failed_expectations"]),
+                "extra_columns_dropped": dg.MetadataValue.json(out["extra_columns_dropped"]),
+                "path": dg.MetadataValue.path(out["path"]),
+                "quarantine_path": dg.MetadataValue.path(out["quarantine_path"]),
             },
             check_results=[
                 dg.AssetCheckResult(
                     check_name="row_conservation",
-                    passed=result.conserved,
-                    metadata={"ingested": result.ingested, "accepted": result.accepted,
-                              "quarantined": result.quarantined},
+                    passed=out["conserved"],
+                    metadata={"ingested": out["ingested"], "accepted": out["accepted"],
+                              "quarantined": out["quarantined"]},
                 ),
                 dg.AssetCheckResult(
                     check_name="quarantine_rate",
-                    passed=rate_ok,
+                    passed=outcome.rate_ok,
                     severity=dg.AssetCheckSeverity.ERROR,
-                    description=(
-                        f"{result.quarantined} of {result.ingested} rows quarantined "
-                        f"({result.quarantine_rate:.2%}; maximum {gx.max_quarantine_rate:.0%})"
-                    ),
-                    metadata={"quarantine_rate": round(result.quarantine_rate, 6),
-                              "max_quarantine_rate": gx.max_quarantine_rate},
+                    description=outcome.rate_description,
+                    metadata={"quarantine_rate": out["quarantine_rate"],
+                              "max_quarantine_rate": out["max_quarantine_rate"]},
                 ),
             ],
         )

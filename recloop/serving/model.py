@@ -39,7 +39,7 @@ from recloop.serving.safety import SafetyRules
 
 # The user tower's input builder and batched forward pass: reused, not re-implemented, so that serving
 # feeds the tower exactly what training did.
-from recloop.training import RANKING_FEATURES, RETRIEVAL_SCORE, USER_META, tower_forward, user_tower_inputs
+from recloop.training import RANKING_FEATURES, USER_META, tower_forward, user_tower_inputs
 
 if list(RANKING_FEATURES) != USER_COLUMNS + AFFINITY_COLUMNS + VIDEO_COLUMNS:
     raise ImportError("RANKING_FEATURES is no longer user_activity + affinity + video_popularity, in order")

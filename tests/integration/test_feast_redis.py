@@ -4,7 +4,6 @@ unreachable, except under CI=true where that fails (see tests/conftest.py `redis
 
 from __future__ import annotations
 
-import uuid
 from datetime import datetime, timezone
 
 import pandas as pd
@@ -55,28 +54,10 @@ def _lake(root) -> LocalLake:
     return lake
 
 
-@pytest.fixture()
-def redis_project(redis_url):
-    """A unique Feast project; every Redis key it wrote is deleted afterwards."""
-    import redis
-
-    project = f"t_redis_{uuid.uuid4().hex[:10]}"
-    yield project
-    client = redis.Redis.from_url(redis_url)
-    try:
-        # Feast's Redis keys are <serialized entity key><project>.
-        keys = list(client.scan_iter(match=b"*" + project.encode(), count=1000))
-        if keys:
-            client.delete(*keys)
-        assert not list(client.scan_iter(match=b"*" + project.encode(), count=1000))
-    finally:
-        client.close()
-
-
-def test_materialize_and_read_online_from_redis(tmp_path, redis_url, redis_project):
+def test_materialize_and_read_online_from_redis(tmp_path, redis_url, redis_feast_project):
     lake = _lake(tmp_path / "lake")
     settings = Settings(home=tmp_path / "home", lake_uri=str(lake.root), feast_data_dir=tmp_path / "feast")
-    kw = {"project": redis_project, "online": "redis", "redis_url": redis_url}
+    kw = {"project": redis_feast_project, "online": "redis", "redis_url": redis_url}
 
     store = F.feature_store(settings, **kw)
     assert store.config.online_store.type == "redis"
@@ -107,5 +88,5 @@ def test_materialize_and_read_online_from_redis(tmp_path, redis_url, redis_proje
     assert df.loc["u3", "video_popularity__impressions_28d"] == 0  # cold-start video v3 has a row
     assert pd.isna(df.loc["u3", "user_activity__impressions_28d"])  # unknown user
 
-    fresh = F.feature_freshness(settings, project=redis_project, now=_ts("2025-03-03T12:00:00"))
+    fresh = F.feature_freshness(settings, project=redis_feast_project, now=_ts("2025-03-03T12:00:00"))
     assert fresh["max_age_hours"] == 12.0

@@ -3,8 +3,6 @@ S3-compatible server (moto's standalone server on loopback, started by the fixtu
 
 from __future__ import annotations
 
-import socket
-import uuid
 from datetime import datetime, timezone
 
 import pyarrow as pa
@@ -16,40 +14,11 @@ from recloop.lake import LocalLake, S3Lake, open_lake
 from recloop.validation import validate_partition
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
-
-
-@pytest.fixture()
-def s3_env(s3_endpoint, monkeypatch):
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    import boto3
-
-    bucket = f"recloop-{uuid.uuid4().hex[:8]}"
-    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
-    return s3_endpoint, bucket
-
-
 @pytest.fixture(params=["local", "s3"])
 def lake(request, tmp_path):
     if request.param == "local":
         return LocalLake(tmp_path / "lake")
-    endpoint, bucket = request.getfixturevalue("s3_env")
+    endpoint, bucket = request.getfixturevalue("s3_bucket")
     return open_lake(f"s3://{bucket}/some/prefix", s3_endpoint_url=endpoint)
 
 
@@ -71,8 +40,8 @@ def test_partition_write_replaces_and_lists(lake):
         lake.read_partition("ds", "2025-01-05")
 
 
-def test_s3_uri_and_keys(s3_env):
-    endpoint, bucket = s3_env
+def test_s3_uri_and_keys(s3_bucket):
+    endpoint, bucket = s3_bucket
     lake = open_lake(f"s3://{bucket}/p", s3_endpoint_url=endpoint)
     assert isinstance(lake, S3Lake)
     assert lake.write_bytes("x/y.txt", b"hi") == f"s3://{bucket}/p/x/y.txt"
@@ -82,9 +51,9 @@ def test_s3_uri_and_keys(s3_env):
         lake.read_bytes("x/z.txt")
 
 
-def test_ingest_and_validate_on_s3(s3_env):
+def test_ingest_and_validate_on_s3(s3_bucket):
     """The same ingestion and GX validation code paths with landing zone and lake both on S3."""
-    endpoint, bucket = s3_env
+    endpoint, bucket = s3_bucket
     landing = open_lake(f"s3://{bucket}/landing", s3_endpoint_url=endpoint)
     lake = open_lake(f"s3://{bucket}/lake", s3_endpoint_url=endpoint)
     day = "2025-01-02"

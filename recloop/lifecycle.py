@@ -1,0 +1,714 @@
+"""The lifecycle steps as an orchestrator runs them, shared by the Dagster assets (`pipelines/defs/`) and
+the Airflow tasks (`dags/`).
+
+A step here is what one asset or task does beyond calling a core function: the decision of a check, the
+alert it sends (event type, key, text and payload), drift episodes and the retraining decision, the
+promotion gate with its record in the registry, and the plain summary of what was built. Each function
+returns plain values: Dagster turns them into asset metadata and check results, Airflow passes them on as
+XCom. Neither orchestrator holds logic of its own, so a Dagster run and an Airflow run over the same data
+make the same decisions.
+
+Alerts are returned, not sent (`Alert`): Dagster sends them through its `AlertsResource`, Airflow through
+`send_alert`; both end in `recloop.alerts` with the same event ids, so a step that runs again does not
+deliver the same event twice.
+
+Imports stay light (numpy, torch, GX, Feast, MLflow load inside the functions): Airflow parses dags/,
+which import this module, every few seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from recloop.config import Settings
+
+if TYPE_CHECKING:
+    from recloop.drift import DriftResult
+    from recloop.lake import Lake
+    from recloop.registry import GateConfig, GateDecision, Registry
+    from recloop.validation import SchemaReport, ValidationResult
+
+__all__ = [
+    "COOLDOWN_ENV",
+    "CRON_ENV",
+    "TIMEZONE_ENV",
+    "Alert",
+    "DriftOutcome",
+    "GateOutcome",
+    "GateRefused",
+    "Promotion",
+    "RetrainingPlan",
+    "RetrainingRequest",
+    "SchemaCheck",
+    "Validation",
+    "apply_feature_repo",
+    "build_training_set",
+    "candidate_version",
+    "check_gate",
+    "check_schema",
+    "compute_features",
+    "drift_record_key",
+    "drift_report",
+    "episode_start",
+    "evaluate_candidate",
+    "gate_config",
+    "ingest",
+    "jsonable",
+    "materialize_online",
+    "online_summary",
+    "plan_retraining",
+    "promote_candidate",
+    "read_drift_record",
+    "register_candidate",
+    "retrain_cooldown",
+    "retrain_schedule",
+    "retraining_failed_alert",
+    "retraining_key",
+    "send_alert",
+    "validate",
+]
+
+log = logging.getLogger(__name__)
+
+# Retraining settings come from the environment: a deployment changes them without a code change, and an
+# orchestrator reads them when it loads its definitions (a Dagster sensor, an Airflow DAG file).
+COOLDOWN_ENV = "RECLOOP_RETRAIN_COOLDOWN_HOURS"
+CRON_ENV = "RECLOOP_RETRAIN_CRON"
+TIMEZONE_ENV = "RECLOOP_RETRAIN_TIMEZONE"
+
+# The gate's alerts name the asset the decision is about, whichever orchestrator ran it.
+REGISTERED_ASSET = "model/registered_version"
+DRIFT_ASSET = "monitoring/drift"
+DRIFT_RECORD = "decision.json"
+
+
+# --------------------------------------------------------------------------------------------------
+# Alerts
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Alert:
+    """One alert a step wants sent: the arguments of `recloop.alerts.make_event`."""
+
+    type: str
+    key: str
+    text: str
+    fields: Mapping[str, Any] = field(default_factory=dict)
+
+    def send_with(self, send: Callable[..., Any]) -> Any:
+        """Hands the alert to `send(type, *, key, text, **fields)`, e.g. a bound `AlertsResource.send`."""
+        return send(self.type, key=self.key, text=self.text, **self.fields)
+
+
+def send_alert(alert: Alert | None, *, logger: Any = None, config_path: str | None = None) -> list[Any]:
+    """Sends `alert` to the configured endpoints (`recloop.alerts.AlertDispatcher.from_settings`) and logs
+    each endpoint's outcome; returns the `DeliveryResult`s. A receiver that is down never raises: its
+    delivery ends in the dead-letter store. A broken configuration does raise."""
+    if alert is None:
+        return []
+    from recloop.alerts import AlertDispatcher, make_event
+
+    event = make_event(alert.type, key=alert.key, text=alert.text, **alert.fields)
+    dispatcher = AlertDispatcher.from_settings(config_path=config_path)
+    try:
+        results = dispatcher.send(event)
+    finally:
+        dispatcher.store.close()
+    for result in results:
+        detail = f"HTTP {result.status_code}" if result.status_code else (result.error or "")
+        (logger or log).info(f"alert {event.type} {event.id} → {result.endpoint}: {result.outcome} after "
+                             f"{result.attempts} attempt(s) {detail}".rstrip())
+    return results
+
+
+def jsonable(value: Any) -> Any:
+    """`value` as plain JSON types (numpy scalars, paths and dates become numbers and strings)."""
+    return json.loads(json.dumps(value, default=_json_default))
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):  # numpy scalars
+        return value.item()
+    return str(value)
+
+
+# --------------------------------------------------------------------------------------------------
+# Ingestion and validation
+# --------------------------------------------------------------------------------------------------
+
+
+def ingest(table: str, partition: str, *, landing: Lake, lake: Lake) -> dict[str, Any]:
+    """The day's landing files of `table` into bronze (`recloop.ingestion.ingest_partition`); returns
+    what was written: rows, bytes, path, files, malformed lines, encoding errors, rejected files."""
+    from recloop.ingestion import ingest_partition
+
+    result = ingest_partition(table, partition, landing=landing, lake=lake)
+    m = result.manifest
+    return {
+        "table": table,
+        "partition": partition,
+        "rows": m.rows,
+        "bytes": result.written.bytes,
+        "path": result.written.uri,
+        "files": len(m.files),
+        "malformed_lines": sum(f.malformed_rows for f in m.files),
+        "encoding_errors": sum(f.encoding_errors for f in m.files),
+        "rejected_files": [dict(r.__dict__) for r in m.rejected_files],
+        "ingested_at": m.ingested_at,
+    }
+
+
+@dataclass(frozen=True)
+class SchemaCheck:
+    """The schema-level GX check of a bronze partition and the alert it raises when it fails."""
+
+    table: str
+    partition: str
+    report: SchemaReport
+    alert: Alert | None
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.report.passed)
+
+    @property
+    def description(self) -> str:
+        return "; ".join(self.report.failures) if self.report.failures else "schema conforms"
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "partition": self.partition,
+            "rows": self.report.rows,
+            "failures": list(self.report.failures),
+            "warnings": list(self.report.warnings),
+            "missing_columns": list(self.report.missing_columns),
+            "extra_columns_dropped": list(self.report.extra_columns),
+        }
+
+
+def check_schema(lake: Lake, table: str, partition: str, *, expectations_dir: Path | str, run_id: str) -> SchemaCheck:
+    """Great Expectations' schema-level expectations of `expectations/<table>.json` on the ingested
+    partition; a failure comes with a `validation.failed` alert (keyed by the run)."""
+    from recloop import validation
+
+    report, _, _ = validation.check_schema(lake, table, partition, expectations_dir=Path(expectations_dir))
+    alert = None
+    if not report.passed:
+        asset = f"bronze/{table}"
+        alert = Alert("validation.failed", key=f"{asset}/gx_schema/{partition}/{run_id}",
+                      text=f":x: recloop: {table} of {partition} failed its schema check: {'; '.join(report.failures)}",
+                      fields={"asset": asset, "partition": partition, "numbers": {"rows": report.rows},
+                              "details": {"check": "gx_schema", "failures": report.failures,
+                                          "missing_columns": report.missing_columns}})
+    return SchemaCheck(table, partition, report, alert)
+
+
+@dataclass(frozen=True)
+class Validation:
+    """A bronze partition split into accepted (silver) and quarantined rows, with the two blocking checks
+    (row conservation, quarantine rate) and the alert raised when either fails."""
+
+    table: str
+    partition: str
+    result: ValidationResult
+    max_quarantine_rate: float
+    alert: Alert | None
+
+    @property
+    def rate_ok(self) -> bool:
+        return self.result.quarantine_rate <= self.max_quarantine_rate
+
+    @property
+    def passed(self) -> bool:
+        return self.rate_ok and self.result.conserved
+
+    @property
+    def failed_expectations(self) -> dict[str, int]:
+        return _failed_expectations(self.result)
+
+    @property
+    def rate_description(self) -> str:
+        r = self.result
+        return (f"{r.quarantined} of {r.ingested} rows quarantined "
+                f"({r.quarantine_rate:.2%}; maximum {self.max_quarantine_rate:.0%})")
+
+    @property
+    def problem(self) -> str | None:
+        """Why the partition failed validation, or None."""
+        if self.passed:
+            return None
+        r = self.result
+        if not r.conserved:
+            return f"rows lost: {r.accepted} accepted + {r.quarantined} quarantined != {r.ingested}"
+        return self.rate_description
+
+    def summary(self) -> dict[str, Any]:
+        r = self.result
+        return {
+            "ingested": r.ingested,
+            "accepted": r.accepted,
+            "quarantined": r.quarantined,
+            "quarantine_rate": round(r.quarantine_rate, 6),
+            "max_quarantine_rate": self.max_quarantine_rate,
+            "conserved": bool(r.conserved),
+            "passed": self.passed,
+            "quarantine_reasons": dict(r.reasons),
+            "failed_expectations": self.failed_expectations,
+            "extra_columns_dropped": list(r.schema.extra_columns),
+            "path": r.accepted_written.uri,
+            "quarantine_path": r.quarantine_written.uri,
+        }
+
+
+def _failed_expectations(result: ValidationResult) -> dict[str, int]:
+    return {e["expectation"] + (f"({e['column']})" if e["column"] else ""): e["unexpected_count"]
+            for e in result.expectations if not e["success"]}
+
+
+def validate(lake: Lake, table: str, partition: str, *, expectations_dir: Path | str, max_quarantine_rate: float,
+             run_id: str) -> Validation:
+    """GX row-level expectations on the bronze partition: good rows typed into `silver/<table>`, bad rows
+    into `quarantine/<table>` with their reasons (`recloop.validation.validate_partition`). Raises
+    `SchemaValidationError` on a schema failure. A failed check comes with a `validation.failed` alert."""
+    from recloop import validation
+
+    result = validation.validate_partition(lake, table, partition, expectations_dir=Path(expectations_dir))
+    outcome = Validation(table, partition, result, max_quarantine_rate, None)
+    if outcome.passed:
+        return outcome
+    asset = f"silver/{table}"
+    alert = Alert("validation.failed", key=f"{asset}/{partition}/{run_id}",
+                  text=f":x: recloop: {table} of {partition} failed validation: {outcome.problem}",
+                  fields={"asset": asset, "partition": partition,
+                          "numbers": {"ingested": result.ingested, "accepted": result.accepted,
+                                      "quarantined": result.quarantined, "quarantine_rate": result.quarantine_rate},
+                          "report_url": result.quarantine_written.uri,
+                          "details": {"quarantine_reasons": result.reasons,
+                                      "failed_expectations": outcome.failed_expectations}})
+    return Validation(table, partition, result, max_quarantine_rate, alert)
+
+
+# --------------------------------------------------------------------------------------------------
+# Features
+# --------------------------------------------------------------------------------------------------
+
+
+def compute_features(lake: Lake, partition: str) -> dict[str, dict[str, Any]]:
+    """Every feature view's point-in-time snapshot of the day, in one DuckDB pass; per view: rows, bytes,
+    path and snapshot time."""
+    from recloop import features as feature_ops
+
+    written = feature_ops.compute_features(lake, partition)
+    snapshot = feature_ops.snapshot_time(partition).isoformat()
+    return {view: {"rows": part.rows, "bytes": part.bytes, "path": part.uri, "snapshot_time": snapshot}
+            for view, part in written.items()}
+
+
+def apply_feature_repo(settings: Settings) -> dict[str, Any]:
+    """`feast apply` of the feature repo (the stores the deployment's settings pick: file registry and
+    SQLite embedded, SQL registry and Redis in production); returns what is registered."""
+    from recloop import features as feature_ops
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return feature_ops.apply_repo(settings, project=settings.feast_project)
+
+
+def materialize_online(settings: Settings, days: Sequence[str], *, lake: Lake) -> dict[str, Any]:
+    """The newest of `days`' snapshots into the online store (an older day than what it holds is skipped;
+    the days before the newest are superseded). Returns `online_summary`."""
+    from recloop import features as feature_ops
+
+    days = sorted(days)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        result = feature_ops.materialize_partition(settings, days[-1], lake=lake, project=settings.feast_project)
+    return online_summary({**result, "feast_output": out.getvalue()}, days)
+
+
+def online_summary(result: Mapping[str, Any], days: Sequence[str]) -> dict[str, Any]:
+    """What a materialization (`recloop.features.materialize_partition`) of the newest of `days` did."""
+    views = result.get("views", {})
+    return {
+        "snapshot": result["snapshot"],
+        "online_store": result.get("online_store", ""),
+        "skipped": bool(result.get("skipped")),
+        "reason": result.get("reason"),
+        "skipped_views": dict(result.get("skipped_views", {})),
+        "superseded_days": list(sorted(days)[:-1]),
+        "rows_written": sum(v["rows"] for v in views.values()),
+        "views": dict(views),
+        "seconds": result.get("seconds", 0.0),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# The model plane
+# --------------------------------------------------------------------------------------------------
+
+
+def build_training_set(settings: Settings, lake: Lake, workdir: Path, *, train_days: int = 7, test_days: int = 1,
+                       ranker_days: int = 3) -> dict[str, Any]:
+    """Plans the window (newest validated days held out) and builds the training set from Feast's
+    historical retrieval in `workdir` (`recloop.model_plane`); returns its summary and the window."""
+    from recloop import model_plane
+
+    plan = model_plane.plan_window(lake, train_days=train_days, test_days=test_days, ranker_days=ranker_days)
+    out = model_plane.build_training_set(settings, lake, plan, Path(workdir))
+    return {**out, "train_partitions": plan.train_partitions, "test_partitions": plan.test_partitions}
+
+
+def evaluate_candidate(lake: Lake, registry: Registry, workdir: Path) -> dict[str, Any]:
+    """Evaluates the candidate in `workdir` on the held-out days beside the baselines and the current
+    champion (when there is one), on the same split; returns the headline numbers and the table."""
+    from recloop import model_plane
+
+    champion = registry.champion()
+    bundle = registry.bundle_path(champion.version) if champion is not None else None
+    ev = model_plane.evaluate_candidate(lake, Path(workdir), champion_bundle=bundle,
+                                        champion_version=str(champion.version) if champion else None)
+    table = {name: {m: round(v, 4) for m, v in values.items() if m in (
+        "recall_at_10", "ndcg_at_10", "map_at_10", "hit_rate_at_10", "coverage", "diversity", "novelty_at_10",
+        "popularity_concentration")} for name, values in ev.metrics.items()}
+    full, pop = ev.metrics[model_plane.PRIMARY], ev.metrics["popularity"]
+    return {
+        "ndcg_at_10": full["ndcg_at_10"],
+        "recall_at_10": full["recall_at_10"],
+        "recall_at_10_vs_popularity": (round(full["recall_at_10"] / pop["recall_at_10"], 3)
+                                       if pop["recall_at_10"] else float("inf")),
+        "users_evaluated": ev.result["recommenders"][model_plane.PRIMARY]["users_evaluated"],
+        "by_recommender": table,
+        "sanity": ev.sanity,
+        "champion_version": ev.champion_version,
+        "champion_compared": ev.champion_version or "none (first model: compared with popularity)",
+    }
+
+
+VERSION_FILE = "version.txt"
+
+
+def register_candidate(registry: Registry, workdir: Path) -> dict[str, Any]:
+    """Logs the candidate as one MLflow run, registers it as a version with alias `challenger` and notes
+    the version in `workdir` for the gate and the promotion."""
+    from recloop import model_plane
+
+    version = model_plane.register_candidate(registry, Path(workdir))
+    (Path(workdir) / VERSION_FILE).write_text(version)
+    return {"version": version, "model_name": registry.model_name,
+            "model_uri": f"models:/{registry.model_name}/{version}"}
+
+
+def candidate_version(workdir: Path) -> str:
+    """The version `register_candidate` registered for the candidate in `workdir`."""
+    path = Path(workdir) / VERSION_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no registered version in {workdir}: register the candidate first")
+    return path.read_text().strip()
+
+
+def gate_config(*, min_improvement: float | None = None, max_identical_list_share: float | None = None) -> GateConfig:
+    """The promotion gate's rules, the two an operator tunes per run overridden when given."""
+    from recloop.registry import GateConfig
+
+    default = GateConfig()
+    return GateConfig(
+        min_improvement=default.min_improvement if min_improvement is None else float(min_improvement),
+        max_identical_list_share=(default.max_identical_list_share if max_identical_list_share is None
+                                  else float(max_identical_list_share)),
+    )
+
+
+def _decision_alert(type: str, version: str, decision: GateDecision, text: str, run_id: str) -> Alert:
+    return Alert(type, key=f"version-{version}", text=text,
+                 fields={"asset": REGISTERED_ASSET, "model_version": version,
+                         "numbers": {k: v for k, v in decision.metrics.items() if isinstance(v, (int, float))},
+                         "details": {"compared_to": decision.compared_to, "reasons": decision.reasons,
+                                     "run_id": run_id}})
+
+
+@dataclass(frozen=True)
+class GateOutcome:
+    """The promotion gate's decision for the registered candidate; a refusal is already recorded in the
+    registry and comes with its `model.refused` alert."""
+
+    version: str
+    decision: GateDecision
+    alert: Alert | None
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.decision.promote)
+
+    def summary(self) -> dict[str, Any]:
+        d = self.decision
+        return {"version": self.version, "promote": bool(d.promote), "compared_to": d.compared_to,
+                "reasons": list(d.reasons), "checks": dict(d.checks), "metrics": dict(d.metrics)}
+
+
+def check_gate(registry: Registry, workdir: Path, *, config: GateConfig | None = None, run_id: str) -> GateOutcome:
+    """Decides whether the registered candidate may become champion (`recloop.registry.decide` on its
+    evaluation): beat popularity (first model) or the champion by the margin, within the guardrails.
+    A refusal is recorded (`Registry.refuse`) and alerted; a pass changes nothing yet (see
+    `promote_candidate`)."""
+    from recloop import model_plane
+
+    version = candidate_version(workdir)
+    decision = model_plane.gate_decision(Path(workdir), config=config or gate_config())
+    if decision.promote:
+        return GateOutcome(version, decision, None)
+    registry.refuse(version, decision)
+    return GateOutcome(version, decision, _decision_alert(
+        "model.refused", version, decision,
+        f":no_entry: recloop: version {version} refused by the promotion gate: {decision.reasons[0]}", run_id))
+
+
+class GateRefused(RuntimeError):
+    """Promotion was asked for a version the gate refuses."""
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """The candidate is champion; the decision recorded, the `model.promoted` alert to send."""
+
+    version: str
+    decision: GateDecision
+    lineage: list[str]
+    alert: Alert
+
+    def summary(self) -> dict[str, Any]:
+        return {"champion": self.version, "compared_to": self.decision.compared_to,
+                "lineage": list(self.lineage), "reasons": list(self.decision.reasons)}
+
+
+def promote_candidate(registry: Registry, workdir: Path, *, config: GateConfig | None = None, run_id: str) -> Promotion:
+    """Moves `champion` to the registered candidate after the gate passed it, records the decision (when,
+    why, the metrics). Raises `GateRefused` when the gate does not pass it. A retried promotion that
+    finds the candidate champion already does not promote it twice."""
+    from recloop import model_plane
+
+    version = candidate_version(workdir)
+    decision = model_plane.gate_decision(Path(workdir), config=config or gate_config())
+    if not decision.promote:
+        raise GateRefused(f"version {version} did not pass the promotion gate: {decision.reasons[0]}")
+    current = registry.champion()
+    if current is None or str(current.version) != version:
+        registry.promote(version, decision)
+    return Promotion(version, decision, registry.lineage(), _decision_alert(
+        "model.promoted", version, decision,
+        f":white_check_mark: recloop: version {version} is the new champion: {decision.reasons[0]}", run_id))
+
+
+# --------------------------------------------------------------------------------------------------
+# Drift and retraining
+# --------------------------------------------------------------------------------------------------
+
+
+def drift_record_key(partition: str) -> str:
+    """The lake key of `partition`'s drift decision (next to its HTML report)."""
+    from recloop.drift import REPORT_DATASET
+    from recloop.lake import partition_key
+
+    return f"{partition_key(REPORT_DATASET, partition)}/{DRIFT_RECORD}"
+
+
+def read_drift_record(lake: Lake, partition: str) -> dict[str, Any] | None:
+    """The latest drift decision of `partition` (`DriftOutcome.record()`), or None."""
+    key = drift_record_key(partition)
+    if not lake.exists(key):
+        return None
+    return json.loads(lake.read_bytes(key))
+
+
+def episode_start(lake: Lake, partition: str, champion_version: str) -> str:
+    """The first day of the drift episode `partition` belongs to: the previous day's episode when that
+    day drifted against the same champion, else `partition` itself. Drift comes in episodes: the first
+    day alerts and asks for retraining, the days after it are reported only."""
+    previous = (datetime.fromisoformat(partition) - timedelta(days=1)).date().isoformat()
+    before = read_drift_record(lake, previous)
+    if before and before.get("drifted") and str(before.get("champion_version")) == str(champion_version):
+        return str(before.get("drift_episode") or previous)
+    return partition
+
+
+@dataclass(frozen=True)
+class DriftOutcome:
+    """One day's drift decision against the champion's training window, and its alert (the first day of
+    a drift episode only)."""
+
+    partition: str
+    drifted: bool
+    champion_version: str | None
+    drift_episode: str | None
+    reasons: list[str]
+    summary: dict[str, float]
+    reference_partitions: list[str]
+    report_uri: str | None
+    mlflow_run_id: str | None
+    status: str
+    alert: Alert | None = None
+
+    @property
+    def new_episode(self) -> bool:
+        """The first drifted day of an episode: the one that alerts and asks for retraining."""
+        return self.drifted and self.drift_episode == self.partition
+
+    @property
+    def explanation(self) -> str:
+        return "; ".join(self.reasons) or self.status
+
+    def record(self) -> dict[str, Any]:
+        """The decision as plain values: what `read_drift_record` returns, what Airflow passes on."""
+        return {
+            "partition": self.partition,
+            "drifted": self.drifted,
+            "drift_episode": self.drift_episode or "",
+            "new_episode": self.new_episode,
+            "champion_version": self.champion_version,
+            "reasons": list(self.reasons),
+            "reference_partitions": list(self.reference_partitions),
+            "report": self.report_uri or "",
+            "mlflow_run_id": self.mlflow_run_id,
+            "status": self.status,
+            "summary": dict(self.summary),
+        }
+
+
+def drift_report(lake: Lake, registry: Registry, partition: str, *, config_path: str | None = None) -> DriftOutcome:
+    """Day `partition` against the champion's training window (`recloop.drift.detect_drift`, Evidently):
+    the HTML report in the lake, the run in MLflow's `recloop-monitoring` experiment, the decision with
+    its drift episode in the lake (`read_drift_record`), and the `drift.detected` alert when the day opens
+    a new episode. Without a champion there is nothing to compare with: not drifted, said so."""
+    from recloop import drift
+    from recloop.pipeline import load_bundle
+
+    champion = registry.champion()
+    if champion is None:
+        outcome = DriftOutcome(partition, False, None, None, [], {}, [], None, None,
+                               "no champion yet: no training window to compare with (the retraining "
+                               "schedule trains the first)")
+        _write_record(lake, outcome)
+        return outcome
+    version = str(champion.version)
+    bundle = registry.bundle_path(version)
+    reference = drift.champion_reference(bundle)
+    result = drift.detect_drift(lake, partition, reference, config=drift.DriftConfig.load(config_path),
+                                champion=load_bundle(bundle, lake=lake))
+    episode = episode_start(lake, partition, version) if result.drifted else None
+    html = lake.read_bytes(drift.report_key(partition)).decode() if result.report_uri else None
+    run_id = registry.log_drift_report(partition=partition, model_version=version, drifted=result.drifted,
+                                       summary=result.summary, report_uri=result.report_uri, report_html=html,
+                                       reasons=result.reasons)
+    outcome = _drift_outcome(partition, version, episode, reference, result, run_id)
+    _write_record(lake, outcome)
+    return outcome
+
+
+def _drift_outcome(partition: str, version: str, episode: str | None, reference: list[str], result: DriftResult,
+                   run_id: str) -> DriftOutcome:
+    status = ("drifted" if result.drifted else "no drift") if result.decided else "no decision"
+    if result.drifted and episode != partition:
+        status = f"drift continues the episode that started on {episode}: no new alert or retraining"
+    alert = None
+    if result.drifted and episode == partition:
+        alert = Alert("drift.detected", key=f"{partition}/champion-{version}",
+                      text=(f":warning: recloop: drift on {partition} against champion v{version}'s training "
+                            "window: " + "; ".join(result.reasons[:3])),
+                      fields={"asset": DRIFT_ASSET, "partition": partition, "model_version": version,
+                              "numbers": result.summary, "report_url": result.report_uri,
+                              "details": {"reasons": result.reasons, "reference_partitions": reference,
+                                          "mlflow_run_id": run_id}})
+    return DriftOutcome(partition, bool(result.drifted), version, episode, list(result.reasons), dict(result.summary),
+                        list(reference), result.report_uri, run_id, status, alert)
+
+
+def _write_record(lake: Lake, outcome: DriftOutcome) -> None:
+    record = {**outcome.record(), "decided_at": datetime.now(UTC).isoformat()}
+    lake.write_bytes(drift_record_key(outcome.partition), json.dumps(record, indent=1, default=str).encode())
+
+
+def retrain_cooldown() -> timedelta:
+    """Minimum time between two drift-triggered retrainings ($RECLOOP_RETRAIN_COOLDOWN_HOURS, default 24)."""
+    return timedelta(hours=float(os.environ.get(COOLDOWN_ENV) or "24"))
+
+
+def retrain_schedule() -> tuple[str, str]:
+    """(cron, timezone) of the retraining cadence ($RECLOOP_RETRAIN_CRON, default daily 03:00, in
+    $RECLOOP_RETRAIN_TIMEZONE, default UTC): the floor under drift-triggered retraining."""
+    return os.environ.get(CRON_ENV) or "0 3 * * *", os.environ.get(TIMEZONE_ENV) or "UTC"
+
+
+def retraining_key(partition: str, champion_version: str | int) -> str:
+    """One retraining per drift episode and champion: the first drifted day + the champion's version."""
+    return f"drift-{partition}-champion-{champion_version}"
+
+
+@dataclass(frozen=True)
+class RetrainingRequest:
+    key: str
+    partition: str
+    champion_version: str
+
+
+@dataclass
+class RetrainingPlan:
+    requests: list[RetrainingRequest] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def skip_reason(self) -> str:
+        return "; ".join(self.skipped) or "no new drift episode"
+
+
+def plan_retraining(
+    reports: Iterable[Mapping[str, Any]],
+    *,
+    recent_retraining: Callable[[], str | None],
+    already_requested: Collection[str] = (),
+    cooldown: timedelta | None = None,
+) -> RetrainingPlan:
+    """Which drift reports ask for a retraining: the first day of each new drift episode, one retraining
+    for all of them (the newest data covers every episode), none when a drift-triggered retraining
+    started within the cooldown (`recent_retraining()` names it, or returns None), none twice for the
+    same episode and champion (`already_requested` holds their `retraining_key`s).
+
+    `reports` are drift decisions in order (`DriftOutcome.record()` or the same fields from metadata:
+    `partition`, `drifted`, `drift_episode`, `champion_version`)."""
+    cooldown = retrain_cooldown() if cooldown is None else cooldown
+    plan = RetrainingPlan()
+    for report in reports:
+        partition = report.get("partition")
+        if not report.get("drifted") or not partition or report.get("drift_episode") != partition:
+            continue
+        version = str(report.get("champion_version"))
+        key = retraining_key(partition, version)
+        if key in already_requested:
+            plan.skipped.append(f"{partition}: retraining for this drift episode was requested already ({key})")
+            continue
+        if plan.requests:
+            plan.skipped.append(f"{partition}: covered by the retraining requested for {plan.requests[0].partition}")
+            continue
+        recent = recent_retraining()
+        if recent is not None:
+            plan.skipped.append(f"{partition}: a drift-triggered run ({recent}) started within the cooldown of {cooldown}")
+            continue
+        plan.requests.append(RetrainingRequest(key, partition, version))
+    return plan
+
+
+def retraining_failed_alert(*, job: str, run_id: str, trigger: str, failure: str, steps_failed: Sequence[str],
+                            partition: str | None = None, model_version: str | None = None,
+                            run_label: str | None = None) -> Alert:
+    """The `retraining.failed` alert of a failed training run (a refusal by the gate is not a failure)."""
+    return Alert("retraining.failed", key=f"run-{run_id}",
+                 text=f":x: recloop: retraining run {run_label or run_id[:8]} ({trigger}) failed: {failure}",
+                 fields={"asset": job, "partition": partition, "model_version": model_version,
+                         "details": {"run_id": run_id, "trigger": trigger, "steps_failed": list(steps_failed)}})
