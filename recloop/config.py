@@ -116,6 +116,8 @@ def mask_url(value: str | None) -> str | None:
         f"{k}={MASK}" if _SECRET_QUERY_KEYS.search(k) else f"{k}{eq}{v}"
         for k, eq, v in (item.partition("=") for item in parts.query.split("&") if item)
     )
+    if netloc == parts.netloc and query == parts.query:
+        return value  # nothing to mask: as given (urlunsplit would rewrite sqlite:////abs/path)
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 

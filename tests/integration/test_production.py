@@ -116,6 +116,11 @@ def test_secrets_come_from_the_environment_only_and_are_masked(tmp_path, monkeyp
     assert described["RECLOOP_FEAST_REGISTRY_URL"] == "postgresql+psycopg://feast:***@postgres:5432/feast"
     assert described["RECLOOP_REDIS_URL"] == "redis://:***@redis:6379/0"
     assert described["RECLOOP_LAKE_URI"] == "s3://lake-bucket/lake"
+    # URLs without a secret are shown exactly as given (an absolute SQLite path keeps its four slashes).
+    from recloop.config import mask_url
+
+    assert mask_url("sqlite:////var/lib/recloop/mlflow.db") == "sqlite:////var/lib/recloop/mlflow.db"
+    assert mask_url("s3://b/p?secret_key=abc&x=1") == "s3://b/p?secret_key=***&x=1"
 
     # Dagster's resource view shows the variable, not the URL with its password.
     from pipelines.defs.resources import resources_from_settings
