@@ -152,10 +152,7 @@ class S3DuckDBOfflineStore(DuckDBOfflineStore):
             created_timestamp_column=created_timestamp_column,
             start_date=start_date,
             end_date=end_date,
-            data_source_reader=read_data_source,
-            data_source_writer=feast_duckdb._write_data_source,
-            staging_location=config.offline_store.staging_location,
-            staging_location_endpoint_override=config.offline_store.staging_location_endpoint_override,
+            **_ibis_io(config),
         )
 
     @staticmethod
@@ -177,10 +174,7 @@ class S3DuckDBOfflineStore(DuckDBOfflineStore):
             registry=registry,
             project=project,
             full_feature_names=full_feature_names,
-            data_source_reader=read_data_source,
-            data_source_writer=feast_duckdb._write_data_source,
-            staging_location=config.offline_store.staging_location,
-            staging_location_endpoint_override=config.offline_store.staging_location_endpoint_override,
+            **_ibis_io(config),
             filter_by_created_timestamp=filter_by_created_timestamp,
         )
 
@@ -204,11 +198,19 @@ class S3DuckDBOfflineStore(DuckDBOfflineStore):
             created_timestamp_column=created_timestamp_column,
             start_date=start_date,
             end_date=end_date,
-            data_source_reader=read_data_source,
-            data_source_writer=feast_duckdb._write_data_source,
-            staging_location=config.offline_store.staging_location,
-            staging_location_endpoint_override=config.offline_store.staging_location_endpoint_override,
+            **_ibis_io(config),
         )
+
+
+def _ibis_io(config: RepoConfig) -> dict[str, Any]:
+    """What the three overrides hand Feast's ibis functions: this module's reader, Feast's DuckDB writer,
+    the staging location (the only difference from `DuckDBOfflineStore` is the reader)."""
+    return {
+        "data_source_reader": read_data_source,
+        "data_source_writer": feast_duckdb._write_data_source,
+        "staging_location": config.offline_store.staging_location,
+        "staging_location_endpoint_override": config.offline_store.staging_location_endpoint_override,
+    }
 
 
 __all__ = ["STORE_TYPE", "S3DuckDBOfflineStore", "S3DuckDBOfflineStoreConfig", "read_data_source"]

@@ -105,10 +105,6 @@ class Alert:
     text: str
     fields: Mapping[str, Any] = field(default_factory=dict)
 
-    def send_with(self, send: Callable[..., Any]) -> Any:
-        """Hands the alert to `send(type, *, key, text, **fields)`, e.g. a bound `AlertsResource.send`."""
-        return send(self.type, key=self.key, text=self.text, **self.fields)
-
 
 def send_alert(alert: Alert | None, *, logger: Any = None, config_path: str | None = None) -> list[Any]:
     """Sends `alert` to the configured endpoints (`recloop.alerts.AlertDispatcher.from_settings`) and logs

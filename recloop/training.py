@@ -855,11 +855,7 @@ class RankerFeatures:
 
     def _raw(self, df: pd.DataFrame) -> np.ndarray:
         """Features, log1p of the counts, one "view missing" indicator per view, the retrieval score."""
-        retrieval = None
-        if self.use_retrieval:
-            if RETRIEVAL_SCORE not in df.columns:
-                raise KeyError(f"this ranker needs a {RETRIEVAL_SCORE!r} column (the two-tower score)")
-            retrieval = _float_block(df, [RETRIEVAL_SCORE])[:, 0]
+        retrieval = _float_block(df, [RETRIEVAL_SCORE])[:, 0] if RETRIEVAL_SCORE in df.columns else None
         return self._raw_arrays(_float_block(df, list(self.feature_columns)), retrieval)
 
     def _raw_arrays(self, x: np.ndarray, retrieval: np.ndarray | None) -> np.ndarray:
@@ -884,11 +880,7 @@ class RankerFeatures:
 
     def transform(self, df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         """(numeric [n, F] float32, categorical codes [n, C] int64)."""
-        cats = np.zeros((len(df), len(self.categorical)), dtype=np.int64)
-        for i, c in enumerate(self.categorical):
-            if c in df.columns:
-                cats[:, i] = self.cat_vocabs[c].encode(df[c])
-        return self._normalise(self._raw(df)), cats
+        return self._normalise(self._raw(df)), self.encode_categorical(df, len(df))
 
     def transform_arrays(
         self, x: np.ndarray, retrieval: np.ndarray | None, codes: np.ndarray
@@ -898,8 +890,9 @@ class RankerFeatures:
         with `cat_vocabs` (`encode_categorical`)."""
         return self._normalise(self._raw_arrays(np.array(x, np.float64), retrieval)), np.asarray(codes, np.int64)
 
-    def encode_categorical(self, values: Mapping[str, Any], n: int) -> np.ndarray:
-        """[n, len(categorical)] vocab codes of `values[column]` (0 = unknown, or column absent)."""
+    def encode_categorical(self, values: Mapping[str, Any] | pd.DataFrame, n: int) -> np.ndarray:
+        """[n, len(categorical)] vocab codes of `values[column]` (0 = unknown, or column absent); `values`
+        is a DataFrame or a mapping of arrays."""
         cats = np.zeros((n, len(self.categorical)), dtype=np.int64)
         for i, c in enumerate(self.categorical):
             if c in values:

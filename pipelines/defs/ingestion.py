@@ -3,7 +3,6 @@ the blocking schema check (Great Expectations, schema-level expectations) that g
 Thin adapters over `recloop.lifecycle` (shared with the Airflow DAGs in dags/).
 """
 
-from functools import partial
 from pathlib import Path
 
 import dagster as dg
@@ -62,8 +61,7 @@ def _schema_check(table: str) -> dg.AssetChecksDefinition:
                alerts: AlertsResource) -> dg.AssetCheckResult:
         check = lifecycle.check_schema(lake.open(), table, context.partition_key,
                                        expectations_dir=Path(gx.expectations_dir), run_id=context.run.run_id)
-        if check.alert is not None:
-            check.alert.send_with(partial(alerts.send, context.log))
+        alerts.send(context.log, check.alert)
         summary = check.summary()
         return dg.AssetCheckResult(
             passed=check.passed,

@@ -3,7 +3,6 @@ champion, with the promotion gate as a blocking check in front of promotion. Thi
 `recloop.model_plane` and `recloop.lifecycle` (shared with the Airflow DAGs in dags/); every number worth
 plotting is asset metadata."""
 
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -163,8 +162,7 @@ def registered_version(context: dg.AssetExecutionContext, workspace: ModelWorksp
 def promotion_gate(context: dg.AssetCheckExecutionContext, config: GateRunConfig, workspace: ModelWorkspaceResource,
                    registry: MlflowRegistryResource, alerts: AlertsResource) -> dg.AssetCheckResult:
     gate = lifecycle.check_gate(registry.open(), workspace.dir(), config=_gate_config(config), run_id=context.run.run_id)
-    if gate.alert is not None:
-        gate.alert.send_with(partial(alerts.send, context.log))
+    alerts.send(context.log, gate.alert)
     out = gate.summary()
     return dg.AssetCheckResult(
         passed=gate.passed,
@@ -187,7 +185,7 @@ def champion(context: dg.AssetExecutionContext, config: GateRunConfig, workspace
     except lifecycle.GateRefused as refused:
         raise dg.Failure(str(refused)) from refused
     context.log.info(f"version {promotion.version} is now champion: {promotion.decision.reasons[0]}")
-    promotion.alert.send_with(partial(alerts.send, context.log))
+    alerts.send(context.log, promotion.alert)
     out = promotion.summary()
     return dg.MaterializeResult(metadata={"champion": out["champion"], "compared_to": out["compared_to"],
                                           "lineage": dg.MetadataValue.json(out["lineage"]),

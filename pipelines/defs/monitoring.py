@@ -11,7 +11,6 @@ promotion gate as any other: drift never bypasses it.
 """
 
 from datetime import UTC, datetime
-from functools import partial
 from typing import Any
 
 import dagster as dg
@@ -61,7 +60,7 @@ def drift_report(context: dg.AssetExecutionContext, config: DriftRunConfig, lake
             check_results=[dg.AssetCheckResult(check_name=NO_DRIFT_CHECK, passed=True, description=outcome.status)],
         )
     if outcome.alert is not None:
-        outcome.alert.send_with(partial(alerts.send, context.log))
+        alerts.send(context.log, outcome.alert)
     elif outcome.drifted:
         context.log.info(outcome.status)
     return dg.MaterializeResult(
@@ -159,11 +158,11 @@ def retraining_failure_alerts(context: dg.RunFailureSensorContext, alerts: Alert
     failure = "; ".join(f"{e.step_key}: {root_cause(e.step_failure_data.error)}" for e in steps
                         if e.step_failure_data and e.step_failure_data.error) or (
         context.failure_event.message if context.failure_event else "run failed")
-    lifecycle.retraining_failed_alert(
+    alerts.send(context.log, lifecycle.retraining_failed_alert(
         job=training_job.name, run_id=run.run_id, trigger=run.tags.get(TRIGGER_TAG, "manual"), failure=failure,
         steps_failed=[e.step_key for e in steps if e.step_key], partition=run.tags.get("recloop/drift_partition"),
         model_version=run.tags.get("recloop/champion_version"),
-    ).send_with(partial(alerts.send, context.log))
+    ))
 
 
 def _gate_refused(instance: dg.DagsterInstance, run_id: str) -> bool:

@@ -14,7 +14,7 @@ import os
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 from pydantic import Field
@@ -22,6 +22,9 @@ from pydantic import Field
 from recloop import features as feature_ops
 from recloop.config import Settings
 from recloop.lake import Lake, open_lake
+
+if TYPE_CHECKING:
+    from recloop.lifecycle import Alert
 
 
 class LakeResource(dg.ConfigurableResource):
@@ -101,13 +104,15 @@ class AlertsResource(dg.ConfigurableResource):
 
     config_path: str | None = Field(default=None, description="Endpoints file (default: monitoring/alerts.yaml).")
 
-    def send(self, log: Any, type: str, *, key: str, text: str, **fields: Any) -> list[Any]:
-        """Sends one event (id derived from type + key, so a re-run step does not deliver it twice) and
-        logs each endpoint's outcome. A receiver that is down never fails the step: its delivery ends in
-        the dead-letter store (`recloop alerts resend`). A broken configuration does raise."""
-        from recloop.lifecycle import Alert, send_alert
+    def send(self, log: Any, alert: "Alert | None") -> list[Any]:
+        """Sends a step's alert (`recloop.lifecycle.Alert`; None sends nothing) through
+        `recloop.lifecycle.send_alert`, logging each endpoint's outcome to the step's log. The event id is
+        derived from type + key, so a re-run step does not deliver it twice. A receiver that is down never
+        fails the step: its delivery ends in the dead-letter store (`recloop alerts resend`). A broken
+        configuration does raise."""
+        from recloop.lifecycle import send_alert
 
-        return send_alert(Alert(type, key, text, fields), logger=log, config_path=self.config_path)
+        return send_alert(alert, logger=log, config_path=self.config_path)
 
 
 def secret_value(var: str, value: str | None) -> str | None:

@@ -4,7 +4,6 @@
 (shared with the Airflow DAGs in dags/).
 """
 
-from functools import partial
 from pathlib import Path
 
 import dagster as dg
@@ -48,8 +47,7 @@ def _silver_asset(table: str) -> dg.AssetsDefinition:
         outcome = lifecycle.validate(lake.open(), table, context.partition_key,
                                      expectations_dir=Path(gx.expectations_dir),
                                      max_quarantine_rate=gx.max_quarantine_rate, run_id=context.run.run_id)
-        if outcome.alert is not None:
-            outcome.alert.send_with(partial(alerts.send, context.log))
+        alerts.send(context.log, outcome.alert)
         out = outcome.summary()
         return dg.MaterializeResult(
             metadata={

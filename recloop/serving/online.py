@@ -120,10 +120,11 @@ class OnlineFeatures:
                 if entry is None or c not in entry.affinity:
                     rows.append({"user_id": user, "category": c})
                     wanted.append((i, c))
-        self.hits += len(requests) - sum(1 for _, c in wanted if c is None)
-        self.misses += sum(1 for _, c in wanted if c is None)
+        misses = sum(1 for _, c in wanted if c is None)  # users with no cached row (activity row wanted)
+        self.hits += len(requests) - misses
+        self.misses += misses
         if rows:
-            refs = self._user_refs if any(c is None for _, c in wanted) else _refs(USER_CATEGORY_AFFINITY)
+            refs = self._user_refs if misses else _refs(USER_CATEGORY_AFFINITY)
             try:
                 with self._lock:
                     values = self.store.get_online_features(
@@ -132,16 +133,15 @@ class OnlineFeatures:
             except Exception as err:  # any store failure means the same thing to serving: no features now
                 raise FeatureStoreUnavailable(f"{type(err).__name__}: {err}") from err
             affinity = _matrix(values, AFFINITY_COLUMNS)
-            activity = _matrix(values, USER_COLUMNS) if refs is self._user_refs else None
+            activity = _matrix(values, USER_COLUMNS) if misses else None
             fresh: dict[int, _UserRows] = {}
             for j, (i, c) in enumerate(wanted):
                 entry = cached[i] or fresh.get(i)
                 if c is None:
                     assert activity is not None
-                    entry = fresh[i] = _UserRows(activity[j])
-                else:
-                    if entry is None:  # the activity row of this request comes first in `wanted`
-                        raise AssertionError("affinity row before its user's activity row")
+                    fresh[i] = _UserRows(activity[j])
+                else:  # a request's activity row, when wanted, comes before its affinity rows
+                    assert entry is not None
                     entry.affinity[c] = affinity[j]
             with self._cache_lock:
                 if self.cache_users and snapshot == self._cache_snapshot:
