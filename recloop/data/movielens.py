@@ -11,7 +11,7 @@ Supported layouts, detected from the folder's files:
   ``movies.csv`` (movieId,title,genres); no users file.
 
 The mapping (documented in docs/data_schema.md): each rating becomes one event at the rating time with
-``watched_s = 6000 * rating / 5`` and ``completed = liked = rating >= 4``; a movie becomes a video of
+``watched_s = 6000 * watched_fraction(rating)`` and ``completed = liked = rating >= 4``; a movie becomes a video of
 6000 s whose category is its first genre and whose upload time is its first rating; a user's sign-up
 time is their first rating.
 """
@@ -164,6 +164,18 @@ def _read_movies(layout: str, folder: Path) -> pd.DataFrame | None:
     )
 
 
+def watched_fraction(rating: np.ndarray) -> np.ndarray:
+    """The share of the movie a rating counts as watched: ``max(rating / 8, (rating - 3) / 2)``.
+
+    Monotone in the rating, and exactly 50 % at the positive threshold 4: recloop's one positive rule
+    (`recloop.data.engagement.positive_mask`: completed, liked, or watched at least half of the video)
+    then agrees with "rating >= 4 is a positive" — a rating of 3.5 is 44 % of the movie, not a positive;
+    4 is 50 %, 4.5 is 75 % and 5 is 100 %. (A plain ``rating / 5`` would make 2.5 a positive watch.)
+    """
+    r = np.asarray(rating, dtype=np.float64)
+    return np.maximum(r / 8.0, (r - 3.0) / 2.0)
+
+
 def age_bucket(age: np.ndarray) -> np.ndarray:
     """Map ages in years to schemas.AGE_BUCKETS ("unknown" below 13 or when missing)."""
     age = np.asarray(age, dtype=np.float64)
@@ -241,7 +253,7 @@ def read_movielens(path: str | Path) -> dict[str, pa.Table]:
             _timestamps(ts_us),
             pa.array(np.full(len(user), SURFACE, dtype=object), pa.string()),
             pa.array(np.zeros(len(user), np.int32), pa.int32()),
-            pa.array(DURATION_S * rating / 5.0, pa.float64()),
+            pa.array(DURATION_S * watched_fraction(rating), pa.float64()),
             pa.array(positive, pa.bool_()),
             pa.array(positive, pa.bool_()),
         ],

@@ -140,7 +140,8 @@ def test_events_mapping(tmp_path, make):
         assert row["event_time"] == utc(ts)
         assert row["surface"] == "ratings"
         assert row["position"] == 0
-        assert row["watched_s"] == pytest.approx(6000.0 * rating / 5.0)
+        assert row["watched_s"] == pytest.approx(6000.0 * max(rating / 8, (rating - 3) / 2))
+        assert (row["watched_s"] >= 3000.0) is (rating >= 4)  # the positive rule agrees with rating >= 4
         assert row["completed"] is (rating >= 4) and row["liked"] is (rating >= 4)
     times = tables["events"]["event_time"].to_pylist()
     assert times == sorted(times)
