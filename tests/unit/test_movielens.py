@@ -214,7 +214,7 @@ def test_ml10m_without_users_file(tmp_path):
         "".join(f"{u}::{m}::{r}::{t}\n" for u, m, r, t in [(1, 10, 3.5, T0), (2, 20, 4.5, T0 + 1)])
     )
     tables = read_movielens(folder)
-    assert tables["events"]["watched_s"].to_pylist() == [4200.0, 5400.0]
+    assert tables["events"]["watched_s"].to_pylist() == [2625.0, 4500.0]  # 3.5 -> 44 %, 4.5 -> 75 %
     assert tables["events"]["liked"].to_pylist() == [False, True]
     assert tables["users"]["age_bucket"].to_pylist() == ["unknown", "unknown"]
 
