@@ -436,6 +436,6 @@ def test_load_events_file_with_videos_beside(tmp_path):
 
 def test_baseline_factories():
     factories = ev.baseline_factories()
-    assert list(factories) == ["popularity", "als", "bpr"]
-    assert list(ev.baseline_factories(include_bpr=False)) == ["popularity", "als"]
+    assert list(factories) == ["popularity", "als", "ease", "bpr"]
+    assert list(ev.baseline_factories(include_bpr=False)) == ["popularity", "als", "ease"]
     assert np.prod([len(v) for v in ev.ALS_GRID.values()]) == 24
