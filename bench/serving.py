@@ -2,8 +2,9 @@
 
 1. Builds (once; reused from `--workdir` afterwards) a catalog of `--videos` (100k) videos with the
    project's own simulator and schema: validated days in a local lake, feature snapshots, Feast apply +
-   materialize into the SQLite online store, a two-tower + ranker bundle trained on those days with a
-   FAISS HNSW index over every video, registered in MLflow (SQLite) as the `champion`.
+   materialize into the SQLite online store, the multi-stage recommender (EASE + two-tower with a FAISS
+   HNSW index over every video + popular + fresh, LambdaRank ranker) fitted on those days by the model
+   plane's own training loop, registered in MLflow (SQLite) as the `champion`.
 2. Starts the API in a subprocess exactly as `recloop serve` runs it (`recloop.serving.app.serve`,
    uvicorn, one process, settings from `RECLOOP_*` variables) and waits for /readyz.
 3. For each rate in `--rates` (default 50, 100, 200, 300 requests/s) sends requests at that fixed rate
@@ -70,27 +71,19 @@ def environment(workdir: Path) -> dict[str, str]:
 def build(workdir: Path, videos: int, users: int, days: int, events_per_day: int) -> dict:
     """Simulate, validate-free write to silver, features, Feast, train, index, register. Returns timings."""
     os.environ.update(environment(workdir))
-    import pandas as pd
     import torch
 
     from recloop.config import Settings
     from recloop.data.simulator import SimConfig, simulate_validated
     from recloop.features import apply_repo, materialize_partition
-    from recloop.index import AnnIndex
     from recloop.lake import LocalLake
-    from recloop.pipeline import point_in_time_features, save_bundle
+    from recloop.model_plane import fit_config
+    from recloop.model_plane.bundle import save_bundle
+    from recloop.model_plane.fit import fit_recommender
+    from recloop.model_plane.history import History
+    from recloop.model_plane.store import RANKING_FEATURES, LakeSnapshots
     from recloop.registry import CHAMPION, open_registry
-    from recloop.training import (
-        RANKING_FEATURES,
-        RankerConfig,
-        TwoTowerConfig,
-        load_window,
-        popular_videos,
-        time_split,
-        train_ranker,
-        train_two_tower,
-        video_embeddings,
-    )
+    from recloop.training import TwoTowerConfig, load_window
 
     torch.set_num_threads(os.cpu_count() or 1)
     settings = Settings.from_env()
@@ -111,14 +104,10 @@ def build(workdir: Path, videos: int, users: int, days: int, events_per_day: int
 
     t0 = time.perf_counter()
     window = load_window(lake, partitions)
-    two_tower = train_two_tower(window, TwoTowerConfig(epochs=2))
-    ids, vectors = video_embeddings(two_tower)
-    index = AnnIndex.build(ids, vectors, kind="hnsw")
-    ev = window.events.merge(window.videos[["video_id", "category"]], on="video_id", how="left")
-    ev = ev[pd.to_datetime(ev["event_time"], utc=True) >= pd.Timestamp(partitions[-2], tz="UTC")]
-    train_df, valid_df = time_split(point_in_time_features(lake, ev), valid_days=1)
-    ranker = train_ranker(train_df, valid_df, RANKING_FEATURES, two_tower, RankerConfig(epochs=1))
-    bundle = save_bundle(workdir / "bundle", two_tower, index, ranker, popular_videos(window))
+    fitted = fit_recommender(History.from_window(window), config=fit_config(two_tower=TwoTowerConfig(epochs=2)),
+                             store=LakeSnapshots(lake))
+    bundle = save_bundle(workdir / "bundle", fitted.recommender)
+    index, ranker = fitted.recommender.two_tower.index, fitted.report.ranker
     timings["train_and_index_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -131,8 +120,9 @@ def build(workdir: Path, videos: int, users: int, days: int, events_per_day: int
     timings["register_s"] = time.perf_counter() - t0
     shutil.rmtree(workdir / "bundle")
     info = {
-        "videos_in_index": len(index), "users_known": len(two_tower.users), "events": len(window.events),
-        "days": days, "ranker_valid_auc": round(float(ranker.valid_auc), 4),
+        "videos_in_index": len(index), "users_known": len(fitted.recommender.history.users),
+        "events": len(window.events), "days": days, "ranker_best_iteration": ranker["best_iteration"],
+        "ranker_valid_ndcg_at_10": round(max(ranker["curves"].get("valid_ndcg@10") or [float("nan")]), 4),
         **{k: round(v, 1) for k, v in timings.items()},
     }
     (workdir / "built.json").write_text(json.dumps(info, indent=2))

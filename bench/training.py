@@ -1,11 +1,13 @@
-"""Model-plane benchmark: two-tower training, ANN index build + recall, ranker training, on 1M events.
+"""Model-plane benchmark: two-tower training, ANN index build + recall, and the whole multi-stage fit, on
+1M events.
 
 Simulates 10 days x 100k impressions in memory (recloop.data.simulator), trains the two-tower model on
 all of them, builds the ANN index over the catalog's video embeddings and measures its recall@100 against
-exact search (queries: the users' embeddings), then trains the ranker on every impression with the
-ranking features (computed by recloop.features in a temporary local lake, joined point-in-time) and the
-two-tower score. Prints one JSON object: samples/s and wall time of each model, index build time and
-recall, peak memory, and a single-thread matmul speed of this machine for comparing runs across machines.
+exact search (queries: the users' embeddings), then runs the model plane's training loop
+(`recloop.model_plane.fit.fit_recommender`: EASE and the two-tower on time folds, the LambdaRank ranker on
+their candidate lists with the feature snapshots of a temporary local lake). Prints one JSON object:
+samples/s and wall time of each part, index build time and recall, the fit's time per step, peak memory,
+and a single-thread matmul speed of this machine for comparing runs across machines.
 
     python bench/training.py                          # 1M events, torch threads = os.cpu_count()
     python bench/training.py --events-per-day 20000 --two-tower-epochs 1
@@ -54,14 +56,13 @@ def main() -> int:
     parser.add_argument("--initial-users", type=int, default=20_000)
     parser.add_argument("--initial-videos", type=int, default=10_000)
     parser.add_argument("--two-tower-epochs", type=int, help="default: TwoTowerConfig's")
-    parser.add_argument("--ranker-epochs", type=int, help="default: RankerConfig's")
+    parser.add_argument("--ranker-rounds", type=int, help="most LambdaRank boosting rounds (default: RankerConfig's)")
     parser.add_argument("--index", choices=("hnsw", "ivf", "flat"), default="hnsw")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--skip-ranker", action="store_true")
+    parser.add_argument("--skip-ranker", action="store_true", help="skip the multi-stage fit")
     args = parser.parse_args()
 
     import numpy as np
-    import pandas as pd
     import pyarrow as pa
     import torch
 
@@ -69,19 +70,12 @@ def main() -> int:
     from recloop.features import compute_features
     from recloop.index import AnnIndex, recall_at_k
     from recloop.lake import LocalLake
-    from recloop.pipeline import point_in_time_features
-    from recloop.training import (
-        RANKING_FEATURES,
-        RankerConfig,
-        TwoTowerConfig,
-        Window,
-        time_split,
-        train_ranker,
-        train_two_tower,
-        user_embeddings,
-        video_embeddings,
-        with_retrieval_scores,
-    )
+    from recloop.model_plane import fit_config
+    from recloop.model_plane.fit import fit_recommender
+    from recloop.model_plane.history import History
+    from recloop.model_plane.ranker import RankerConfig
+    from recloop.model_plane.store import LakeSnapshots
+    from recloop.training import TwoTowerConfig, Window, train_two_tower, user_embeddings, video_embeddings
 
     torch.set_num_threads(args.threads)
     gflops = matmul_gflops()
@@ -149,7 +143,7 @@ def main() -> int:
             }
         out["index"] = index_out
 
-        # --- ranker ---------------------------------------------------------------------------------
+        # --- the multi-stage fit --------------------------------------------------------------------
         if not args.skip_ranker:
             lake_dir = tempfile.mkdtemp(prefix="recloop-bench-training-")
             try:
@@ -161,33 +155,23 @@ def main() -> int:
                         lake.write_partition(f"silver/{k}", p, d[k])
                 for i in range(config.days):
                     compute_features(lake, config.date_of(i).isoformat())
-                ev = window.events.merge(window.videos[["video_id", "category"]], on="video_id", how="left")
-                day1 = pd.Timestamp(config.date_of(1), tz="UTC")
-                ev = ev[pd.to_datetime(ev["event_time"], utc=True) >= day1]
-                rows = point_in_time_features(lake, ev)
                 features_s = time.perf_counter() - t0
+                ranker = RankerConfig(**({"max_rounds": args.ranker_rounds} if args.ranker_rounds else {}))
+                t0 = time.perf_counter()
+                fitted = fit_recommender(History.from_window(window), store=LakeSnapshots(lake),
+                                         config=fit_config(two_tower=tt_config, ranker=ranker))
+                report = fitted.report.to_dict()
             finally:
                 shutil.rmtree(lake_dir, ignore_errors=True)
-            train_df, valid_df = time_split(rows, valid_days=1)
-            rk_config = RankerConfig(**({"epochs": args.ranker_epochs} if args.ranker_epochs else {}))
-            t0 = time.perf_counter()
-            train_df = with_retrieval_scores(train_df, tt)
-            valid_df = with_retrieval_scores(valid_df, tt)
-            score_s = time.perf_counter() - t0
-            ranker = train_ranker(train_df, valid_df, RANKING_FEATURES, tt, rk_config)
-            out["ranker"] = {
-                "rows_train": ranker.n_train,
-                "rows_valid": ranker.n_valid,
-                "epochs": rk_config.epochs,
-                "batch_size": rk_config.batch_size,
-                "samples_per_s": round(ranker.samples_per_s),
-                "train_seconds": round(ranker.train_seconds, 2),
+            out["fit"] = {
                 "wall_seconds": round(time.perf_counter() - t0, 2),
-                "retrieval_score_seconds": round(score_s, 2),
-                "features_seconds": round(features_s, 2),
-                "valid_auc_completed": round(ranker.valid_auc, 4),
-                "valid_rmse_log1p_watch": round(ranker.valid_rmse, 4),
-                "note": "valid AUC uses a two-tower trained on all days, valid day included (optimistic)",
+                "feature_snapshots_seconds": round(features_s, 2),
+                "seconds": report["seconds"],
+                "folds": [{k: f[k] for k in ("name", "events", "users", "rows", "seconds")} for f in report["folds"]],
+                "ranker_rows": report["ranker"]["train_rows"],
+                "ranker_best_iteration": report["ranker"]["best_iteration"],
+                "valid_ndcg_at_10": round(max(report["ranker"]["curves"].get("valid_ndcg@10") or [float("nan")]), 4),
+                "source_recall": {k: round(v, 4) for k, v in report["source_recall"].items()},
             }
     out["peak_rss_mb"] = round(rss.peak / 2**20)
     out["max_rss_mb_kernel"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)

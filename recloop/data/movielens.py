@@ -176,6 +176,36 @@ def watched_fraction(rating: np.ndarray) -> np.ndarray:
     return np.maximum(r / 8.0, (r - 3.0) / 2.0)
 
 
+TAGS_PER_MOVIE = 8
+
+
+def read_movie_tags(folder: Path, per_movie: int = TAGS_PER_MOVIE) -> pd.Series | None:
+    """movieId -> the movie's most used user tags (ml-latest's `tags.csv`), lowercased, `|` removed, joined
+    by `|`; None when the folder has no tags file. Tags are metadata of the movie (who tagged it is not
+    kept)."""
+    path = folder / "tags.csv"
+    if not path.is_file():
+        return None
+    raw = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
+        column_types={"movieId": pa.int64(), "tag": pa.string()}, include_columns=["movieId", "tag"],
+        strings_can_be_null=False)).to_pandas()
+    tag = raw["tag"].astype(str).str.lower().str.replace("|", " ", regex=False).str.strip()
+    counts = pd.DataFrame({"item": raw["movieId"], "tag": tag})[tag != ""].value_counts().reset_index(name="n")
+    counts = counts.sort_values(["item", "n", "tag"], ascending=[True, False, True])
+    top = counts.groupby("item", sort=True).head(per_movie)
+    return top.groupby("item", sort=True)["tag"].agg("|".join)
+
+
+def with_user_tags(genres: pd.Series, items: np.ndarray, tags: pd.Series | None) -> pd.Series:
+    """The videos' `tags` column: the genres, then the movie's user tags (`read_movie_tags`)."""
+    genres = genres.reset_index(drop=True).fillna("").astype(str)
+    if tags is None:
+        return genres
+    extra = tags.reindex(items).fillna("").reset_index(drop=True)
+    both = genres + "|" + extra
+    return both.str.strip("|")
+
+
 def age_bucket(age: np.ndarray) -> np.ndarray:
     """Map ages in years to schemas.AGE_BUCKETS ("unknown" below 13 or when missing)."""
     age = np.asarray(age, dtype=np.float64)
@@ -271,11 +301,12 @@ def read_movielens(path: str | Path) -> dict[str, pa.Table]:
         genres = movies["genres"].fillna("").reset_index(drop=True)
     category = genres.str.partition("|")[0]
     category = category.where(category != "", UNKNOWN)
+    tags = with_user_tags(genres, items, read_movie_tags(folder))
     videos = pa.Table.from_arrays(
         [
             _prefixed("ml_v", items),
             pa.array(title, pa.string()),
-            pa.array(genres.to_numpy(dtype=object), pa.string()),
+            pa.array(tags.to_numpy(dtype=object), pa.string()),
             pa.array(category.to_numpy(dtype=object), pa.string()),
             pa.array(np.full(len(items), UNKNOWN, dtype=object), pa.string()),
             pa.array(np.full(len(items), DURATION_S), pa.float64()),

@@ -88,12 +88,13 @@ def _movies_beside(path: Path, ids: pd.Series) -> pd.DataFrame | None:
             if movies is None:
                 return None
             movies = movies[~pd.Index(movies.index).duplicated(keep="first")]
-            movies.index = "ml_v" + pd.Index(movies.index).astype(str)
-            movies = movies.reindex(ids.to_numpy())
+            numeric = pd.to_numeric(ids.str.removeprefix("ml_v"), errors="coerce")
+            movies = movies.reindex(numeric.to_numpy())
             genres = movies["genres"].fillna("").astype(str)
             first = genres.str.partition("|")[0]
+            tags = movielens.with_user_tags(genres, numeric.to_numpy(), movielens.read_movie_tags(folder))
             return pd.DataFrame({"video_id": ids.to_numpy(), "title": movies["title"].fillna("").to_numpy(),
-                                 "tags": genres.to_numpy(), "category": first.where(first != "", UNKNOWN_CATEGORY).to_numpy()})
+                                 "tags": tags.to_numpy(), "category": first.where(first != "", UNKNOWN_CATEGORY).to_numpy()})
     return None
 
 

@@ -13,15 +13,17 @@ PLATFORM = "recloop"
 
 
 def file_fit_config(split: str, *, two_tower: bool = True) -> Any:
-    """The fit configuration for files: random splits cut K random folds and take a user's features at
-    the median time of their own events; time splits cut folds by period, features at the cutoff."""
+    """The fit configuration for files: random splits cut K random folds, take a user's features at the
+    median time of their own events and count popularity over the whole history (the test is spread over
+    all of it); time splits cut folds by period, features at the cutoff, popularity of the last weeks."""
     from recloop.model_plane.fit import FitConfig
     from recloop.model_plane.recommender import CandidateConfig
     from recloop.training import TwoTowerConfig
 
     tt = TwoTowerConfig() if two_tower else None
     if split == "random":
-        return FitConfig(split="random", folds=5, two_tower=tt, candidates=CandidateConfig(user_time="median"))
+        return FitConfig(split="random", folds=5, two_tower=tt,
+                         candidates=CandidateConfig(user_time="median", popular_days=None))
     return FitConfig(split="time", two_tower=tt, candidates=CandidateConfig(user_time="cutoff"))
 
 

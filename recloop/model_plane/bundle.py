@@ -108,7 +108,7 @@ def load_bundle(directory: str | Path, *, store: Any = None, mode: str | None = 
     tt = TwoTowerSource.load(d / "sources" / "two_tower", history, config.n_two_tower) if holds["two_tower"] else None
     lists = json.loads((d / "sources" / "popular.json").read_text())
     popular = Popular(history.items.get_indexer(pd.Index(lists["popular"], dtype=object)).astype(np.int64),
-                      float(lists.get("popular_days") or 0.0))
+                      lists.get("popular_days"))
     fresh = Fresh(history.items.get_indexer(pd.Index(lists["fresh"], dtype=object)).astype(np.int64))
     ranker = Ranker.load(d / "ranker") if holds["ranker"] else None
     if ranker is not None and manifest.get("store_columns") and store is None:

@@ -119,7 +119,7 @@ def fit_sources(history: History, config: FitConfig, *, l2: dict[str, float] | N
         parts["two_tower"] = TwoTowerSource.fit(history, config.two_tower, n_candidates=config.candidates.n_two_tower)
     else:
         parts["two_tower"] = None
-    parts["popular"] = Popular.fit(history, n=config.candidates.n_popular)
+    parts["popular"] = Popular.fit(history, n=config.candidates.n_popular, days=config.candidates.popular_days)
     parts["fresh"] = Fresh.fit(history, n=config.candidates.n_fresh)
     return parts
 

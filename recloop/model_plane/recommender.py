@@ -33,6 +33,7 @@ class CandidateConfig:
     n_two_tower: int = 100
     n_popular: int = 50
     n_fresh: int = 50
+    popular_days: float | None = 28.0  # the popular list counts this many days before the cutoff (None: all)
     user_time: str = "cutoff"  # the time a user's features are taken at: "cutoff" or "median" (random splits)
 
 

@@ -15,19 +15,22 @@ FRESH = "fresh"
 
 @dataclass(frozen=True)
 class Popular:
-    """The items with the most positives in the last `days` days before the cutoff (all of the history
-    when that leaves fewer than `n`), most popular first; ties by catalog order."""
+    """The items with the most positives in the last `days` days before the cutoff (the whole history
+    when `days` is None, or when the period leaves fewer than `n`), most popular first; ties by catalog
+    order."""
 
     rows: np.ndarray
-    days: float
+    days: float | None
     name: str = POPULAR
 
     @classmethod
-    def fit(cls, history: History, *, n: int = 50, days: float = 28.0) -> "Popular":
-        recent = history.ev_positive & (history.ev_time >= history.cutoff_us - days * US_PER_DAY)
-        counts = np.bincount(history.ev_item[recent], minlength=len(history.items))
-        if (counts > 0).sum() < n:
-            counts = history.item_positives
+    def fit(cls, history: History, *, n: int = 50, days: float | None = 28.0) -> "Popular":
+        counts = history.item_positives
+        if days is not None:
+            recent = history.ev_positive & (history.ev_time >= history.cutoff_us - days * US_PER_DAY)
+            recent_counts = np.bincount(history.ev_item[recent], minlength=len(history.items))
+            if (recent_counts > 0).sum() >= n:
+                counts = recent_counts
         order = np.lexsort((np.arange(len(counts)), -counts))
         return cls(order[: min(n, int((counts > 0).sum()))].astype(np.int64), days)
 
