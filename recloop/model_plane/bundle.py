@@ -124,8 +124,8 @@ class _MissingStore:
     def __init__(self, columns: Sequence[str]) -> None:
         self.columns = list(columns)
 
-    def lookup(self, user_ids: Any, video_ids: Any, categories: Any, at_us: int) -> pd.DataFrame:
-        return pd.DataFrame(np.nan, index=range(len(user_ids)), columns=self.columns)
+    def lookup(self, user_ids: Any, video_ids: Any, categories: Any, at_us: int) -> np.ndarray:
+        return np.full((len(user_ids), len(self.columns)), np.nan)
 
 
 def sanity(recommender: MultiStageRecommender, users: Sequence[str], k: int = 10) -> dict[str, Any]:

@@ -41,27 +41,69 @@ BASE_FEATURES: tuple[str, ...] = (
 )
 
 
+SOURCE_NAMES: tuple[str, ...] = ("item_to_item", "two_tower", "popular", "fresh")  # = sources.SOURCES
+
+
 class StoreFeatures(Protocol):
     """Feature-store columns (Feast's full names `<view>__<feature>`) for (user, video, category) rows
-    as of a time: a lake snapshot offline (`recloop.model_plane.store.LakeSnapshots`), Feast online at
-    serving."""
+    as of a time: Feast's historical retrieval offline (`recloop.model_plane.store.FeastHistorical`, or
+    `LakeSnapshots` without Feast), Feast online at serving. `lookup` returns [rows, len(columns)]."""
 
     columns: list[str]
 
-    def lookup(self, user_ids: np.ndarray, video_ids: np.ndarray, categories: np.ndarray, at_us: int) -> pd.DataFrame:
+    def lookup(self, user_ids: np.ndarray, video_ids: np.ndarray, categories: np.ndarray, at_us: int) -> np.ndarray:
         ...
 
 
 @dataclass
 class CandidateScores:
-    """One batch of candidates: `frame` holds `user` (position in the batch), `item` (catalog row),
-    `source` (the first source that proposed it) and `in_<source>` flags; `scores` each source's score
-    aligned with `frame` (absent when the recommender has no such source); `batch` the users
-    (`recloop.model_plane.recommender.UserBatch`)."""
+    """One batch of candidates, grouped by user: `user` (position in `batch`, ascending), `item` (catalog
+    row), `source` (code into SOURCE_NAMES: the first source that proposed it), `flags` ([n, sources]:
+    which sources proposed it), `scores` (each source's score, absent when the recommender has no such
+    source); `batch` the users (`recloop.model_plane.recommender.UserBatch`). Plain arrays: the same code
+    runs for 500 users offline and for one request at serving, where per-call overheads are the cost."""
 
     batch: Any
-    frame: pd.DataFrame
+    user: np.ndarray
+    item: np.ndarray
+    source: np.ndarray
+    flags: np.ndarray
     scores: dict[str, np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.user)
+
+    def select(self, mask: np.ndarray) -> "CandidateScores":
+        return CandidateScores(self.batch, self.user[mask], self.item[mask], self.source[mask], self.flags[mask],
+                               {k: v[mask] for k, v in self.scores.items()})
+
+    def source_names(self) -> np.ndarray:
+        return np.asarray(SOURCE_NAMES, dtype=object)[self.source]
+
+    def frame(self) -> pd.DataFrame:
+        """For inspection: `user`, `item`, `source` and the scores."""
+        return pd.DataFrame({"user": self.user, "item": self.item, "source": self.source_names(), **self.scores})
+
+
+@dataclass
+class FeatureMatrix:
+    """The ranker's input: float32 [rows, len(names)]."""
+
+    values: np.ndarray
+    names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def columns(self, names: list[str]) -> np.ndarray:
+        where = {n: i for i, n in enumerate(self.names)}
+        missing = [n for n in names if n not in where]
+        if missing:
+            raise ValueError(f"the ranker needs features this input does not have: {missing}")
+        return self.values[:, [where[n] for n in names]]
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.values, columns=self.names, copy=False)
 
 
 def user_times(history: History, user_rows: np.ndarray, user_time: str) -> np.ndarray:
@@ -75,89 +117,120 @@ def user_times(history: History, user_rows: np.ndarray, user_time: str) -> np.nd
     raise ValueError(f"user_time must be 'cutoff' or 'median', got {user_time!r}")
 
 
+def _group_starts(users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(start of each user's run, each row's run start) for rows sorted by user."""
+    if not len(users):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    change = np.flatnonzero(np.diff(users)) + 1
+    starts = np.concatenate([[0], change])
+    return starts, np.repeat(starts, np.diff(np.append(starts, len(users))))
+
+
 def _rank_within(users: np.ndarray, values: np.ndarray) -> np.ndarray:
     """1-based rank of each value among its user's values, largest first; NaN ranks last."""
     v = np.where(np.isfinite(values), values, -np.inf)
     order = np.lexsort((-v, users))
-    starts = np.searchsorted(users[order], users[order], side="left")
+    _, row_start = _group_starts(users[order])
     rank = np.empty(len(values))
-    rank[order] = np.arange(len(values)) - starts + 1
+    rank[order] = np.arange(len(values)) - row_start + 1
     return rank
+
+
+def _user_max(users: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Each row's user's largest finite value (-inf when none); rows sorted by user."""
+    starts, _ = _group_starts(users)
+    if not len(starts):
+        return np.zeros(0)
+    best = np.maximum.reduceat(np.where(np.isfinite(values), values, -np.inf), starts)
+    return np.repeat(best, np.diff(np.append(starts, len(users))))
 
 
 def _log(x: np.ndarray) -> np.ndarray:
     return np.log1p(np.maximum(x, 0.0))
 
 
-def _pair_dot(a, b, rows_a: np.ndarray, rows_b: np.ndarray) -> np.ndarray:
-    """Row-wise dot products a[rows_a[j]] . b[rows_b[j]] of two sparse matrices."""
-    if not len(rows_a):
-        return np.zeros(0)
-    return np.asarray(a[rows_a].multiply(b[rows_b]).sum(axis=1)).ravel()
+def _shares(m: sp.spmatrix) -> np.ndarray:
+    """Dense rows of `m` divided by their sums (a user's shares of categories or tags)."""
+    d = np.asarray(m.todense(), np.float64) if sp.issparse(m) else np.asarray(m, np.float64)
+    return d / np.maximum(d.sum(axis=1, keepdims=True), 1e-12)
 
 
-def _one_hot(codes: np.ndarray, n: int) -> sp.csr_matrix:
-    return sp.csr_matrix((np.ones(n, np.float32), (np.arange(n), codes)), shape=(n, int(codes.max()) + 1 if n else 1))
-
-
-def _row_share(m: Any) -> sp.csr_matrix:
-    m = sp.csr_matrix(m)
-    totals = np.asarray(m.sum(axis=1)).ravel()
-    return sp.csr_matrix(sp.diags(1.0 / np.maximum(totals, 1e-12)) @ m)
+def _tag_share(user_tags: np.ndarray, tags: sp.csr_matrix, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """Per row, the mean over the item's tags of the user's share of that tag (NaN without tags)."""
+    starts, ends = tags.indptr[items], tags.indptr[items + 1]
+    counts = ends - starts
+    total = int(counts.sum())
+    out = np.full(len(items), np.nan)
+    if not total:
+        return out
+    row = np.repeat(np.arange(len(items)), counts)
+    offset = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
+    tag = tags.indices[np.repeat(starts, counts) + offset]
+    sums = np.bincount(row, weights=user_tags[users[row], tag], minlength=len(items))
+    has = counts > 0
+    out[has] = sums[has] / counts[has]
+    return out
 
 
 def ranker_features(history: History, cands: CandidateScores, user_time: str = "cutoff",
-                    store: StoreFeatures | None = None) -> pd.DataFrame:
-    """The feature frame (columns `BASE_FEATURES`, plus the store's columns) of `cands`."""
-    f = cands.frame
+                    store: StoreFeatures | None = None) -> FeatureMatrix:
+    """The feature matrix (`BASE_FEATURES`, plus the store's columns) of `cands`."""
     batch = cands.batch
-    pos_users = f["user"].to_numpy(np.int64)
+    pos_users = cands.user
     user_rows = np.asarray(batch.rows, np.int64)
     users = user_rows[pos_users]
     known = users >= 0
-    items = f["item"].to_numpy(np.int64)
-    n = len(f)
-    out: dict[str, np.ndarray] = {}
+    items = cands.item
+    n = len(items)
+    names = list(BASE_FEATURES) + (list(store.columns) if store is not None else [])
+    x = np.empty((n, len(names)), np.float32)
+    col = {name: j for j, name in enumerate(names)}
+
+    def put(name: str, values: np.ndarray | float) -> None:
+        x[:, col[name]] = values
+
     for key in SOURCE_SCORES:
-        out[key] = cands.scores.get(key, np.full(n, np.nan, np.float32)).astype(np.float64)
+        put(key, cands.scores[key] if key in cands.scores else np.nan)
     for key in RANKED:
-        out[f"{key}_rank"] = _rank_within(pos_users, out[key]) if key in cands.scores else np.full(n, np.nan)
+        put(f"{key}_rank", _rank_within(pos_users, cands.scores[key]) if key in cands.scores else np.nan)
     for key in ("i2i_pos", "i2i_watch"):
-        v = out[key]
-        best = pd.Series(np.where(np.isfinite(v), v, -np.inf)).groupby(pos_users).transform("max").to_numpy()
-        out[f"{key}_norm"] = np.where(best > 0, v / np.where(best > 0, best, 1.0), np.nan)
-    for source in ("item_to_item", "two_tower", "popular", "fresh"):
-        out[f"in_{source}"] = f[f"in_{source}"].to_numpy(np.float64) if f"in_{source}" in f else np.zeros(n)
+        if key in cands.scores:
+            v = cands.scores[key].astype(np.float64)
+            best = _user_max(pos_users, v)
+            put(f"{key}_norm", np.where(best > 0, v / np.where(best > 0, best, 1.0), np.nan))
+        else:
+            put(f"{key}_norm", np.nan)
+    for j, source in enumerate(SOURCE_NAMES):
+        put(f"in_{source}", cands.flags[:, j])
 
     t = user_times(history, user_rows, user_time)[pos_users]
     pos, watch, imp = history.item_positives[items], history.item_watches[items], history.item_impressions[items]
-    out["item_log_pos"], out["item_log_watch"], out["item_log_impressions"] = _log(pos), _log(watch), _log(imp)
-    out["item_pos_rate"] = np.where(watch > 0, pos / np.maximum(watch, 1), np.nan)
-    out["item_watch_rate"] = np.where(imp > 0, watch / np.maximum(imp, 1), np.nan)
-    for w in WINDOWS_DAYS:
-        out[f"item_pos_{w}d"] = _log(history.item_positives_between(items, t - w * US_PER_DAY, t + w * US_PER_DAY))
-    out["item_age_days"] = _log((t - history.upload_us[items]) / US_PER_DAY)
-    out["item_first_days"] = (history.item_first_us[items] - t) / US_PER_DAY
-    # The user's own numbers come from the batch (history rows, plus what serving saw since).
-    upos = np.asarray(batch.positives.sum(axis=1)).ravel()[pos_users]
-    uwatch = np.asarray(batch.watched.sum(axis=1)).ravel()[pos_users]
-    out["user_log_pos"], out["user_log_watch"] = _log(upos), _log(uwatch)
-    out["user_pos_rate"] = np.where(uwatch > 0, upos / np.maximum(uwatch, 1), np.nan)
-    last = np.where(known, history.user_last_us[np.maximum(users, 0)], np.nan)
-    out["user_days_since_last"] = _log((history.cutoff_us - last) / US_PER_DAY)
-    cats = history.item_category
-    cat_share = _row_share(batch.positives @ _one_hot(cats, len(history.items)))
-    out["category_share"] = np.asarray(cat_share[pos_users, cats[items]]).ravel() if n else np.zeros(0)
+    put("item_log_pos", _log(pos))
+    put("item_log_watch", _log(watch))
+    put("item_log_impressions", _log(imp))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        put("item_pos_rate", np.where(watch > 0, pos / watch, np.nan))
+        put("item_watch_rate", np.where(imp > 0, watch / imp, np.nan))
+        for w in WINDOWS_DAYS:
+            put(f"item_pos_{w}d", _log(history.item_positives_between(items, t - w * US_PER_DAY, t + w * US_PER_DAY)))
+        put("item_age_days", _log((t - history.upload_us[items]) / US_PER_DAY))
+        put("item_first_days", (history.item_first_us[items] - t) / US_PER_DAY)
+        # The user's own numbers come from the batch (history rows, plus what serving saw since).
+        upos = np.diff(batch.positives.indptr)[pos_users].astype(np.float64)
+        uwatch = np.diff(batch.watched.indptr)[pos_users].astype(np.float64)
+        put("user_log_pos", _log(upos))
+        put("user_log_watch", _log(uwatch))
+        put("user_pos_rate", np.where(uwatch > 0, upos / uwatch, np.nan))
+        last = np.where(known, history.user_last_us[np.maximum(users, 0)], np.nan)
+        put("user_days_since_last", _log((history.cutoff_us - last) / US_PER_DAY))
+    cats = _shares(batch.positives @ history.item_category_matrix)
+    put("category_share", cats[pos_users, history.item_category[items]] if n else 0.0)
     tags = history.item_tags
-    tag_share = _row_share(batch.positives @ tags)
-    n_tags = np.diff(tags.indptr)[items]
-    out["tag_share"] = np.where(n_tags > 0, _pair_dot(tag_share, tags, pos_users, items) / np.maximum(n_tags, 1), np.nan)
-    frame = pd.DataFrame(out)
-    if store is not None:
-        categories = history.catalog["category"].to_numpy(dtype=object)[items]
-        ids = batch.user_ids if getattr(batch, "user_ids", None) is not None else history.users[np.maximum(user_rows, 0)].to_numpy(dtype=object)
-        extra = store.lookup(np.asarray(ids, dtype=object)[pos_users], history.items[items].to_numpy(dtype=object),
-                             categories, history.cutoff_us)
-        for c in store.columns:
-            frame[c] = pd.to_numeric(extra[c], errors="coerce").to_numpy(np.float64)
-    return frame
+    put("tag_share", _tag_share(_shares(batch.positives @ tags), tags, pos_users, items))
+    if store is not None and n:
+        ids = (batch.user_ids if getattr(batch, "user_ids", None) is not None
+               else history.users[np.maximum(user_rows, 0)].to_numpy(dtype=object))
+        values = store.lookup(np.asarray(ids, dtype=object)[pos_users], history.item_ids[items],
+                              history.catalog_categories[items], history.cutoff_us)
+        x[:, len(BASE_FEATURES):] = np.asarray(values, np.float32)
+    return FeatureMatrix(x, names)

@@ -145,15 +145,14 @@ def candidate_rows(rec: MultiStageRecommender, labels: Labels, users: np.ndarray
     for s in range(0, len(users), batch):
         rows = users[s : s + batch]
         cands = rec.candidate_scores(rec.user_batch(rows))
-        if not len(cands.frame):
+        if not len(cands):
             continue
-        x = ranker_features(rec.history, cands, rec.config.user_time, rec.store)
-        u = rows[cands.frame["user"].to_numpy()]
-        key = u.astype(np.int64) * n_items + cands.frame["item"].to_numpy()
+        x = ranker_features(rec.history, cands, rec.config.user_time, rec.store).frame()
+        u = rows[cands.user]
+        key = u.astype(np.int64) * n_items + cands.item
         x["label"] = np.isin(key, truth).astype(np.int32)
         x["query"] = [f"{query}{v}" for v in u] if query else u
-        x["_user"], x["_item"] = u, cands.frame["item"].to_numpy()
-        x["_source"] = cands.frame["source"].to_numpy()
+        x["_user"], x["_item"], x["_source"] = u, cands.item, cands.source_names()
         frames.append(x)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=[*BASE_FEATURES, "label", "query"])
 

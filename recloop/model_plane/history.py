@@ -245,16 +245,23 @@ class History:
         ptr = np.searchsorted(item[order], np.arange(len(self.items) + 1), side="left")
         return time[order].astype(np.float64), ptr
 
-    def item_positives_between(self, items: np.ndarray, lo_us: np.ndarray, hi_us: np.ndarray) -> np.ndarray:
-        """For each (item, [lo, hi)) the number of the item's positives in that time range, with one
-        sorted search: every item's times (in seconds from the first event) live in a band of their own."""
+    @cached_property
+    def _banded_times(self) -> tuple[np.ndarray, float, float]:
+        """Every item's positive times (seconds from the first) shifted into a band of its own, so one
+        sorted array answers "how many positives of item i in [lo, hi)" with two searches."""
         times, ptr = self._positive_times
-        items = np.asarray(items, np.int64)
-        if not len(times) or not len(items):
-            return np.zeros(len(items))
-        base, width = times.min(), (times.max() - times.min()) / 1e6 + 3.0
+        if not len(times):
+            return np.zeros(0), 0.0, 1.0
+        base, width = float(times.min()), float((times.max() - times.min()) / 1e6 + 3.0)
         item_of = np.repeat(np.arange(len(self.items), dtype=np.float64), np.diff(ptr))
-        keyed = item_of * width + (times - base) / 1e6 + 1.0
+        return item_of * width + (times - base) / 1e6 + 1.0, base, width
+
+    def item_positives_between(self, items: np.ndarray, lo_us: np.ndarray, hi_us: np.ndarray) -> np.ndarray:
+        """For each (item, [lo, hi)) the number of the item's positives in that time range."""
+        keyed, base, width = self._banded_times
+        items = np.asarray(items, np.int64)
+        if not len(keyed) or not len(items):
+            return np.zeros(len(items))
 
         def key(t_us: np.ndarray) -> np.ndarray:
             t = np.clip((np.asarray(t_us, np.float64) - base) / 1e6, -1.0, width - 2.0)
@@ -263,9 +270,23 @@ class History:
         return (np.searchsorted(keyed, key(hi_us)) - np.searchsorted(keyed, key(lo_us))).astype(np.float64)
 
     @cached_property
+    def item_ids(self) -> np.ndarray:
+        return self.items.to_numpy(dtype=object)
+
+    @cached_property
+    def catalog_categories(self) -> np.ndarray:
+        return self.catalog["category"].fillna("unknown").astype(str).to_numpy(dtype=object)
+
+    @cached_property
     def item_category(self) -> np.ndarray:
         """Each item's category code (codes of `categories`)."""
         return pd.factorize(self.catalog["category"].fillna("unknown").astype(str))[0]
+
+    @cached_property
+    def item_category_matrix(self) -> sp.csr_matrix:
+        """items x categories, one 1 per item (its category)."""
+        codes, n = self.item_category, len(self.items)
+        return sp.csr_matrix((np.ones(n, np.float32), (np.arange(n), codes)), shape=(n, int(codes.max()) + 1 if n else 1))
 
     @cached_property
     def item_tags(self) -> sp.csr_matrix:

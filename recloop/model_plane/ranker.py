@@ -103,11 +103,19 @@ class Ranker:
         return cls(booster, list(features), config, best, curves, len(train), len(valid) if valid is not None else 0,
                    time.perf_counter() - t0)
 
-    def score(self, x: pd.DataFrame | np.ndarray) -> np.ndarray:
-        values = x[self.features].to_numpy(np.float32) if isinstance(x, pd.DataFrame) else np.asarray(x, np.float32)
+    def score(self, x: Any) -> np.ndarray:
+        """Scores of a `FeatureMatrix` (columns picked by name), a DataFrame, or an array already in
+        `features` order."""
+        if hasattr(x, "columns") and callable(x.columns):
+            values = x.columns(self.features)
+        elif isinstance(x, pd.DataFrame):
+            values = x[self.features].to_numpy(np.float32)
+        else:
+            values = np.asarray(x, np.float32)
         if not len(values):
             return np.zeros(0)
-        return self.booster.predict(values, num_iteration=self.best_iteration, num_threads=1 if len(values) < 5000 else 0)
+        return self.booster.predict(np.ascontiguousarray(values, np.float32), num_iteration=self.best_iteration,
+                                    num_threads=1 if len(values) < 5000 else 0, validate_features=False)
 
     def importance(self) -> dict[str, float]:
         """Total gain of each feature, largest first."""

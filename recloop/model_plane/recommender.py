@@ -160,7 +160,6 @@ class MultiStageRecommender:
         """Candidates of the users of `batch` (none of what it excludes) with every source's score. `only`
         restricts the lists to one source's top `n_only`."""
         h, cfg = self.history, self.config
-        n_items = len(h.items)
         n_users = len(batch.rows)
         excluded = batch.excluded
         widest = int(np.diff(excluded.indptr).max()) if n_users else 0
@@ -170,7 +169,7 @@ class MultiStageRecommender:
         if self.item_to_item is not None:
             i2i_scores = self.item_to_item.scores(batch.positives, batch.watched)
             if use("item_to_item"):
-                ex = excluded[:, self.item_to_item.item_rows].nonzero()
+                ex = self.item_to_item.columns(excluded).nonzero()
                 blank = np.diff(batch.watched.indptr) + np.diff(batch.positives.indptr) == 0  # nothing to go on
                 for key in (("i2i_pos",) if only else ("i2i_pos", "i2i_watch")):
                     s = i2i_scores[key].copy()
@@ -207,29 +206,39 @@ class MultiStageRecommender:
             else:
                 continue
             lists.append(_first_n_allowed(items, excluded, n) + (source,))
-        frames = [pd.DataFrame({"user": u, "item": i, "source": s}) for u, i, s in lists if len(u)]
-        cand = (pd.concat(frames, ignore_index=True) if frames
-                else pd.DataFrame({"user": np.zeros(0, np.int64), "item": np.zeros(0, np.int64), "source": []}))
-        cand = cand.drop_duplicates(["user", "item"], keep="first").reset_index(drop=True)
-        key = cand["user"].to_numpy(np.int64) * n_items + cand["item"].to_numpy(np.int64)
-        for source in SOURCES:
-            proposed = [u.astype(np.int64) * n_items + i for u, i, s in lists if s == source]
-            cand[f"in_{source}"] = (np.isin(key, np.concatenate(proposed)) if proposed
-                                    else np.zeros(len(cand), bool)).astype(np.float32)
-        users, items = cand["user"].to_numpy(np.int64), cand["item"].to_numpy(np.int64)
+        return self._merge(batch, lists, i2i_scores, vectors)
+
+    def _merge(self, batch: UserBatch, lists: list[tuple[np.ndarray, np.ndarray, str]],
+               i2i_scores: dict[str, np.ndarray] | None, vectors: np.ndarray | None) -> CandidateScores:
+        """The sources' lists merged per user without duplicates (the first source in SOURCES order is
+        recorded), grouped by user, with every source's score of every candidate."""
+        n_items = len(self.history.items)
+        code = {s: j for j, s in enumerate(SOURCES)}
+        users = np.concatenate([u for u, _, _ in lists]).astype(np.int64) if lists else np.zeros(0, np.int64)
+        items = np.concatenate([i for _, i, _ in lists]).astype(np.int64) if lists else np.zeros(0, np.int64)
+        source = np.concatenate([np.full(len(u), code[s], np.int8) for u, _, s in lists]) if lists else np.zeros(0, np.int8)
+        key = users * n_items + items
+        unique, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+        flags = np.zeros((len(unique), len(SOURCES)), np.float32)
+        flags[inverse, source] = 1.0
+        # Keep each user's candidates in the order the sources proposed them (stable for ties later).
+        order = np.lexsort((first, users[first]))
+        keep = first[order]
+        flags = flags[order]
+        users, items, source = users[keep], items[keep], source[keep]
         scores: dict[str, np.ndarray] = {}
         if i2i_scores is not None:
             col = self._i2i_col[items]
             ok = col >= 0
             for name, mat in i2i_scores.items():
-                v = np.full(len(cand), np.nan, np.float32)
+                v = np.full(len(items), np.nan, np.float32)
                 v[ok] = mat[users[ok], col[ok]]
                 scores[name] = v
         if vectors is not None:
             v = np.einsum("ij,ij->i", vectors[users], self._item_vectors[items]).astype(np.float32)
-            v[~self._in_index[items] | (np.abs(vectors[users]).sum(axis=1) == 0)] = np.nan
+            v[~self._in_index[items] | ~np.any(vectors[users] != 0, axis=1)] = np.nan
             scores["tt_score"] = v
-        return CandidateScores(batch=batch, frame=cand, scores=scores)
+        return CandidateScores(batch, users, items, source, flags, scores)
 
     # --- ranking ------------------------------------------------------------------------------------
 
@@ -243,8 +252,8 @@ class MultiStageRecommender:
         if self.mode == "two_tower":
             return cands.scores["tt_score"].astype(np.float64)
         if self.mode == "popular":
-            return self.history.item_positives[cands.frame["item"].to_numpy()] - 1e-9 * cands.frame["item"].to_numpy()
-        return self.history.upload_us[cands.frame["item"].to_numpy()]
+            return self.history.item_positives[cands.item] - 1e-9 * cands.item
+        return self.history.upload_us[cands.item]
 
     def recommend(self, user_ids: Sequence[str], k: int, *, exclude: Mapping[str, set[str]] | None = None) -> list[list[str]]:
         """At most k distinct video ids per user, best first, none watched before or in `exclude[user]`."""
@@ -259,14 +268,16 @@ class MultiStageRecommender:
             batch = known[start : start + BATCH_USERS]
             extra = [sorted(exclude.get(users[i], ())) for i in batch] if exclude else None
             cands = self.candidate_scores(self.user_batch(rows[batch], extra), only=only, n_only=max(k, 100))
-            if not len(cands.frame):
+            if not len(cands):
                 continue
-            score = self.score(cands)
-            f = cands.frame.assign(score=np.nan_to_num(score, nan=-np.inf))
-            f = f.sort_values(["user", "score", "item"], ascending=[True, False, True], kind="stable")
-            top = f.groupby("user", sort=True).head(k)
-            for u, items in top.groupby("user")["item"]:
-                out[batch[u]] = self.history.items[items.to_numpy()].tolist()
+            score = np.nan_to_num(self.score(cands), nan=-np.inf)
+            order = np.lexsort((cands.item, -score, cands.user))
+            users, items = cands.user[order], cands.item[order]
+            starts = np.searchsorted(users, np.arange(len(batch)), side="left")
+            ends = np.searchsorted(users, np.arange(len(batch)), side="right")
+            ids = self.history.item_ids
+            for u in range(len(batch)):
+                out[batch[u]] = ids[items[starts[u] : min(ends[u], starts[u] + k)]].tolist()
         for i in np.flatnonzero(rows < 0):  # unknown users: popular, then fresh
             excluded = exclude.get(users[i], set()) if exclude else set()
             pool = [self.history.items[r] for r in (*self.popular.rows, *self.fresh.rows)]

@@ -15,6 +15,7 @@ Serving reads the same columns from Feast's online store (`recloop.serving.onlin
 
 from __future__ import annotations
 
+import warnings
 from datetime import timedelta
 from typing import Any
 
@@ -37,7 +38,7 @@ class _Tables:
     def __init__(self, frames: dict[str, pd.DataFrame]) -> None:
         self.frames = {view: frames[view] for view in FEATURE_VIEWS}
 
-    def lookup(self, user_ids: np.ndarray, video_ids: np.ndarray, categories: np.ndarray) -> pd.DataFrame:
+    def lookup(self, user_ids: np.ndarray, video_ids: np.ndarray, categories: np.ndarray) -> np.ndarray:
         out: dict[str, np.ndarray] = {}
         keys = {
             USER_ACTIVITY: pd.Index(np.asarray(user_ids, dtype=object)),
@@ -53,7 +54,7 @@ class _Tables:
             take[ok] = values[rows[ok]]
             for j, c in enumerate(frame.columns):
                 out[c] = take[:, j]
-        return pd.DataFrame({c: out[c] for c in RANKING_FEATURES})
+        return np.column_stack([out[c] for c in RANKING_FEATURES]) if len(user_ids) else np.zeros((0, len(RANKING_FEATURES)))
 
 
 def _indexed(view: str, frame: pd.DataFrame) -> pd.DataFrame:
@@ -90,7 +91,9 @@ class FeastHistorical:
             pd.DataFrame({"user_id": _NONE, "video_id": np.asarray(videos, dtype=object), "category": _NONE}),
         ], ignore_index=True)
         entity["event_timestamp"] = at
-        got = training_set(self.settings, entity, project=self.project, store=self._store)
+        with warnings.catch_warnings():  # ibis (under Feast's DuckDB store) warns about its own deprecations
+            warnings.simplefilter("ignore", DeprecationWarning)
+            got = training_set(self.settings, entity, project=self.project, store=self._store)
         user_rows = got.iloc[: len(pairs)]
         video_rows = got.iloc[len(pairs):]
         return _Tables({
@@ -108,7 +111,7 @@ class FeastHistorical:
         videos = pd.unique(np.asarray(video_ids, dtype=object))
         self._cache[int(at_us)] = (set(pairs["user_id"]), set(videos), self._retrieve(pairs, videos, at_us))
 
-    def lookup(self, user_ids: np.ndarray, video_ids: np.ndarray, categories: np.ndarray, at_us: int) -> pd.DataFrame:
+    def lookup(self, user_ids: np.ndarray, video_ids: np.ndarray, categories: np.ndarray, at_us: int) -> np.ndarray:
         cached = self._cache.get(int(at_us))
         if cached is None or not (set(pd.unique(user_ids)) <= cached[0] and set(pd.unique(video_ids)) <= cached[1]):
             pairs = pd.DataFrame({"user_id": user_ids, "category": categories}).astype(object).drop_duplicates()
@@ -149,5 +152,5 @@ class LakeSnapshots:
             self._cache[key] = _Tables(frames)
         return self._cache[key]
 
-    def lookup(self, user_ids: np.ndarray, video_ids: np.ndarray, categories: np.ndarray, at_us: int) -> pd.DataFrame:
+    def lookup(self, user_ids: np.ndarray, video_ids: np.ndarray, categories: np.ndarray, at_us: int) -> np.ndarray:
         return self.tables(at_us).lookup(user_ids, video_ids, categories)

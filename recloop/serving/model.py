@@ -194,24 +194,21 @@ class ServingModel:
         n, n_items = len(requests), len(h.items)
         rows = np.asarray([self.user_row.get(r.user_id, -1) for r in requests], np.int64)
 
-        def extra(per_user: list[np.ndarray]) -> sp.csr_matrix:
-            lengths = [len(p) for p in per_user]
-            cols = np.concatenate(per_user) if n else np.zeros(0, np.int64)
-            return sp.csr_matrix((np.ones(len(cols), np.float32), (np.repeat(np.arange(n), lengths), cols)),
-                                 shape=(n, n_items))
+        def matrix(per_user: list[np.ndarray]) -> sp.csr_matrix:
+            """One binary row per request from its catalog rows (built directly: no scipy arithmetic)."""
+            cols = [np.unique(c) for c in per_user]
+            indptr = np.concatenate([[0], np.cumsum([len(c) for c in cols])])
+            indices = np.concatenate(cols) if cols else np.zeros(0, np.int64)
+            return sp.csr_matrix((np.ones(len(indices), np.float32), indices, indptr), shape=(n, n_items))
 
-        def with_history(matrix: sp.csr_matrix, more: sp.csr_matrix) -> sp.csr_matrix:
-            base = sp.csr_matrix((n, n_items), dtype=np.float32)
-            if (rows >= 0).any():
-                base = sp.vstack([matrix[r] if r >= 0 else sp.csr_matrix((1, n_items), dtype=np.float32) for r in rows]).tocsr()
-            out = sp.csr_matrix(base + more)
-            out.data[:] = 1.0
-            return out
+        def history_row(m: sp.csr_matrix, r: int) -> np.ndarray:
+            return m.indices[m.indptr[r] : m.indptr[r + 1]] if r >= 0 else np.zeros(0, np.int32)
 
-        positives = with_history(h.positives, extra([self.rows_of(r.recent.positives) for r in requests]))
-        watched = with_history(h.watched, extra([r.watched for r in requests]))
-        excluded = sp.csr_matrix(watched + extra([r.excluded for r in requests]))
-        excluded.data[:] = 1.0
+        positives = matrix([np.concatenate([history_row(h.positives, r), self.rows_of(q.recent.positives)])
+                            for r, q in zip(rows, requests)])
+        watched_rows = [np.concatenate([history_row(h.watched, r), q.watched]) for r, q in zip(rows, requests)]
+        watched = matrix(watched_rows)
+        excluded = matrix([np.concatenate([w, q.excluded]) for w, q in zip(watched_rows, requests)])
         dim = rec.two_tower.index.dim if rec.two_tower is not None else 0
         vectors = (np.stack([r.vector if r.vector is not None else np.zeros(dim, np.float32) for r in requests])
                    if rec.two_tower is not None else None)
@@ -225,12 +222,9 @@ class ServingModel:
         t2 = time.perf_counter()
         scores = rec.ranker.score(x) if len(x) else np.zeros(0)
         t3 = time.perf_counter()
-        frame = cands.frame
-        users = frame["user"].to_numpy()
-        out = []
-        for i in range(n):
-            mask = users == i
-            out.append(Ranked(frame["item"].to_numpy()[mask], frame["source"].to_numpy()[mask].tolist(), scores[mask]))
+        bounds = np.searchsorted(cands.user, np.arange(n + 1), side="left")
+        names = cands.source_names()
+        out = [Ranked(cands.item[a:b], names[a:b].tolist(), scores[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
         return out, {"candidates": t1 - t0, "features": t2 - t1 - store.seconds, "feature_store": store.seconds,
                      "ranking": t3 - t2}
 
@@ -260,23 +254,24 @@ class _OnlineStore:
         self.online, self.model = online, model
         self.seconds = 0.0
 
-    def lookup(self, user_ids: np.ndarray, video_ids: np.ndarray, categories: np.ndarray, at_us: int) -> pd.DataFrame:
+    def lookup(self, user_ids: np.ndarray, video_ids: np.ndarray, categories: np.ndarray, at_us: int) -> np.ndarray:
         t0 = time.perf_counter()
-        users = pd.unique(np.asarray(user_ids, dtype=object))
-        wanted = {u: sorted(set(np.asarray(categories, dtype=object)[np.asarray(user_ids, dtype=object) == u]))
-                  for u in users}
-        read = self.online.user_features([(u, wanted[u]) for u in users], snapshot=self.model.feature_snapshot)
+        user_code, users = pd.factorize(np.asarray(user_ids, dtype=object))
+        cat_code, cats = pd.factorize(np.asarray(categories, dtype=object))
+        pairs = np.unique(user_code.astype(np.int64) * max(len(cats), 1) + cat_code)
+        pair_user, pair_cat = pairs // max(len(cats), 1), pairs % max(len(cats), 1)
+        wanted = [cats[pair_cat[pair_user == u]].tolist() for u in range(len(users))]
+        read = self.online.user_features(list(zip(users, wanted)), snapshot=self.model.feature_snapshot)
         self.seconds = time.perf_counter() - t0
-        n = len(user_ids)
-        out = np.full((n, len(RANKING_FEATURES)), np.nan)
         a0, v0 = len(USER_COLUMNS), len(USER_COLUMNS) + len(AFFINITY_COLUMNS)
-        for u, (activity, affinity) in zip(users, read):
-            mask = np.asarray(user_ids, dtype=object) == u
-            out[mask, :a0] = activity
-            if len(wanted[u]):
-                out[mask, a0:v0] = affinity[np.searchsorted(np.asarray(wanted[u], dtype=object),
-                                                            np.asarray(categories, dtype=object)[mask])]
-        rows = pd.Index(self.model.ids, dtype=object).get_indexer(pd.Index(np.asarray(video_ids, dtype=object)))
+        activity = np.stack([a for a, _ in read]) if read else np.zeros((0, a0))
+        affinity = np.concatenate([f for _, f in read]) if read else np.zeros((0, v0 - a0))
+        # The affinity rows come back per user in `wanted` order, i.e. in `pairs` order.
+        row = np.searchsorted(pairs, user_code.astype(np.int64) * max(len(cats), 1) + cat_code)
+        out = np.full((len(user_code), len(RANKING_FEATURES)), np.nan)
+        out[:, :a0] = activity[user_code]
+        out[:, a0:v0] = affinity[row]
+        rows = self.model.recommender.history.items.get_indexer(np.asarray(video_ids, dtype=object))
         ok = rows >= 0
         out[ok, v0:] = self.model.video_features[rows[ok]]
-        return pd.DataFrame(out, columns=RANKING_FEATURES)
+        return out

@@ -33,7 +33,7 @@ from recloop.features import apply_repo, materialize_partition
 from recloop.ingestion import ingest_partition
 from recloop.lake import LocalLake
 from recloop.model_plane import fit_config
-from recloop.model_plane.bundle import save_bundle
+from recloop.model_plane.bundle import load_bundle, save_bundle
 from recloop.model_plane.features import ranker_features
 from recloop.model_plane.fit import fit_recommender
 from recloop.model_plane.history import History
@@ -442,7 +442,7 @@ def test_serving_ranks_exactly_as_the_offline_recommender(world, service):
     the offline path evaluation measured (the lake's snapshot of the same day): same candidates, same
     scores. (The user tower runs on batches of another size in the two paths, so two-tower scores can
     differ in the last float bits and swap two near-equal candidates at the edge of the ANN list or in rank: a handful of rows.)"""
-    model, offline = service.model, world["recommender"]
+    model, offline = service.model, load_bundle(world["root"] / "bundle")  # the bundle served, as evaluation loads it
     users = known_users(service, 25)
     rows = offline.history.users.get_indexer(pd.Index(users, dtype=object))
     batch = offline.user_batch(rows)
@@ -454,8 +454,8 @@ def test_serving_ranks_exactly_as_the_offline_recommender(world, service):
     ranked, timings = model.rank(requests, service.online)
     assert set(timings) >= {"candidates", "features", "feature_store", "ranking"}
     for i, r in enumerate(ranked):
-        mine = cands.frame["user"].to_numpy() == i
-        want = dict(zip(offline.history.items[cands.frame["item"].to_numpy()[mine]], expected[mine]))
+        mine = cands.user == i
+        want = dict(zip(offline.history.items[cands.item[mine]], expected[mine]))
         got = dict(zip(model.ids[r.rows], r.scores))
         both = sorted(set(got) & set(want))
         assert len(both) >= 0.98 * len(want) and len(got) > 100, "the candidate lists differ"

@@ -72,6 +72,19 @@ def item_rows(history: History, config: ItemToItemConfig) -> np.ndarray:
     return np.sort(eligible).astype(np.int64)
 
 
+def _product(x: sp.csr_matrix, b: np.ndarray) -> np.ndarray:
+    """x @ b for a sparse binary x: for a few rows, the sum of b's selected rows (numpy's contiguous row
+    gathers beat scipy's generic sparse x dense product); for many, scipy's product."""
+    if x.shape[0] > 64:
+        return np.asarray(x @ b, np.float32)
+    out = np.zeros((x.shape[0], b.shape[1]), np.float32)
+    for i in range(x.shape[0]):
+        cols = x.indices[x.indptr[i] : x.indptr[i + 1]]
+        if len(cols):
+            out[i] = b[cols].sum(axis=0)
+    return out
+
+
 @dataclass(frozen=True)
 class ItemToItemConfig:
     l2_positive: float = 100.0
@@ -110,18 +123,32 @@ class ItemToItem:
         b_watch = ease_weights(history.watched[:, self.item_rows], cfg.l2_watched) if l2_watched is not None else self.b_watch
         return ItemToItem(cfg, self.item_rows, b_pos, b_watch, self.fit_seconds)
 
+    def columns(self, x: sp.csr_matrix) -> sp.csr_matrix:
+        """`x` (users x catalog) restricted to the model's items, in their order (a column map, cheaper
+        than scipy's column indexing for the few rows of a request)."""
+        n_catalog = x.shape[1]
+        if getattr(self, "_col", None) is None or len(self._col) != n_catalog:
+            col = np.full(n_catalog, -1, np.int64)
+            col[self.item_rows[self.item_rows < n_catalog]] = np.arange(int((self.item_rows < n_catalog).sum()))
+            self._col = col
+        coo = x.tocoo()
+        c = self._col[coo.col]
+        ok = c >= 0
+        return sp.csr_matrix((coo.data[ok], (coo.row[ok], c[ok])), shape=(x.shape[0], len(self.item_rows)))
+
     def scores(self, positives: sp.csr_matrix, watched: sp.csr_matrix) -> dict[str, np.ndarray]:
         """Dense [users, m] scores of the model's items for users given by their rows of the history's
         positive and watched matrices (all catalog columns)."""
-        xp = positives[:, self.item_rows]
-        xw = watched[:, self.item_rows]
+        xp = self.columns(positives)
+        xw = self.columns(watched)
         xn = xw - xp
         xn.data = np.maximum(xn.data, 0)
+        xn.eliminate_zeros()
         return {
-            "i2i_pos": np.asarray(xp @ self.b_pos, np.float32),
-            "i2i_watch": np.asarray(xw @ self.b_watch, np.float32),
-            "i2i_neg": np.asarray(xn @ self.b_pos, np.float32),
-            "i2i_watch_neg": np.asarray(xn @ self.b_watch, np.float32),
+            "i2i_pos": _product(xp, self.b_pos),
+            "i2i_watch": _product(xw, self.b_watch),
+            "i2i_neg": _product(xn, self.b_pos),
+            "i2i_watch_neg": _product(xn, self.b_watch),
         }
 
     def save(self, directory: Path) -> None:
