@@ -69,10 +69,11 @@ class Lake(ABC):
 
     # --- partitions -------------------------------------------------------------------------------
 
-    def write_partition(self, dataset: str, partition: str, table: pa.Table) -> WrittenPartition:
-        """Write `table` as the whole of `dataset`'s `partition`, replacing any earlier content."""
+    def write_partition(self, dataset: str, partition: str, table: pa.Table, **parquet: object) -> WrittenPartition:
+        """Write `table` as the whole of `dataset`'s `partition`, replacing any earlier content. `parquet`
+        options go to `pyarrow.parquet.write_table` (default: zstd compression)."""
         buf = io.BytesIO()
-        pq.write_table(table, buf, compression="zstd")
+        pq.write_table(table, buf, **{"compression": "zstd", **parquet})
         data = buf.getvalue()
         prefix = partition_key(dataset, partition)
         self._replace_partition_files(prefix, {PART_FILE: data})
