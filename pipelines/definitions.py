@@ -5,7 +5,7 @@ from datetime import timedelta
 
 import dagster as dg
 
-from pipelines.defs import features, ingestion, jobs, models, monitoring, resources, validation
+from pipelines.defs import features, history, ingestion, jobs, models, monitoring, resources, validation
 
 # A day's data is due in the lake and the online store by 06:00 UTC the next day (the daily schedule
 # starts at 01:15); Dagster marks the assets stale in the UI when a deadline passes without a run.
@@ -20,6 +20,7 @@ def defs() -> dg.Definitions:
         ingestion.defs(),
         validation.defs(),
         features.defs(),
+        history.defs(),
         models.defs(),
         monitoring.defs(),
         jobs.defs(),

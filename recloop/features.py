@@ -47,7 +47,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recloop.data.schemas import EVENTS, VIDEOS
-from recloop.lake import PART_FILE, Lake, WrittenPartition, partition_key
+from recloop.lake import PART_FILE, Lake, WrittenPartition, local_partition_files, partition_key, register_partitions
 
 if TYPE_CHECKING:  # feast takes ~10 s to import: only the Feast half of this module pays for it
     import feast
@@ -442,47 +442,9 @@ ORDER BY vid.d, vid.video_id
 # window holds it), and, when a video was delivered twice (the catalog is joined with every day in SQL),
 # RANGE_CHUNK_VIDEO_ROWS (snapshot day x known video) rows.
 RANGE_CHUNK_EVENTS = 20_000_000
+# Threads writing a range's snapshots while the next days are computed.
+WRITE_THREADS = 2
 RANGE_CHUNK_VIDEO_ROWS = 2_000_000
-
-
-def _local_files(lake: Lake, dataset: str) -> dict[str, list[str]] | None:
-    """Local Parquet paths of every partition of `dataset` (one listing); None when the lake is not local."""
-    if lake.local_path("") is None:
-        return None
-    out: dict[str, list[str]] = {}
-    for key in lake.list_keys(dataset.rstrip("/") + "/"):
-        if not key.endswith(".parquet"):
-            continue
-        part = next((p.removeprefix("date=") for p in key.split("/") if p.startswith("date=")), None)
-        if part is not None:
-            out.setdefault(part, []).append(str(lake.local_path(key)))
-    return out
-
-
-def _register_with_partition(
-    con: duckdb.DuckDBPyConnection, name: str, lake: Lake, dataset: str, partitions: Sequence[str],
-    schema: pa.Schema, files: dict[str, list[str]] | None,
-) -> None:
-    """`partitions` of `dataset` as view `name`, with each row's partition day as column `_p` (DATE);
-    `files` is `_local_files(lake, dataset)` (None: read through the lake)."""
-    columns = ", ".join(f'"{c}"' for c in schema.names)
-    paths = [f for p in partitions for f in files.get(p, [])] if files is not None else []
-    if paths:
-        listing = ", ".join("'" + f.replace("'", "''") + "'" for f in paths)
-        con.execute(
-            f"CREATE TEMP VIEW {name} AS SELECT {columns}, "
-            f"CAST(regexp_extract(filename, 'date=(\\d{{4}}-\\d{{2}}-\\d{{2}})', 1) AS DATE) AS _p "
-            f"FROM read_parquet([{listing}], hive_partitioning = false, filename = true)"
-        )
-        return
-    tables = []
-    if files is None:
-        for p in partitions:
-            t = lake.read_partition(dataset, p).select(schema.names).cast(schema)
-            tables.append(t.append_column("_p", pa.array([date.fromisoformat(p)] * t.num_rows, pa.date32())))
-    table = pa.concat_tables(tables) if tables else schema.empty_table().append_column("_p", pa.array([], pa.date32()))
-    con.register(f"{name}_arrow", table)
-    con.execute(f"CREATE TEMP VIEW {name} AS SELECT {columns}, _p FROM {name}_arrow")
 
 
 def _chunks(days: Sequence[str], cost: Any, budget: int) -> list[list[str]]:
@@ -550,10 +512,10 @@ def compute_feature_tables_range(
         return
     video_parts = [p for p in lake.partitions("silver/videos") if p <= days[-1]]
     event_parts = lake.partitions("silver/events")
-    event_files, video_files = _local_files(lake, "silver/events"), _local_files(lake, "silver/videos")
+    event_files, video_files = local_partition_files(lake, "silver/events"), local_partition_files(lake, "silver/videos")
     con = duckdb.connect()
     try:
-        _register_with_partition(con, "videos_src", lake, "silver/videos", video_parts, VIDEOS.schema, video_files)
+        register_partitions(con, "videos_src", lake, "silver/videos", video_parts, VIDEOS.schema, video_files)
         redelivered = bool(con.execute("SELECT count(*) > count(DISTINCT video_id) FROM videos_src "
                                        "WHERE video_id IS NOT NULL").fetchall()[0][0])
     finally:
@@ -579,10 +541,10 @@ def compute_feature_tables_range(
             con.register("snaps_arrow", snaps)
             con.execute("CREATE TEMP TABLE snaps AS SELECT d, CAST(d AS TIMESTAMPTZ) + INTERVAL 1 DAY AS snap "
                         "FROM snaps_arrow")
-            _register_with_partition(con, "events_src", lake, "silver/events",
+            register_partitions(con, "events_src", lake, "silver/events",
                                      [p for p in event_parts if first_event_day <= p <= chunk[-1]], EVENTS.schema,
                                      event_files)
-            _register_with_partition(con, "videos_src", lake, "silver/videos",
+            register_partitions(con, "videos_src", lake, "silver/videos",
                                      [p for p in video_parts if p <= chunk[-1]], VIDEOS.schema, video_files)
             con.execute(_RANGE_EVENTS_SQL)
             if redelivered:
@@ -704,13 +666,26 @@ def compute_features_range(lake: Lake, first: str, last: str, **chunking: int) -
     days = snapshot_days(first, last, events)
     rows = {view: 0 for view in FEATURE_VIEWS}
     size = {view: 0 for view in FEATURE_VIEWS}
-    with progress.stage("features", len(days), "day") as bar:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def write(day: str, tables: dict[str, pa.Table]) -> dict[str, WrittenPartition]:
+        return {view: lake.write_partition(feature_dataset(view), day, t, **SNAPSHOT_PARQUET) for view, t in tables.items()}
+
+    with progress.stage("features", len(days), "day") as bar, ThreadPoolExecutor(WRITE_THREADS) as pool:
+        # Parquet encoding releases the GIL: the next days are computed while the last ones are written.
+        pending: list = []
+
+        def drain(keep: int) -> None:
+            while len(pending) > keep:
+                for view, written in pending.pop(0).result().items():
+                    rows[view] += written.rows
+                    size[view] += written.bytes
+                bar.update(1)
+
         for day, tables in compute_feature_tables_range(lake, days, **chunking):
-            for view, table in tables.items():
-                written = lake.write_partition(feature_dataset(view), day, table, **SNAPSHOT_PARQUET)
-                rows[view] += written.rows
-                size[view] += written.bytes
-            bar.update(1)
+            pending.append(pool.submit(write, day, tables))
+            drain(4 * WRITE_THREADS)
+        drain(0)
         wanted = set(days)
         deleted = 0
         for view in FEATURE_VIEWS:

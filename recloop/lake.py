@@ -15,7 +15,9 @@ import tempfile
 import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
+from typing import Any, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -277,6 +279,47 @@ class S3Lake(Lake):
         stale = [k for k in self.list_keys(prefix + "/") if k not in written]
         for key in stale:
             self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+
+def local_partition_files(lake: Lake, dataset: str) -> dict[str, list[str]] | None:
+    """Local Parquet paths of every partition of `dataset` (one listing); None when the lake is not local."""
+    if lake.local_path("") is None:
+        return None
+    out: dict[str, list[str]] = {}
+    for key in lake.list_keys(dataset.rstrip("/") + "/"):
+        if not key.endswith(".parquet"):
+            continue
+        part = next((p.removeprefix("date=") for p in key.split("/") if p.startswith("date=")), None)
+        if part is not None:
+            out.setdefault(part, []).append(str(lake.local_path(key)))
+    return out
+
+
+def register_partitions(
+    con: Any, name: str, lake: Lake, dataset: str, partitions: Sequence[str],
+    schema: pa.Schema, files: dict[str, list[str]] | None,
+) -> None:
+    """`partitions` of `dataset` as the DuckDB view `name` (columns of `schema`), with each row's partition
+    day as column `_p` (DATE). `files` is `local_partition_files(lake, dataset)`, listed once by the caller
+    (DuckDB reads the local files directly); None reads the partitions through the lake (S3)."""
+    columns = ", ".join(f'"{c}"' for c in schema.names)
+    paths = [f for p in partitions for f in files.get(p, [])] if files is not None else []
+    if paths:
+        listing = ", ".join("'" + f.replace("'", "''") + "'" for f in paths)
+        con.execute(
+            f"CREATE TEMP VIEW {name} AS SELECT {columns}, "
+            f"CAST(regexp_extract(filename, 'date=(\\d{{4}}-\\d{{2}}-\\d{{2}})', 1) AS DATE) AS _p "
+            f"FROM read_parquet([{listing}], hive_partitioning = false, filename = true)"
+        )
+        return
+    tables = []
+    if files is None:
+        for p in partitions:
+            t = lake.read_partition(dataset, p).select(schema.names).cast(schema)
+            tables.append(t.append_column("_p", pa.array([date.fromisoformat(p)] * t.num_rows, pa.date32())))
+    table = pa.concat_tables(tables) if tables else schema.empty_table().append_column("_p", pa.array([], pa.date32()))
+    con.register(f"{name}_arrow", table)
+    con.execute(f"CREATE TEMP VIEW {name} AS SELECT {columns}, _p FROM {name}_arrow")
 
 
 def open_lake(uri: str, *, s3_endpoint_url: str | None = None) -> Lake:

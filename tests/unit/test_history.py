@@ -89,3 +89,55 @@ def test_compute_features_range_writes_and_replaces(tmp_path):
     assert lake.has_partition("features/user_activity", days[GAP + 1])  # the day before days[GAP+2]
     assert stale not in lake.partitions("features/user_activity")
     assert np.sum([out["rows"][v] for v in F.FEATURE_VIEWS]) > 0
+
+
+def _landed(tmp_path, days: int = 3) -> tuple[LocalLake, LocalLake, list[str]]:
+    from recloop.cli import _bad_delivery
+
+    landing, lake = LocalLake(tmp_path / "landing"), LocalLake(tmp_path / "lake")
+    config = SimConfig(seed=9, days=days, initial_users=100, initial_videos=60, events_per_day=300,
+                       new_users_per_day=5, new_videos_per_day=4)
+    simulate(config, landing)
+    out = [config.date_of(i).isoformat() for i in range(days)]
+    _bad_delivery(landing, out[1])  # the usual mistakes of real feeds, on one day
+    return landing, lake, out
+
+
+def test_range_validation_equals_the_days_validated_one_by_one(tmp_path):
+    from recloop.config import REPO_ROOT
+    from recloop.ingestion import ingest_range
+    from recloop.validation import validate_partition, validate_range
+
+    landing, lake, days = _landed(tmp_path)
+    # an event of the last day reusing an event_id of the first: only a range sees it
+    first_event = lake_first = landing.read_partition("events", days[0]).slice(0, 1).to_pylist()[0]
+    last = landing.read_partition("events", days[-1])
+    dup = {**last.slice(0, 1).to_pylist()[0], "event_id": first_event["event_id"]}
+    landing.write_partition("events", days[-1], pa.concat_tables([last, pa.Table.from_pylist([dup], schema=last.schema)]))
+    del lake_first
+    ingest_range(landing, lake, days[0], days[-1])
+    expectations = REPO_ROOT / "expectations"
+
+    daily: dict[tuple[str, str], tuple[pa.Table, pa.Table]] = {}
+    for day in days:
+        for table in TABLE_ORDER:
+            validate_partition(lake, table, day, expectations_dir=expectations)
+            daily[table, day] = (lake.read_partition(f"silver/{table}", day), lake.read_partition(f"quarantine/{table}", day))
+
+    results = {t: validate_range(lake, t, days, expectations_dir=expectations, chunk_rows=400) for t in TABLE_ORDER}
+    for (table, day), (silver, quarantine) in daily.items():
+        got = results[table].days[day]
+        assert got.conserved and got.ingested == silver.num_rows + quarantine.num_rows
+        range_q = lake.read_partition(f"quarantine/{table}", day) if got.quarantined else quarantine.slice(0, 0)
+        if (table, day) == ("events", days[-1]):
+            # the reused event_id is quarantined once, with the earlier day named
+            extra = range_q.filter(pa.compute.match_substring(range_q["reason"], "earlier day of the range"))
+            assert extra.num_rows == 1 and days[0] in extra["reason"][0].as_py()
+            assert extra["event_id"][0].as_py() == first_event["event_id"]
+            assert got.accepted == silver.num_rows - 1 and got.quarantined == quarantine.num_rows + 1
+            continue
+        range_s = lake.read_partition(f"silver/{table}", day)
+        assert range_s.equals(silver), (table, day)
+        assert range_q.to_pylist() == quarantine.to_pylist(), (table, day)
+    assert results["events"].days[days[1]].quarantined >= 7  # the bad delivery's rows
+    assert "duplicate event_id: a row of an earlier day of the range has the same event_id" in results["events"].reasons
