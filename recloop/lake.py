@@ -81,6 +81,12 @@ class Lake(ABC):
         self._replace_partition_files(prefix, {PART_FILE: data})
         return WrittenPartition(uri=self.uri(f"{prefix}/{PART_FILE}"), rows=table.num_rows, bytes=len(data))
 
+    def replace_partition(self, dataset: str, partition: str, files: dict[str, bytes]) -> list[str]:
+        """Make `files` (name -> bytes) the whole content of `dataset`'s `partition`. Returns their URIs."""
+        prefix = partition_key(dataset, partition)
+        self._replace_partition_files(prefix, files)
+        return [self.uri(f"{prefix}/{name}") for name in files]
+
     def read_partition(self, dataset: str, partition: str) -> pa.Table:
         """The table stored in `dataset`'s `partition`; FileNotFoundError when it was never written."""
         prefix = partition_key(dataset, partition)

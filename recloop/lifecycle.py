@@ -184,7 +184,9 @@ class SchemaCheck:
 
     @property
     def description(self) -> str:
-        return "; ".join(self.report.failures) if self.report.failures else "schema conforms"
+        if self.report.failures:
+            return "; ".join(self.report.failures)
+        return "; ".join(w for w in self.report.warnings if w.startswith("no events on")) or "schema conforms"
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -202,7 +204,9 @@ def check_schema(lake: Lake, table: str, partition: str, *, expectations_dir: Pa
     partition; a failure comes with a `validation.failed` alert (keyed by the run)."""
     from recloop import validation
 
-    report, _, _ = validation.check_schema(lake, table, partition, expectations_dir=Path(expectations_dir))
+    report, _, manifest = validation.check_schema(lake, table, partition, expectations_dir=Path(expectations_dir))
+    if not report.passed and _gap_of_imported_history(table, partition, report, manifest):
+        return SchemaCheck(table, partition, report, None)
     alert = None
     if not report.passed:
         asset = f"bronze/{table}"
@@ -212,6 +216,27 @@ def check_schema(lake: Lake, table: str, partition: str, *, expectations_dir: Pa
                               "details": {"check": "gx_schema", "failures": report.failures,
                                           "missing_columns": report.missing_columns}})
     return SchemaCheck(table, partition, report, alert)
+
+
+def _gap_of_imported_history(table: str, partition: str, report: SchemaReport, manifest: Any) -> bool:
+    """A day without events inside an imported history (a day nobody rated anything) is a day without
+    data, not a failed delivery: its only failure, the empty events partition, is waived (the report is
+    amended to say so). A day outside every imported history still fails."""
+    if table != "events" or report.rows or report.missing_columns or manifest.rejected_files:
+        return False
+    from recloop import partition_range
+
+    try:
+        history = partition_range.resolve().in_imported_history(partition)
+    except Exception:  # noqa: BLE001 - no landing record readable: the usual rule applies
+        return False
+    if history is None:
+        return False
+    report.failures.clear()
+    report.warnings.append(f"no events on {partition}: a day without data inside the history imported for "
+                           f"{history[0]}..{history[1]}")
+    report.passed = True
+    return True
 
 
 @dataclass(frozen=True)
@@ -284,6 +309,11 @@ def validate(lake: Lake, table: str, partition: str, *, expectations_dir: Path |
     from recloop import validation
 
     result = validation.validate_partition(lake, table, partition, expectations_dir=Path(expectations_dir))
+    if table == "events" and result.ingested == 0:
+        # A day without events (a gap of an imported history; an empty delivery stops at the schema
+        # check): no silver partition, so `silver/events` lists the days with events.
+        for dataset in ("silver/events", "quarantine/events"):
+            lake.delete_partition(dataset, partition)
     outcome = Validation(table, partition, result, max_quarantine_rate, None)
     if outcome.passed:
         return outcome
@@ -596,12 +626,15 @@ def compute_features_range(lake: Lake, first: str, last: str) -> dict[str, Any]:
 
 
 def build_training_set(settings: Settings, lake: Lake, workdir: Path, *, train_days: int = 7, test_days: int = 1,
-                       ranker_days: int = 3) -> dict[str, Any]:
-    """Plans the window (newest validated days held out) and builds the training set from Feast's
-    historical retrieval in `workdir` (`recloop.model_plane`); returns its summary and the window."""
+                       ranker_days: int = 3, train_period: str | None = None,
+                       test_period: str | None = None) -> dict[str, Any]:
+    """Plans the window (newest validated days held out; as counts of days, or as periods such as
+    `train_period="all"`, `test_period="14d"`) and builds the training set from Feast's historical
+    retrieval in `workdir` (`recloop.model_plane`); returns its summary and the window."""
     from recloop import model_plane
 
-    plan = model_plane.plan_window(lake, train_days=train_days, test_days=test_days, ranker_days=ranker_days)
+    plan = model_plane.plan_window(lake, train_days=train_days, test_days=test_days, ranker_days=ranker_days,
+                                   train_period=train_period, test_period=test_period)
     out = model_plane.build_training_set(settings, lake, plan, Path(workdir))
     return {**out, "train_partitions": plan.train_partitions, "test_partitions": plan.test_partitions}
 
@@ -834,6 +867,11 @@ def drift_report(lake: Lake, registry: Registry, partition: str, *, config_path:
         outcome = DriftOutcome(partition, False, None, None, [], {}, [], None, None,
                                "no champion yet: no training window to compare with (the retraining "
                                "schedule trains the first)")
+        _write_record(lake, outcome)
+        return outcome
+    if not lake.has_partition("silver/events", partition):
+        outcome = DriftOutcome(partition, False, str(champion.version), None, [], {}, [], None, None,
+                               f"no validated events on {partition}: nothing to compare (a day without data)")
         _write_record(lake, outcome)
         return outcome
     version = str(champion.version)
