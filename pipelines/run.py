@@ -58,6 +58,7 @@ class PartitionRun:
     materialized: dict[str, dict[str, Any]] = field(default_factory=dict)
     checks: dict[str, bool] = field(default_factory=dict)
     check_metadata: dict[str, dict[str, Any]] = field(default_factory=dict)
+    check_descriptions: dict[str, str] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
     error: str | None = None
 
@@ -113,6 +114,7 @@ def run_job(
         name = f"{evaluation.asset_key.to_user_string()}:{evaluation.check_name}"
         out.checks[name] = evaluation.passed
         out.check_metadata[name] = metadata_values(evaluation.metadata)
+        out.check_descriptions[name] = evaluation.description or ""
     if not result.success:
         failures = [e for e in result.all_events if e.is_step_failure]
         skipped = [e.step_key for e in result.all_events if e.is_step_skipped]
@@ -126,7 +128,7 @@ def run_job(
 
 
 def run_history(first: str | None = None, last: str | None = None, *, settings: Settings | None = None,
-                inst: dg.DagsterInstance | None = None, log_level: str = "WARNING") -> PartitionRun:
+                inst: dg.DagsterInstance | None = None, log_level: str = "CRITICAL") -> PartitionRun:
     """The history job over `[first, last]` (default: every day the landing zone holds events for) in ONE
     run: ingest → GX → silver/quarantine → features → `feast apply` → the newest snapshot online."""
     settings = settings or Settings.from_env()

@@ -190,6 +190,8 @@ def _run_history(settings: Settings, first: str, last: str, *, progress_bars: bo
     if run.success:
         print(f"done: {first}..{last} is in the lake and the newest snapshot is online. Next: "
               "recloop train --train-period all --test-period 14d", file=sys.stderr)
+    else:
+        print(f"recloop: the history run failed: {out['error']}", file=sys.stderr)
     return 0 if run.success else 1
 
 
@@ -215,8 +217,10 @@ def _history_summary(run, first: str, last: str) -> dict[str, Any]:
         out["online"] = {k: online.get(k) for k in ("snapshot", "rows_written", "skipped", "online_store")}
     if run.checks:
         out["checks"] = run.checks
-    if run.error:
-        out["error"] = run.error
+    failed = [f"{name} failed: {run.check_descriptions.get(name) or 'see the run'}" for name, ok in run.checks.items() if not ok]
+    if failed or run.error:
+        out["error"] = "; ".join(failed) or run.error
+        out["details"] = f"the run's log in the Dagster UI (make ui), run {run.run_id}"
     return out
 
 

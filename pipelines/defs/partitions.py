@@ -7,6 +7,8 @@ imported history after "Reload definitions", and every in-process run (`pipeline
 the definitions afresh.
 """
 
+import contextlib
+from collections.abc import Iterator
 from functools import lru_cache
 
 import dagster as dg
@@ -15,10 +17,28 @@ from recloop import partition_range
 from recloop.config import Settings
 
 
+_loading: dg.DailyPartitionsDefinition | None = None
+
+
 def daily_partitions(settings: Settings | None = None) -> dg.DailyPartitionsDefinition:
-    """Daily partitions over the deployment's partition range, in UTC."""
+    """Daily partitions over the deployment's partition range, in UTC (during `loading()`: the one
+    resolved when the load started, so every module of one load agrees and the landing zone is listed once)."""
+    if _loading is not None and settings is None:
+        return _loading
     first = partition_range.resolve(settings or Settings.from_env()).first
     return _daily(first.isoformat())
+
+
+@contextlib.contextmanager
+def loading() -> Iterator[dg.DailyPartitionsDefinition]:
+    """Resolve the partition range once for a load of the definitions (`pipelines.definitions.defs`)."""
+    global _loading
+    outer = _loading
+    _loading = outer or daily_partitions()
+    try:
+        yield _loading
+    finally:
+        _loading = outer
 
 
 @lru_cache(maxsize=8)

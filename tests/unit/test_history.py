@@ -141,3 +141,103 @@ def test_range_validation_equals_the_days_validated_one_by_one(tmp_path):
         assert range_q.to_pylist() == quarantine.to_pylist(), (table, day)
     assert results["events"].days[days[1]].quarantined >= 7  # the bad delivery's rows
     assert "duplicate event_id: a row of an earlier day of the range has the same event_id" in results["events"].reasons
+
+
+# --- training windows as periods ------------------------------------------------------------------
+
+
+def _days_lake(tmp_path, days: list[str]) -> LocalLake:
+    lake = LocalLake(tmp_path / "periods")
+    t = pa.table({"x": [1]})
+    for d in days:
+        lake.write_partition("silver/events", d, t)
+    return lake
+
+
+def test_training_windows_as_periods_on_a_sparse_history(tmp_path):
+    from recloop.model_plane import plan_window
+
+    # days with events: a sparse history, newest 2018-09-24
+    days = ["2017-01-05", "2018-06-01", "2018-08-20", "2018-09-01", "2018-09-10", "2018-09-11", "2018-09-20",
+            "2018-09-24"]
+    lake = _days_lake(tmp_path, days)
+    plan = plan_window(lake, train_period="all", test_period="14d")
+    # 14 calendar days ending on the newest day: 2018-09-11..2018-09-24, whatever holds events
+    assert plan.test_partitions == ["2018-09-11", "2018-09-20", "2018-09-24"]
+    assert plan.train_partitions == days[:5] and plan.train_period == "all" and plan.test_period == "14d"
+    # a period before the held-out one, in calendar time: 1m before 2018-09-11 is 2018-08-11..2018-09-10
+    plan = plan_window(lake, train_period="1m", test_period="2w")
+    assert plan.train_partitions == ["2018-08-20", "2018-09-01", "2018-09-10"]
+    assert plan_window(lake, train_period="1y", test_period="14d").train_partitions == days[1:5]
+    # the counts keep working, and mix with periods
+    plan = plan_window(lake, train_days=3, test_days=2)
+    assert plan.test_partitions == days[-2:] and plan.train_partitions == days[-5:-2]
+    assert plan_window(lake, train_days=2, test_period="14d").train_partitions == ["2018-09-01", "2018-09-10"]
+    with pytest.raises(ValueError, match="at least 2 validated days"):
+        plan_window(lake, train_period="9d", test_period="14d")  # 2018-09-02..09-10 holds one day with events
+    assert plan_window(lake, train_period="10d", test_period="14d").train_partitions == ["2018-09-01", "2018-09-10"]
+
+
+def test_periods_are_read_or_refused_in_one_sentence():
+    from recloop.periods import BadPeriod, parse_period
+
+    assert str(parse_period("90d")) == "90d" and parse_period("ALL").is_all
+    assert parse_period("6m").start(date(2018, 9, 24)) == date(2018, 3, 25)
+    assert parse_period("1y").start(date(2020, 2, 29)) == date(2019, 3, 1)
+    assert parse_period("1m").start(date(2018, 3, 31)) == date(2018, 3, 1)
+    assert parse_period("2w").start(date(2018, 9, 24)) == date(2018, 9, 11)
+    for bad in ("14", "0d", "two weeks", "-3d"):
+        with pytest.raises(BadPeriod, match="not a period"):
+            parse_period(bad)
+    with pytest.raises(BadPeriod, match="cannot be 'all'"):
+        parse_period("all", allow_all=False)
+
+
+# --- the partition range --------------------------------------------------------------------------
+
+
+def test_partition_range_follows_the_landing_zone(tmp_path, monkeypatch):
+    from recloop import partition_range as pr
+
+    monkeypatch.delenv("RECLOOP_PARTITION_START", raising=False)
+    landing = LocalLake(tmp_path / "landing")
+    today = date(2026, 1, 10)
+    empty = pr.resolve(landing=landing, today=today)
+    assert empty.first == pr.DEFAULT_FIRST and empty.last == date(2026, 1, 9)
+    landing.write_partition("events", "2024-05-02", pa.table({"a": [1]}))
+    assert pr.resolve(landing=landing, today=today).first == date(2024, 5, 2)
+    pr.record_history(landing, "1996-03-29", "2018-09-24", source="ml", days_with_events=4110)
+    rng = pr.resolve(landing=landing, today=today)
+    assert rng.first == date(1996, 3, 29) and rng.in_imported_history("2001-01-01") == ("1996-03-29", "2018-09-24")
+    assert rng.check("2018-09-24") == "2018-09-24"
+    for day, words in (("1990-01-01", "start at 1996-03-29"), ("2026-01-10", "once it has ended")):
+        with pytest.raises(pr.OutsideRange, match=words) as err:
+            rng.check(day)
+        assert str(err.value).count(". ") == 0 and "\n" not in str(err.value)  # one sentence
+    with pytest.raises(pr.BadDay, match="YYYY-MM-DD"):
+        rng.check("2001-13-01")
+    with pytest.raises(pr.OutsideRange, match="after --end"):
+        rng.check_span("2001-02-01", "2001-01-01")
+    monkeypatch.setenv("RECLOOP_PARTITION_START", "2000-01-01")
+    assert pr.resolve(landing=landing, today=today).first == date(2000, 1, 1)
+
+
+# --- splitting a user's files by day ----------------------------------------------------------------
+
+
+def test_split_csv_keeps_every_line_byte_for_byte():
+    from recloop.history import split_csv
+
+    data = ("event_id,user_id,event_time,note\n"
+            "e1,u1,2020-01-01T10:00:00Z,plain\n"
+            'e2,u1,2020-01-02T23:59:59+01:00,"two\nlines"\n'  # 22:59:59 UTC: still the 2nd
+            "e3,u2,2020-01-02 00:00:00,\xe9t\xe9\n"
+            "e4,u2,not a time,x\n"
+            "e5,u3\n"  # malformed: too few fields
+            "e6,u3,2020-01-03T00:00:00Z,last").encode("latin-1")  # no newline at the end, latin-1 bytes
+    head, groups = split_csv(data, "event_time")
+    assert head == b"event_id,user_id,event_time,note\n"
+    assert groups["2020-01-01"] == [b"e1,u1,2020-01-01T10:00:00Z,plain\n"]
+    assert groups["2020-01-02"] == [b'e2,u1,2020-01-02T23:59:59+01:00,"two\nlines"\n', b"e3,u2,2020-01-02 00:00:00,\xe9t\xe9\n"]
+    assert groups[None] == [b"e4,u2,not a time,x\n", b"e5,u3\n"]
+    assert groups["2020-01-03"] == [b"e6,u3,2020-01-03T00:00:00Z,last\n"]
