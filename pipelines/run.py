@@ -24,6 +24,10 @@ run_coordinator:
   class: QueuedRunCoordinator
   config:
     max_concurrent_runs: 2
+    tag_concurrency_limits:
+      - key: recloop/stage
+        value: history
+        limit: 1
 """
 
 
