@@ -290,7 +290,10 @@ def _range_of(written: dict[str, set[str]], what: str) -> tuple[str, str, list[s
 def _land_movielens(source, landing, fmt, stage):
     from recloop.data.movielens import read_movielens, write_landing
 
-    tables = read_movielens(source.path)
+    try:
+        tables = read_movielens(source.path)
+    except (pa.ArrowInvalid, ValueError, UnicodeDecodeError, KeyError) as err:
+        raise HistoryInputError(f"the {source.describe()} cannot be read: {str(err).splitlines()[0]}") from None
     if tables["events"].num_rows == 0:
         raise HistoryInputError(f"{source.describe()} holds no ratings: nothing to import")
     days_by_table: dict[str, set[str]] = {}

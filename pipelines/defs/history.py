@@ -147,7 +147,9 @@ def history_online_features(context: dg.AssetExecutionContext, history_range: Hi
     if not days:
         context.log.info(f"no feature snapshot between {first} and {last}: nothing to load online")
         return dg.MaterializeResult(metadata={"skipped": True, "reason": "no snapshot in the range"})
-    out = lifecycle.online_summary(feast.materialize(partition=days[-1], lake=the_lake), days[-1:])
+    with progress.stage("online store", 1, "snapshot") as bar:
+        out = lifecycle.online_summary(feast.materialize(partition=days[-1], lake=the_lake), days[-1:])
+        bar.update(1)
     if out["skipped"]:
         context.log.info(f"online materialization skipped: {out['reason']}")
     return dg.MaterializeResult(metadata={
