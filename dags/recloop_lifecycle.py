@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import logging
 import os
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
 from airflow.sdk import (

@@ -22,7 +22,7 @@ import logging
 import os
 import sys
 import time
-from datetime import date, timedelta
+from datetime import date
 from typing import Any
 
 from recloop.config import Settings, mask_url
