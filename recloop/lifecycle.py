@@ -448,13 +448,13 @@ class RangeIngestion:
                 "rejected_files": [dict(r.__dict__) for m in ms for r in m.rejected_files][:LISTED_DAYS],
             }
         events = self.days("events")
-        calendar = (date_of(self.last) - date_of(self.first)).days + 1 if self.first and self.last else 0
+        calendar = (_date_of(self.last) - _date_of(self.first)).days + 1 if self.first and self.last else 0
         out["days_with_event_files"] = len(events)
         out["days_without_events"] = calendar - len(events)
         return out
 
 
-def date_of(day: str):
+def _date_of(day: str):
     from datetime import date
 
     return date.fromisoformat(day)

@@ -34,7 +34,6 @@ HISTORY_BRONZE = dg.AssetKey(["history", "bronze"])
 HISTORY_SILVER = dg.AssetKey(["history", "silver"])
 HISTORY_FEATURES = dg.AssetKey(["history", "features"])
 HISTORY_ONLINE = dg.AssetKey(["history", "online_features"])
-RANGE_TAGS = ("recloop/history_first", "recloop/history_last")
 
 
 class HistoryRangeResource(dg.ConfigurableResource):
