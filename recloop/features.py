@@ -5,6 +5,9 @@ Two halves, no Dagster in either:
 * `compute_features(lake, partition)` turns the validated `silver/*` partitions into one snapshot per
   feature view for day D, as of the end of that day (`D+1 00:00 UTC`), using only events before it. Each
   snapshot is written to `features/<view>/date=D/part-0.parquet`; a rerun replaces the partition.
+  `compute_features_range(lake, first, last)` computes the same snapshots for a whole range in bulk (a
+  history import): the days with events and the day before each (`snapshot_days`), a few DuckDB queries
+  per chunk of days instead of one per day.
 * The Feast wrapper (`feature_store`, `apply_repo`, `materialize_partition`, `online_features`,
   `training_set`, `feature_freshness`) drives Feast's own apply / materialize / retrieval on the repo in
   `feature_repo/`, whose `feature_store.yaml` takes its paths from `RECLOOP_*` environment variables
