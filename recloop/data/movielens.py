@@ -165,47 +165,6 @@ def _read_movies(layout: str, folder: Path) -> pd.DataFrame | None:
     )
 
 
-# User tags added to a movie's genres in the videos' `tags` column: its most frequent ones.
-MAX_USER_TAGS = 5
-
-
-def _read_user_tags(layout: str, folder: Path) -> pd.Series | None:
-    """movieId -> its most frequent user tags ("a|b", lowercased, at most MAX_USER_TAGS, the most applied
-    first, ties alphabetical), from ml-latest's `tags.csv` or ML-10M's `tags.dat`; None without a tags file."""
-    if layout == "ml-latest" and (folder / "tags.csv").is_file():
-        df = pacsv.read_csv(
-            pa.py_buffer(_text_bytes(folder / "tags.csv")),
-            convert_options=pacsv.ConvertOptions(column_types={"movieId": pa.int64(), "tag": pa.string()},
-                                                 include_columns=["movieId", "tag"], strings_can_be_null=False),
-        ).to_pandas()
-    elif layout == "ml-1m" and (folder / "tags.dat").is_file():
-        types = {"item": pa.int64(), "tag": pa.string()}
-        df = _read_delimited(folder / "tags.dat", ["user", "item", "tag", "timestamp"], "::", types).to_pandas()
-        df = df.rename(columns={"item": "movieId"})
-    else:
-        return None
-    tag = df["tag"].astype(str).str.lower().str.replace("|", " ", regex=False).str.split().str.join(" ")
-    df = pd.DataFrame({"movieId": df["movieId"].to_numpy(), "tag": tag.to_numpy()})
-    df = df[df["tag"] != ""]
-    counts = df.groupby(["movieId", "tag"]).size().rename("n").reset_index()
-    counts = counts.sort_values(["movieId", "n", "tag"], ascending=[True, False, True])
-    top = counts.groupby("movieId").head(MAX_USER_TAGS)
-    return top.groupby("movieId", sort=False)["tag"].agg("|".join)
-
-
-def _with_user_tags(genres: pd.Series, items: np.ndarray, user_tags: pd.Series | None) -> pd.Series:
-    """Genres ("A|B") followed by the movie's user tags that are not already a genre (case aside)."""
-    if user_tags is None:
-        return genres
-    tags = user_tags.reindex(items).fillna("").to_numpy(dtype=object)
-    out = []
-    for g, t in zip(genres.to_numpy(dtype=object), tags):
-        known = {x.lower() for x in g.split("|") if x}
-        extra = [x for x in t.split("|") if x and x not in known]
-        out.append("|".join([*(x for x in g.split("|") if x), *extra]))
-    return pd.Series(out, dtype=object)
-
-
 def watched_fraction(rating: np.ndarray) -> np.ndarray:
     """The share of the movie a rating counts as watched: ``max(rating / 8, (rating - 3) / 2)``.
 
@@ -313,7 +272,6 @@ def read_movielens(path: str | Path) -> dict[str, pa.Table]:
         genres = movies["genres"].fillna("").reset_index(drop=True)
     category = genres.str.partition("|")[0]
     category = category.where(category != "", UNKNOWN)
-    genres = _with_user_tags(genres, items, _read_user_tags(layout, folder))
     videos = pa.Table.from_arrays(
         [
             _prefixed("ml_v", items),

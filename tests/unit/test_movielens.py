@@ -276,20 +276,3 @@ def test_wrong_schema_tables_are_cast(tmp_path):
     write_landing(tables, LocalLake(tmp_path / "l"))
     got = LocalLake(tmp_path / "l").read_partition("events", utc(T0).date().isoformat())
     assert got.schema.equals(TABLES["events"].schema)
-
-
-def test_user_tags_follow_the_genres(tmp_path):
-    folder = make_ml_latest(tmp_path)
-    (folder / "tags.csv").write_text(
-        "userId,movieId,tag,timestamp\n"
-        "1,10,Pixar,1\n2,10,pixar,2\n3,10,  Tom   Hanks ,3\n1,10,comedy,4\n1,10,a|b,5\n"
-        + "".join(f"{u},30,tag{u},6\n" for u in range(1, 8))
-        + "2,99,never rated,7\n",
-        encoding="utf-8",
-    )
-    videos = {row["video_id"]: row for row in read_movielens(folder)["videos"].to_pylist()}
-    # genres as given, then the most applied tags, lowercased, a genre not repeated, at most five
-    assert videos["ml_v10"]["tags"] == "Animation|Children|Comedy|pixar|a b|tom hanks"
-    assert videos["ml_v30"]["tags"] == "Drama|tag1|tag2|tag3|tag4|tag5"
-    assert videos["ml_v20"]["tags"] == "Comedy|Drama|Romance"  # no user tags
-    assert videos["ml_v10"]["category"] == "Animation"  # the category stays the first genre
