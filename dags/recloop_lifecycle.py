@@ -273,7 +273,7 @@ def training_set() -> dict[str, Any]:
     log.info("training run triggered by %s%s", trigger, f" (drift of {drift_partition} on champion v{version})"
              if drift_partition else "")
     out = lifecycle.build_training_set(s, _lake(s.lake_uri), _workdir(), train_days=int(p["train_days"]),
-                                       test_days=int(p["test_days"]), ranker_days=int(p["ranker_days"]),
+                                       test_days=int(p["test_days"]),
                                        train_period=p.get("train_period") or None,
                                        test_period=p.get("test_period") or None)
     return lifecycle.jsonable({k: v for k, v in out.items() if k not in ("partitions", "features")})
@@ -297,18 +297,18 @@ def ann_index() -> dict[str, Any]:
 
 @task
 def ranker() -> dict[str, Any]:
-    """Multi-task ranker on Feast features + an out-of-sample retrieval score; time split."""
-    from recloop import model_plane
-
-    out = model_plane.train_ranking(_lake(Settings.from_env().lake_uri), _workdir())
-    return lifecycle.jsonable({k: v for k, v in out.items() if k != "features"})
+    """Candidate sources on time folds, the LambdaRank ranker on their lists (Feast point-in-time
+    features), the bundle."""
+    out = lifecycle.train_ranking(Settings.from_env(), _workdir())
+    return lifecycle.jsonable({k: v for k, v in out.items() if k not in ("features", "importance")})
 
 
 @task
 def evaluation() -> dict[str, Any]:
-    """Held-out days, full ranking, seen items excluded: the candidate beside popularity, ALS and the
-    current champion on the same split."""
-    return lifecycle.jsonable(lifecycle.evaluate_candidate(_lake(Settings.from_env().lake_uri), _registry(), _workdir()))
+    """Held-out days, full ranking, watched videos excluded: the candidate and its sources beside
+    popularity, ALS, EASE and the current champion on the same split."""
+    s = Settings.from_env()
+    return lifecycle.jsonable(lifecycle.evaluate_candidate(_lake(s.lake_uri), _registry(), _workdir(), settings=s))
 
 
 @task
@@ -358,7 +358,6 @@ _CRON, _TIMEZONE = lifecycle.retrain_schedule()
     params={
         "train_days": Param(7, type="integer", minimum=1, description="Validated days the candidate trains on."),
         "test_days": Param(1, type="integer", minimum=1, description="Newest validated days held out."),
-        "ranker_days": Param(3, type="integer", minimum=1, description="Newest training days the ranker trains on."),
         "train_period": Param(None, type=["null", "string"], description=(
             "Instead of train_days: the calendar period to train on, e.g. 90d, 6m, 1y, or 'all'.")),
         "test_period": Param(None, type=["null", "string"], description=(

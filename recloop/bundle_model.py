@@ -1,16 +1,17 @@
 """The recloop model bundle as an MLflow pyfunc model, logged as *code* ("models from code").
 
 MLflow copies this file into the logged model and executes it when the model is loaded; nothing is
-pickled. The retrieval model, the FAISS index and the ranker travel as one artifact directory
-(`artifacts["bundle"]`, written by `recloop.pipeline.save_bundle`) and are loaded together by
-`recloop.pipeline.load_bundle`, so one registered version is always a consistent triple.
+pickled. The candidate sources (EASE, the two-tower and its FAISS index, popular and fresh lists), the
+interaction history they read and the LambdaRank ranker travel as one artifact directory
+(`artifacts["bundle"]`, written by `recloop.model_plane.bundle.save_bundle`) and are loaded together by
+`recloop.model_plane.bundle.load_bundle`, so one registered version is always a consistent whole.
 
 Input: a DataFrame with a `user_id` column and an optional integer `k` column (default 10).
 Output: a DataFrame with `user_id`, `rank` (1 = best) and `video_id`, one row per recommendation.
 
 `RECLOOP_BUNDLE_LOADER` names the loader (`package.module:function` or `/path/to/file.py:function`,
-default `recloop.pipeline:load_bundle`); tests point it at a fake loader. This file is executed as a
-standalone module by MLflow, so it uses absolute imports only and imports the pipeline lazily.
+default `recloop.model_plane.bundle:load_bundle`); tests point it at a fake loader. This file is executed as a
+standalone module by MLflow, so it uses absolute imports only and imports the model plane lazily.
 """
 
 import importlib
@@ -25,13 +26,13 @@ import pandas as pd
 from mlflow.pyfunc import PythonModel, PythonModelContext
 
 LOADER_ENV = "RECLOOP_BUNDLE_LOADER"
-DEFAULT_LOADER = "recloop.pipeline:load_bundle"
+DEFAULT_LOADER = "recloop.model_plane.bundle:load_bundle"
 DEFAULT_K = 10
 OUTPUT_COLUMNS = ["user_id", "rank", "video_id"]
 
 
 def resolve_loader(spec: str | None = None) -> Callable[[str], Any]:
-    """The bundle loader named by `spec` (or `RECLOOP_BUNDLE_LOADER`, or the pipeline's `load_bundle`)."""
+    """The bundle loader named by `spec` (or `RECLOOP_BUNDLE_LOADER`, or the model plane's `load_bundle`)."""
     spec = spec or os.environ.get(LOADER_ENV) or DEFAULT_LOADER
     target, sep, attr = spec.rpartition(":")
     if not sep or not target or not attr:

@@ -69,7 +69,7 @@ from recloop.lake import Lake, partition_key
 if TYPE_CHECKING:  # evidently (~6 s) and torch load only when a report is run or a champion is scored
     from evidently.core.report import Snapshot
 
-    from recloop.pipeline import RecommendationPipeline
+    from recloop.model_plane.recommender import MultiStageRecommender
     from recloop.training import TwoTowerResult
 
 DEFAULT_CONFIG = REPO_ROOT / "monitoring" / "drift.yaml"
@@ -611,11 +611,14 @@ def _data_signals(current: pd.DataFrame, reference: pd.DataFrame, config: DriftC
     return out
 
 
-def _two_tower(champion: RecommendationPipeline | TwoTowerResult) -> TwoTowerResult:
-    """The champion's two-tower model: from a pipeline (`load_bundle`), or the model itself."""
-    from recloop.pipeline import RecommendationPipeline
+def _two_tower(champion: MultiStageRecommender | TwoTowerResult) -> TwoTowerResult | None:
+    """The champion's two-tower model: from a recommender (`load_bundle`; None when it has no two-tower
+    source), or the model itself."""
+    from recloop.model_plane.recommender import MultiStageRecommender
 
-    return champion.two_tower if isinstance(champion, RecommendationPipeline) else champion
+    if isinstance(champion, MultiStageRecommender):
+        return champion.two_tower.model if champion.two_tower is not None else None
+    return champion
 
 
 def _champion_scores(tower: TwoTowerResult, frame: pd.DataFrame) -> np.ndarray:
@@ -738,14 +741,14 @@ def detect_drift(
     reference_partitions: Sequence[str],
     *,
     config: DriftConfig | None = None,
-    champion: RecommendationPipeline | TwoTowerResult | None = None,
+    champion: MultiStageRecommender | TwoTowerResult | None = None,
     write_report: bool = True,
 ) -> DriftResult:
     """Compare day `partition` with `reference_partitions` (the champion's training window, see
     `champion_reference`) and decide whether it drifted (see the module docstring and
     monitoring/drift.yaml, the default `config`).
 
-    `champion` (a pipeline from `load_bundle`, or its `TwoTowerResult`) enables prediction drift and the
+    `champion` (a recommender from `load_bundle`, or its `TwoTowerResult`) enables prediction drift and the
     user-embedding shift; without it they are skipped and the reasons say so. With `write_report` the
     Evidently HTML report goes to the lake at `report_key(partition)`, replacing an earlier one."""
     config = config or DriftConfig.load()

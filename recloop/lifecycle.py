@@ -632,38 +632,60 @@ def compute_features_range(lake: Lake, first: str, last: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 
 
-def build_training_set(settings: Settings, lake: Lake, workdir: Path, *, train_days: int = 7, test_days: int = 1,
-                       ranker_days: int = 3, train_period: str | None = None,
+def build_training_set(settings: Settings, lake: Lake, workdir: Path, *, train_days: int = 7,
+                       test_days: int = 1, train_period: str | None = None,
                        test_period: str | None = None) -> dict[str, Any]:
-    """Plans the window (newest validated days held out; as counts of days, or as periods such as
-    `train_period="all"`, `test_period="14d"`) and builds the training set from Feast's historical
-    retrieval in `workdir` (`recloop.model_plane`); returns its summary and the window."""
+    """Plans the window (newest validated days held out; as counts of days, or as calendar periods such as
+    `train_period="all"`, `test_period="14d"`) and writes its history in `workdir` (`recloop.model_plane`);
+    returns its summary and the window."""
     from recloop import model_plane
 
-    plan = model_plane.plan_window(lake, train_days=train_days, test_days=test_days, ranker_days=ranker_days,
-                                   train_period=train_period, test_period=test_period)
+    plan = model_plane.plan_window(lake, train_days=train_days, test_days=test_days, train_period=train_period,
+                                   test_period=test_period)
     out = model_plane.build_training_set(settings, lake, plan, Path(workdir))
     return {**out, "train_partitions": plan.train_partitions, "test_partitions": plan.test_partitions}
 
 
-def evaluate_candidate(lake: Lake, registry: Registry, workdir: Path) -> dict[str, Any]:
+def feature_store_columns(settings: Settings, *, project: str | None = None) -> Any:
+    """The ranker's feature-store columns: Feast's point-in-time retrieval of `ranking_features`."""
+    from recloop.model_plane.store import FeastHistorical
+
+    return FeastHistorical(settings, project=project or settings.feast_project)
+
+
+def train_ranking(settings: Settings, workdir: Path, *, project: str | None = None) -> dict[str, Any]:
+    """The candidate sources on time folds, the LambdaRank ranker on their lists (with Feast's
+    point-in-time features), the bundle (`recloop.model_plane.train_ranking`)."""
+    from recloop import model_plane
+
+    return model_plane.train_ranking(Path(workdir), store=feature_store_columns(settings, project=project))
+
+
+def evaluate_candidate(lake: Lake, registry: Registry, workdir: Path, *, settings: Settings | None = None,
+                       project: str | None = None) -> dict[str, Any]:
     """Evaluates the candidate in `workdir` on the held-out days beside the baselines and the current
     champion (when there is one), on the same split; returns the headline numbers and the table."""
     from recloop import model_plane
 
     champion = registry.champion()
     bundle = registry.bundle_path(champion.version) if champion is not None else None
-    ev = model_plane.evaluate_candidate(lake, Path(workdir), champion_bundle=bundle,
+    store = feature_store_columns(settings or Settings.from_env(), project=project)
+    ev = model_plane.evaluate_candidate(lake, Path(workdir), store=store, champion_bundle=bundle,
                                         champion_version=str(champion.version) if champion else None)
     table = {name: {m: round(v, 4) for m, v in values.items() if m in (
         "recall_at_10", "ndcg_at_10", "map_at_10", "hit_rate_at_10", "coverage", "diversity", "novelty_at_10",
         "popularity_concentration")} for name, values in ev.metrics.items()}
+    als, ease = ev.metrics.get("als", {}), ev.metrics.get("ease", {})
     full, pop = ev.metrics[model_plane.PRIMARY], ev.metrics["popularity"]
     return {
         "ndcg_at_10": full["ndcg_at_10"],
         "recall_at_10": full["recall_at_10"],
         "recall_at_10_vs_popularity": (round(full["recall_at_10"] / pop["recall_at_10"], 3)
                                        if pop["recall_at_10"] else float("inf")),
+        "recall_at_10_vs_als": (round(full["recall_at_10"] / als["recall_at_10"], 3)
+                                if als.get("recall_at_10") else float("inf")),
+        "ndcg_at_10_vs_ease": (round(full["ndcg_at_10"] / ease["ndcg_at_10"], 3)
+                               if ease.get("ndcg_at_10") else float("inf")),
         "users_evaluated": ev.result["recommenders"][model_plane.PRIMARY]["users_evaluated"],
         "by_recommender": table,
         "sanity": ev.sanity,
@@ -867,7 +889,7 @@ def drift_report(lake: Lake, registry: Registry, partition: str, *, config_path:
     its drift episode in the lake (`read_drift_record`), and the `drift.detected` alert when the day opens
     a new episode. Without a champion there is nothing to compare with: not drifted, said so."""
     from recloop import drift
-    from recloop.pipeline import load_bundle
+    from recloop.model_plane.bundle import load_bundle
 
     champion = registry.champion()
     if champion is None:
@@ -885,7 +907,7 @@ def drift_report(lake: Lake, registry: Registry, partition: str, *, config_path:
     bundle = registry.bundle_path(version)
     reference = drift.champion_reference(bundle)
     result = drift.detect_drift(lake, partition, reference, config=drift.DriftConfig.load(config_path),
-                                champion=load_bundle(bundle, lake=lake))
+                                champion=load_bundle(bundle))
     episode = episode_start(lake, partition, version) if result.drifted else None
     html = lake.read_bytes(drift.report_key(partition)).decode() if result.report_uri else None
     run_id = registry.log_drift_report(partition=partition, model_version=version, drifted=result.drifted,

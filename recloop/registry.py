@@ -19,6 +19,7 @@ import json
 import math
 import os
 import tempfile
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -49,8 +50,8 @@ BUNDLE_MODEL_CODE = Path(__file__).with_name("bundle_model.py")
 
 # Packages the bundle needs at serving time, pinned to what is installed (local labels such as `+cpu`
 # dropped: MLflow would otherwise record requirements pip cannot resolve). recloop itself must be
-# installed where the model is served: the bundle model imports `recloop.pipeline`.
-RUNTIME_PACKAGES = ("mlflow", "torch", "faiss-cpu", "numpy", "pandas")
+# installed where the model is served: the bundle model imports `recloop.model_plane`.
+RUNTIME_PACKAGES = ("mlflow", "torch", "faiss-cpu", "lightgbm", "numpy", "pandas", "scipy")
 
 DECISION_PROMOTED = "promoted"
 DECISION_REFUSED = "refused"
@@ -518,6 +519,8 @@ class Registry:
         run_name: str | None = None,
         pip_requirements: Sequence[str] | None = None,
         example_user_ids: Sequence[str] = ("0",),
+        curves: Mapping[str, Sequence[float]] | None = None,
+        artifacts: Mapping[str, Any] | None = None,
     ) -> str:
         """Log one training run: params, metrics, the data it saw, its features and the bundle as ONE model.
 
@@ -529,11 +532,14 @@ class Registry:
             data: partition range (`partition_start`, `partition_end`), row counts, validation results;
                 logged as `data.*` params, a `recloop.data_range` tag and the artifact `data.json`.
             features: feature names, logged as `features.json`.
-            bundle_dir: the bundle directory written by `recloop.pipeline.save_bundle`.
+            bundle_dir: the bundle directory written by `recloop.model_plane.bundle.save_bundle`.
             tags: extra run tags.
             run_name: optional MLflow run name.
             pip_requirements: overrides `default_pip_requirements()`.
             example_user_ids: users of the input example MLflow validates the model with while logging.
+            curves: per-step series (training losses per epoch, the ranker's NDCG per boosting round),
+                logged as metrics with their step, so MLflow plots them.
+            artifacts: further JSON documents to attach (name -> content), e.g. the fit report.
         Returns:
             The run id.
         """
@@ -561,6 +567,17 @@ class Registry:
                 mlflow.log_params({**flat_params, **flat_data})
                 if flat_metrics:
                     mlflow.log_metrics(flat_metrics)
+                if curves:
+                    from mlflow.entities import Metric
+
+                    now = int(time.time() * 1000)
+                    points = [Metric(name, float(v), now, step) for name, series in curves.items()
+                              for step, v in enumerate(series) if v is not None and math.isfinite(float(v))]
+                    client = mlflow.tracking.MlflowClient()
+                    for start in range(0, len(points), 1000):
+                        client.log_batch(run.info.run_id, metrics=points[start : start + 1000], synchronous=True)
+                for name, content in (artifacts or {}).items():
+                    mlflow.log_dict(json.loads(json.dumps(content, default=str)), name)
                 mlflow.log_dict(json.loads(json.dumps(dict(data), default=str)), "data.json")
                 mlflow.log_text(json.dumps(list(features), indent=1), "features.json")
                 mlflow.pyfunc.log_model(
@@ -682,7 +699,7 @@ class Registry:
             return mlflow.pyfunc.load_model(self.model_uri(alias_or_version))
 
     def bundle_path(self, alias_or_version: str | int = CHAMPION, *, dst_dir: Path | None = None) -> Path:
-        """Download the version's model and return its bundle directory, for `recloop.pipeline.load_bundle`.
+        """Download the version's model and return its bundle directory, for `recloop.model_plane.bundle.load_bundle`.
 
         The alias is resolved to a version first, so the files are those of one fixed version.
         """

@@ -56,9 +56,6 @@ class TrainingWindowConfig(dg.Config):
     TestPeriod: str = Field(default="", description=(
         "Instead of TestDays: the newest calendar period of the data to hold out, e.g. 14d, 2w, 1m (days "
         "without events in it count as calendar days). Empty: TestDays."))
-    RankerDays: int = Field(default=3, description=(
-        "Newest training days the ranker trains on (the last one validates); a two-tower trained on the "
-        "days before them scores their rows, so the ranker sees out-of-sample retrieval scores."))
 
 
 class GateRunConfig(dg.Config):
@@ -75,17 +72,17 @@ def _numbers(d: dict[str, Any]) -> dict[str, Any]:
     group_name="models",
     deps=[silver_key("events"), FEAST_REGISTRY, *FEATURE_KEYS.values()],
     kinds={"feast", "parquet"},
-    description="Impressions of the training window with labels and point-in-time features (Feast historical retrieval).",
+    description=("The training window as the model plane reads it: every validated event of the training days (watched "
+                 "or not), the videos and users known at its end; the newest days held out for evaluation."),
 )
 def training_set(config: TrainingWindowConfig, lake: LakeResource, feast: FeastResource,
                  workspace: ModelWorkspaceResource) -> dg.MaterializeResult:
     out = lifecycle.build_training_set(feast.settings(), lake.open(), workspace.dir(), train_days=config.TrainDays,
-                                      test_days=config.TestDays, ranker_days=config.RankerDays,
-                                      train_period=config.TrainPeriod or None, test_period=config.TestPeriod or None)
+                                      test_days=config.TestDays, train_period=config.TrainPeriod or None,
+                                      test_period=config.TestPeriod or None)
     return dg.MaterializeResult(metadata={
         "dagster/row_count": out["rows"],
         **_numbers({k: v for k, v in out.items() if k not in ("rows", "partitions")}),
-        "features": dg.MetadataValue.json(out["features"]),
         "train_partitions": dg.MetadataValue.json(out["train_partitions"]),
         "test_partitions": dg.MetadataValue.json(out["test_partitions"]),
     })
@@ -110,28 +107,36 @@ def ann_index(workspace: ModelWorkspaceResource) -> dg.MaterializeResult:
     return dg.MaterializeResult(metadata={**_numbers(out), "params": dg.MetadataValue.json(out["params"])})
 
 
-@dg.asset(key=RANKER, group_name="models", deps=[TRAINING_SET, TWO_TOWER], kinds={"pytorch"},
-          description=("Multi-task ranker (P(completed), expected watch time) on Feast features + an out-of-sample "
-                       "retrieval score (from a two-tower trained on earlier days); time split."))
-def ranker(lake: LakeResource, workspace: ModelWorkspaceResource) -> dg.MaterializeResult:
-    out = model_plane.train_ranking(lake.open(), workspace.dir())
+@dg.asset(key=RANKER, group_name="models", deps=[TRAINING_SET, ANN_INDEX, FEAST_REGISTRY], kinds={"lightgbm", "feast"},
+          description=("Candidate sources (EASE item-to-item, two-tower ANN, popular, fresh) fitted on time folds of the "
+                       "window, and a LightGBM LambdaRank ranker over their candidate lists with every source's score, "
+                       "history and Feast point-in-time features; the bundle of the whole recommender."))
+def ranker(workspace: ModelWorkspaceResource, feast: FeastResource) -> dg.MaterializeResult:
+    out = lifecycle.train_ranking(feast.settings(), workspace.dir(), project=feast.project)
     return dg.MaterializeResult(metadata={
         **_numbers(out),
+        **{f"source_recall/{k}": v for k, v in out["source_recall"].items()},
+        "l2": dg.MetadataValue.json(out["l2"]),
+        "folds": dg.MetadataValue.json(out["folds"]),
+        "importance": dg.MetadataValue.json(out["importance"]),
         "features": dg.MetadataValue.json(out["features"]),
-        "ranker_partitions": dg.MetadataValue.json(out["ranker_partitions"]),
-        "retrieval_score_partitions": dg.MetadataValue.json(out["retrieval_score_partitions"]),
     })
 
 
-@dg.asset(key=EVALUATION, group_name="models", deps=[ANN_INDEX, RANKER], kinds={"python"},
-          description=("Offline evaluation on the held-out days, full ranking, seen items excluded: full pipeline, "
-                       "retrieval alone, popularity, tuned ALS and the current champion on the same split."))
-def evaluation(lake: LakeResource, workspace: ModelWorkspaceResource, registry: MlflowRegistryResource) -> dg.MaterializeResult:
-    out = lifecycle.evaluate_candidate(lake.open(), registry.open(), workspace.dir())
+@dg.asset(key=EVALUATION, group_name="models", deps=[RANKER], kinds={"python"},
+          description=("Offline evaluation on the held-out days, full ranking, watched videos excluded: the platform's "
+                       "recommender and each candidate source alone, popularity, tuned ALS, tuned EASE and the current "
+                       "champion on the same split."))
+def evaluation(lake: LakeResource, workspace: ModelWorkspaceResource, registry: MlflowRegistryResource,
+               feast: FeastResource) -> dg.MaterializeResult:
+    out = lifecycle.evaluate_candidate(lake.open(), registry.open(), workspace.dir(), settings=feast.settings(),
+                                       project=feast.project)
     return dg.MaterializeResult(metadata={
         "ndcg_at_10": out["ndcg_at_10"],
         "recall_at_10": out["recall_at_10"],
         "recall_at_10_vs_popularity": out["recall_at_10_vs_popularity"],
+        "recall_at_10_vs_als": out["recall_at_10_vs_als"],
+        "ndcg_at_10_vs_ease": out["ndcg_at_10_vs_ease"],
         "users_evaluated": out["users_evaluated"],
         "by_recommender": dg.MetadataValue.json(out["by_recommender"]),
         "sanity": dg.MetadataValue.json(out["sanity"]),

@@ -1,1 +1,1 @@
-"""PyTorch modules of the reference recommender (nn.Modules only; training lives in recloop.training)."""
+"""PyTorch modules of the two-tower retrieval model (nn.Modules only; training lives in recloop.training)."""

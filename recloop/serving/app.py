@@ -47,8 +47,9 @@ class RecommendationRequest(BaseModel):
 
 class RecommendedItem(BaseModel):
     video_id: str
-    score: float = Field(..., description="Final score (ranker blend + freshness; popularity count in fallback).")
-    source: Literal["ann", "popular", "fresh"]
+    score: float = Field(..., description="Final score (the LambdaRank ranker's score + freshness boost; popularity count in fallback).")
+    source: Literal["item_to_item", "two_tower", "popular", "fresh"] = Field(
+        ..., description="The candidate source that proposed the video.")
 
 
 class RecommendationResponse(BaseModel):

@@ -1,8 +1,9 @@
 """Prometheus metrics of the serving API, on a registry of their own (one per app, so several apps in
 one process, as in tests, do not collide on prometheus_client's global registry).
 
-    recloop_serving_stage_seconds{stage}        histogram: candidates, batch_wait, features, ranking,
-                                                rerank, total
+    recloop_serving_stage_seconds{stage}        histogram: request (user vector, exclusions), batch_wait,
+                                                candidates, features, feature_store (Feast online read),
+                                                ranking, rerank, total
     recloop_serving_ranking_batch_size          histogram: requests per ranking batch
     recloop_serving_requests_total{endpoint,status}
     recloop_serving_errors_total{endpoint}      answers with status >= 500 and failures behind a fallback
@@ -20,7 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # batch_wait: time a request waits for the ranking worker (see recloop.serving.batching); features and
 # ranking are the times of the batch the request was part of.
-STAGES = ("candidates", "batch_wait", "features", "ranking", "rerank", "total")
+STAGES = ("request", "batch_wait", "candidates", "features", "feature_store", "ranking", "rerank", "total")
 # Sub-millisecond to a second: the stages take from ~0.1 ms to the tens of ms a slow request needs.
 LATENCY_BUCKETS = (
     0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.035, 0.05, 0.075, 0.1,

@@ -40,17 +40,16 @@ import pandas as pd
 from recloop.config import Settings
 from recloop.data.engagement import positive_mask
 from recloop.lake import Lake, open_lake
-from recloop.pipeline import SOURCES
 from recloop.serving import lakeview
 from recloop.serving.batching import Batcher, Job
 from recloop.serving.config import ServingConfig
 from recloop.serving.feedback import FeedbackWriter
 from recloop.serving.history import UserHistory
 from recloop.serving.metrics import ServingMetrics
-from recloop.serving.model import ServingModel
+from recloop.serving.model import RankRequest, ServingModel
 from recloop.serving.online import FeatureStoreUnavailable, OnlineFeatures
 from recloop.serving.popularity import Popularity
-from recloop.serving.rerank import diversify, eligible, freshness_boost
+from recloop.serving.rerank import diversify, freshness_boost
 from recloop.serving.safety import SafetyList, SafetyRules
 
 log = logging.getLogger(__name__)
@@ -339,26 +338,26 @@ class RecommendationService:
 
         recent = self.history.recent(user_id, model.cutoff_us)
         cold = not model.knows(user_id) and not recent
-        uvec = model.user_vector(user_id, recent, {**segment, **context})
+        uvec = None if cold else model.user_vector(user_id, recent, {**segment, **context})
         popular = model.rows_of([v for v, _ in popularity.top(segment)]) if popularity else np.zeros(0, np.int64)
-        rows, sources = model.candidates(None if cold else uvec, popular)
-        ok = eligible(model.ids[rows], watched, model.blocked(rules)[rows])
-        rows, sources = rows[ok], sources[ok]
-        lap("candidates")
+        watched_rows = model.rows_of(sorted(watched))
+        request = RankRequest(user_id, recent, uvec, popular,
+                              np.union1d(watched_rows, np.flatnonzero(model.blocked(rules))), watched_rows)
+        lap("request")
 
-        categories = np.unique(model.category[rows]) if len(rows) else np.zeros(0, object)
-        job = self._ranking.run((model, user_id, rows, uvec, categories))
-        scores = job.result
-        timings.update({s: job.timings[s] for s in ("batch_wait", "features", "ranking")})
+        job = self._ranking.run((model, request))
+        ranked = job.result
+        timings.update({s: job.timings[s] for s in ("batch_wait", "candidates", "features", "feature_store", "ranking")})
         batch_size = job.timings["batch_size"]
         mark = time.perf_counter()
 
-        scores = scores + freshness_boost(
+        rows = ranked.rows
+        scores = ranked.scores + freshness_boost(
             model.upload_us[rows], model.clock_us, cfg.freshness_weight, cfg.freshness_half_life_days
         )
         order = np.argsort(-scores, kind="stable")
         picked = diversify(order, model.creator[rows], model.category[rows], k, cfg.max_per_creator, cfg.max_per_category)
-        items = [Item(model.ids[rows[i]], float(scores[i]), SOURCES[sources[i]]) for i in picked]
+        items = [Item(model.ids[rows[i]], float(scores[i]), ranked.sources[i]) for i in picked]
         lap("rerank")
         timings["total"] = time.perf_counter() - started
         self._observe(timings)
@@ -366,20 +365,17 @@ class RecommendationService:
         return Recommendation(user_id, items, model.version, False, None, cold, segment, timings)
 
     def _rank_batch(self, jobs: Sequence[Job]) -> None:
-        """The batcher's work: one Feast read and one ranker call per model among the waiting requests
-        (two models only while a swap is under way)."""
+        """The batcher's work: one pass of the model plane (candidates, one Feast read, one ranker call)
+        per model among the waiting requests (two models only while a swap is under way)."""
         by_model: dict[int, list[Job]] = {}
         for job in jobs:
             by_model.setdefault(id(job.payload[0]), []).append(job)
         for group in by_model.values():
             model: ServingModel = group[0].payload[0]
-            t0 = time.perf_counter()
             online = self._online()
             hits, misses = online.hits, online.misses
             try:
-                features = online.user_features(
-                    [(j.payload[1], j.payload[4]) for j in group], snapshot=model.feature_snapshot
-                )
+                ranked, timings = model.rank([j.payload[1] for j in group], online)
             except FeatureStoreUnavailable as err:
                 for job in group:
                     job.error = err
@@ -387,14 +383,9 @@ class RecommendationService:
             finally:
                 self.metrics.feature_cache.labels("hit").inc(online.hits - hits)
                 self.metrics.feature_cache.labels("miss").inc(online.misses - misses)
-            t1 = time.perf_counter()
-            inputs = [
-                model.ranking_input(rows, uvec, user, affinity, categories)
-                for (_, _, rows, uvec, categories), (user, affinity) in zip((j.payload for j in group), features)
-            ]
-            for job, scores in zip(group, model.scores(inputs)):
-                job.result = scores
-                job.timings.update(features=t1 - t0, ranking=time.perf_counter() - t1)
+            for job, result in zip(group, ranked):
+                job.result = result
+                job.timings.update(timings)
 
     def _fallback(
         self,

@@ -82,15 +82,18 @@ def stationary(lakes, config):
 @pytest.fixture(scope="module")
 def champion(lakes, tmp_path_factory):
     """A small champion bundle trained on the reference days, with the model plane's plan metadata."""
-    from recloop.index import AnnIndex
-    from recloop.pipeline import load_bundle, save_bundle
-    from recloop.training import TwoTowerConfig, load_window, train_two_tower, video_embeddings
+    from recloop.model_plane.bundle import load_bundle, save_bundle
+    from recloop.model_plane.fit import FitConfig, fit_sources
+    from recloop.model_plane.history import History
+    from recloop.model_plane.recommender import MultiStageRecommender
+    from recloop.training import TwoTowerConfig, load_window
 
-    tower = train_two_tower(load_window(lakes["none"], REFERENCE), TwoTowerConfig(epochs=2, num_threads=1))
-    index = AnnIndex.build(*video_embeddings(tower), kind="flat")
+    history = History.from_window(load_window(lakes["none"], REFERENCE))
+    parts = fit_sources(history, FitConfig(two_tower=TwoTowerConfig(epochs=2, num_threads=1)))
+    rec = MultiStageRecommender(history, parts["item_to_item"], parts["two_tower"], parts["popular"], parts["fresh"],
+                                None, mode="two_tower")
     plan = {"train_partitions": REFERENCE, "test_partitions": [CURRENT]}
-    bundle = save_bundle(tmp_path_factory.mktemp("bundle") / "bundle", tower, index, None, [],
-                         metadata={"plan": plan})
+    bundle = save_bundle(tmp_path_factory.mktemp("bundle") / "bundle", rec, metadata={"plan": plan})
     return bundle, load_bundle(bundle)
 
 
@@ -146,7 +149,7 @@ def test_champion_signals_stay_put_on_stationary_data_and_move_with_new_users(la
     quiet = detect_drift(lakes["none"], CURRENT, champion_reference(bundle), config=config,
                          champion=pipeline, write_report=False)
     wave = detect_drift(lakes["new_user_wave"], CURRENT, REFERENCE, config=config,
-                        champion=pipeline.two_tower, write_report=False)
+                        champion=pipeline.two_tower.model, write_report=False)
     assert not quiet.drifted and "champion_score" not in {c.column for c in quiet.columns}
     for name in ("prediction_drift", "user_embedding_shift"):
         assert quiet.signals[name].computed and not quiet.signals[name].drifted, quiet.signals[name]

@@ -314,8 +314,9 @@ TRAIN_RATINGS = [(1, 1, 5, 0), (1, 2, 4, 10), (1, 3, 2, 20), (2, 1, 4, 30), (2, 
 TEST_RATINGS = [(1, 3, 4, 100), (2, 2, 5, 110), (2, 4, 4, 120), (3, 1, 1, 130), (9, 1, 5, 140)]
 MOVIES = {1: ("Toy Story (1995)", "Animation|Comedy"), 2: ("Heat (1995)", "Action|Crime"), 3: ("Babe (1995)", "Comedy"), 4: ("X (1990)", "(no genres listed)")}  # fmt: skip
 # Positives: train u1 {1, 2}, u2 {1, 3}, u3 {2}; popularity 1: 2, 2: 2, 3: 1, 4: 0 -> ranking 1, 2, 3, 4.
-# Test: u1 {3}; u2 {2, 4}; u3 none (rating 1: not a positive, so not a test user); u9 cold. Popularity top 1: u1 [3] (1, 2 seen) -> hit;
-# u2 [2] (1, 3 seen) -> 1 of 2 relevant -> Recall@1 = (1 + 1/2) / 2 = 0.75, NDCG@1 = 1.
+# Test: u1 {3}, but u1 already rated 3 in train (a 2): watched, so in their history -> excluded and not
+# relevant, u1 has nothing left to find; u2 {2, 4}; u3 none (rating 1: not a positive, so not a test
+# user); u9 cold. Popularity top 1: u2 [2] (1, 3 watched) -> 1 of 2 relevant -> Recall@1 = 0.5, NDCG@1 = 1.
 
 
 def write_ml_latest(folder, ratings):
@@ -334,11 +335,11 @@ def write_ml100k(folder, ratings):
 
 
 def check_tiny_result(result):
-    # test users are users with a test positive: u1, u2, u9 (u3 only rated 1)
-    assert result["users"] == {"train": 3, "test": 3, "cold_test_users": 1, "without_relevant_videos": 0, "evaluated": 2}
+    # test users are users with a test positive: u1, u2, u9 (u3 only rated 1); u1's was watched in train
+    assert result["users"] == {"train": 3, "test": 3, "cold_test_users": 1, "without_relevant_videos": 1, "evaluated": 1}
     assert result["catalog_size"] == 4
     pop = result["recommenders"]["popularity"]
-    assert pop["metrics"]["1"]["recall"] == pytest.approx(0.75)
+    assert pop["metrics"]["1"]["recall"] == pytest.approx(0.5)
     assert pop["metrics"]["1"]["ndcg"] == pytest.approx(1.0)
     assert pop["seconds"]["fit"] >= 0
 
@@ -436,6 +437,6 @@ def test_load_events_file_with_videos_beside(tmp_path):
 
 def test_baseline_factories():
     factories = ev.baseline_factories()
-    assert list(factories) == ["popularity", "als", "bpr"]
-    assert list(ev.baseline_factories(include_bpr=False)) == ["popularity", "als"]
+    assert list(factories) == ["popularity", "als", "ease", "bpr"]
+    assert list(ev.baseline_factories(include_bpr=False)) == ["popularity", "als", "ease"]
     assert np.prod([len(v) for v in ev.ALS_GRID.values()]) == 24

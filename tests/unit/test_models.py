@@ -1,6 +1,6 @@
 """Tests of recloop.training and recloop.models: the positive rule, windows and vocabularies, point-in-time
 user features, the in-batch softmax with log-Q correction, two-tower training (shapes, determinism,
-save/load, cold videos) and the ranker (learning, save/load)."""
+save/load, cold videos). The ranker and the candidate sources are tested in test_model_plane.py."""
 
 from __future__ import annotations
 
@@ -18,23 +18,15 @@ from recloop.data.simulator import SimConfig, Simulator
 from recloop.features import compute_features
 from recloop.lake import LocalLake
 from recloop.models.two_tower import accidental_hits, in_batch_logits, in_batch_loss
-from recloop.pipeline import point_in_time_features
 from recloop.training import (
-    RANKING_FEATURES,
-    RankerConfig,
     TwoTowerConfig,
     Vocab,
     Window,
-    load_ranker,
     load_two_tower,
     load_window,
     positive_mask,
     retrieval_scores,
-    roc_auc,
-    save_ranker,
     save_two_tower,
-    time_split,
-    train_ranker,
     train_two_tower,
     user_embeddings,
     video_embeddings,
@@ -267,70 +259,3 @@ def test_cold_video_embedding_is_closer_to_its_category(window, model):
         purity.append((cats[np.argsort(-sims[i])[:10]] == cat).mean())
     base_rate = np.mean([np.mean(cats == c) for c in categories])  # a random neighbour's chance
     assert np.mean(purity) > 3 * base_rate, (purity, base_rate)
-
-
-# --- ranker ----------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def ranking_rows(lake, window) -> pd.DataFrame:
-    ev = window.events.merge(window.videos[["video_id", "category"]], on="video_id", how="left")
-    ev = ev[pd.to_datetime(ev["event_time"], utc=True) >= pd.Timestamp(SIM.date_of(1), tz="UTC")]
-    return point_in_time_features(lake, ev)
-
-
-def test_time_split_trains_on_the_past(ranking_rows):
-    train, valid = time_split(ranking_rows, valid_days=1)
-    assert len(train) + len(valid) == len(ranking_rows) and len(valid) > 0
-    t_train, t_valid = (pd.to_datetime(x["event_time"], utc=True) for x in (train, valid))
-    assert t_train.max() < t_valid.min()
-    assert set(t_valid.dt.date.astype(str)) == {SIM.date_of(4).isoformat()}
-
-
-def test_roc_auc():
-    assert roc_auc(np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.3, 0.4])) == 1.0
-    assert roc_auc(np.array([0, 1, 0, 1]), np.array([0.5, 0.5, 0.5, 0.5])) == 0.5
-    assert roc_auc(np.array([1, 1, 0, 0]), np.array([0.1, 0.2, 0.3, 0.4])) == 0.0
-    assert math.isnan(roc_auc(np.array([1, 1]), np.array([0.1, 0.2])))
-
-
-def test_ranker_learns_from_features(ranking_rows, lake, window):
-    """Trained on days 1-3, validated on day 4 (no retrieval score, so nothing from day 4 leaks in)."""
-    train, valid = time_split(ranking_rows, valid_days=1)
-    cfg = RankerConfig(epochs=3, num_threads=1)
-    result = train_ranker(train, valid, RANKING_FEATURES, None, cfg)
-    assert result.n_train == len(train) and result.n_valid == len(valid)
-    assert result.valid_auc > 0.6, result.valid_auc
-    assert math.isfinite(result.valid_rmse) and result.valid_rmse < 3.0
-    # learning: beats predicting the mean log watch time
-    y = np.log1p(valid["watched_s"].to_numpy())
-    assert result.valid_rmse < float(np.sqrt(np.mean((y - np.log1p(train["watched_s"]).mean()) ** 2)))
-    p, w = result.predict(valid)
-    assert ((p >= 0) & (p <= 1)).all() and (w >= 0).all()
-    assert np.allclose(result.score(valid), p * w, rtol=1e-5)
-    # missing features (an unknown user and video) are handled: NaN -> 0 + missing indicators
-    row = valid.head(1).copy()
-    row[list(RANKING_FEATURES)] = np.nan
-    assert np.isfinite(result.score(row)).all()
-    assert result.features.numeric_names[-3:] == [
-        "missing__user_activity", "missing__user_category_affinity", "missing__video_popularity"
-    ]
-
-
-def test_ranker_with_retrieval_score_save_load_and_determinism(ranking_rows, model, tmp_path):
-    train, valid = time_split(ranking_rows, valid_days=1)
-    cfg = RankerConfig(epochs=2, num_threads=1, seed=1)
-    result = train_ranker(train, valid, RANKING_FEATURES, model, cfg)
-    assert result.features.use_retrieval and result.features.numeric_names[-1] == "retrieval_score"
-    assert result.valid_auc > 0.6
-    again = train_ranker(train, valid, RANKING_FEATURES, model, cfg)
-    a, b = result.model.state_dict(), again.model.state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    d = save_ranker(result, tmp_path / "ranker")
-    assert sorted(p.name for p in d.iterdir()) == ["model_args.json", "normaliser.json", "state_dict.pt"]
-    loaded = load_ranker(d)
-    scored = valid.assign(retrieval_score=retrieval_scores(model, valid))
-    assert np.array_equal(result.score(scored), loaded.score(scored))
-    assert loaded.valid_auc == result.valid_auc and loaded.feature_columns == list(RANKING_FEATURES)
-    with pytest.raises(KeyError):
-        loaded.score(valid)  # the retrieval score is an input of this ranker
