@@ -4,7 +4,8 @@ landing (MovieLens → one partition per table and day) → ONE Dagster run of t
 schema + row-level validation → silver/quarantine → feature snapshots → feast apply → the newest snapshot in
 the online store), on a fresh RECLOOP_HOME with the embedded stores; then (reported apart, not part of the
 import) Feast's historical retrieval of a training set over the whole imported history, the way training
-reads it (`recloop.model_plane.build_training_set` with `--train-period all`).
+reads it: `recloop.features.training_set` (the `ranking_features` service, point in time) for every event of
+the window `--train-period all --test-period 14d` plans, and `recloop.model_plane.build_training_set`.
 
 Prints one JSON object: seconds per stage (from the progress stages and the Dagster run's step events),
 the total, rows and partitions, peak memory (RSS of this process, sampled, and the kernel's high-water mark).
@@ -121,19 +122,42 @@ def main() -> int:
 
         retrieval = None
         if not args.no_retrieval and run.success:
-            from recloop import model_plane
+            import pandas as pd
+            import pyarrow as pa
 
-            t0 = time.perf_counter()
+            from recloop import model_plane
+            from recloop.features import training_set
+
             plan = model_plane.plan_window(lake, train_period="all", test_period="14d")
+            t0 = time.perf_counter()
             with contextlib.redirect_stdout(io.StringIO()):
                 built = model_plane.build_training_set(settings, lake, plan, home / "bench-training-set")
+            window_s = time.perf_counter() - t0
+            # Feast's historical retrieval (ranking_features, point in time) for every event of the window.
+            t0 = time.perf_counter()
+            events = pa.concat_tables([lake.read_partition("silver/events", p) for p in plan.train_partitions]).to_pandas()
+            videos = pa.concat_tables([lake.read_partition("silver/videos", p) for p in lake.partitions("silver/videos")
+                                       if p <= plan.train_partitions[-1]]).to_pandas().drop_duplicates("video_id", keep="last")
+            entity = events[["user_id", "video_id", "event_time"]].merge(videos[["video_id", "category"]], on="video_id",
+                                                                         how="left")
+            entity = entity.rename(columns={"event_time": "event_timestamp"})
+            read_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            with contextlib.redirect_stdout(io.StringIO()):
+                df = training_set(settings, entity, feature_service="ranking_features", project=settings.feast_project)
+            feast_s = time.perf_counter() - t0
+            features = [c for c in df.columns if "__" in c]
             retrieval = {
-                "seconds": round(time.perf_counter() - t0, 1),
-                "rows": built["rows"],
+                "feast_historical_retrieval_seconds": round(feast_s, 1),
+                "entity_rows": len(entity),
+                "features": len(features),
+                "feature_null_share": round(float(pd.isna(df[features]).to_numpy().mean()), 4),
+                "reading_the_window_from_the_lake_seconds": round(read_s, 1),
+                "model_plane_build_training_set_seconds": round(window_s, 1),
+                "model_plane_window_rows": built.get("rows"),
                 "train_days_with_events": len(plan.train_partitions),
                 "test_days_with_events": len(plan.test_partitions),
                 "test_period": f"{plan.test_partitions[0]}..{plan.test_partitions[-1]}",
-                "feature_null_share": round(built["feature_null_share"], 4),
             }
 
     m = run.materialized
