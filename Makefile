@@ -13,7 +13,7 @@ export GX_ANALYTICS_ENABLED := false
 export DAGSTER_DISABLE_TELEMETRY := true
 export FEAST_USAGE := False
 
-.PHONY: setup demo test ui bench clean
+.PHONY: setup demo test ui bench bench-import clean
 
 # torch is installed first and pinned: a bare or ranged requirement pulls a multi-GB CUDA build.
 # constraints.txt pins every other package to the versions the suite was run with.
@@ -39,6 +39,10 @@ ui: setup
 
 bench: setup
 	$(BIN)/python bench/data_plane.py
+
+# ml-latest-small (../shared/data/ml-latest-small, or --path) imported end to end: JSON out.
+bench-import: setup
+	$(BIN)/python bench/import_history.py
 
 clean:
 	rm -rf .recloop

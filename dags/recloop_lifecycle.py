@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import logging
 import os
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
 from airflow.sdk import (
@@ -47,7 +47,7 @@ from airflow.sdk import (
 )
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-from recloop import lifecycle
+from recloop import lifecycle, partition_range
 from recloop.config import Settings
 from recloop.data.schemas import TABLE_ORDER
 
@@ -59,7 +59,9 @@ DRIFT = Asset(name="recloop_drift", uri="recloop://drift", group="recloop")
 TRAINING_DAG = "recloop_training"
 
 _SETTINGS = Settings.from_env()
-START = datetime.combine(_SETTINGS.partition_start, time(), tzinfo=UTC)
+# The first daily partition, where the data starts (`recloop.partition_range`: the earliest day with events
+# in the landing zone, or RECLOOP_PARTITION_START): the same first day as the Dagster code location's.
+START = datetime.combine(partition_range.resolve(_SETTINGS).first, time(), tzinfo=UTC)
 DEFAULT_ARGS: dict[str, Any] = {
     "owner": "recloop",
     # Transient failures (a busy S3, a locked SQLite file) deserve a retry; a retry never duplicates data
@@ -107,11 +109,13 @@ def partition() -> str:
     ctx = get_current_context()
     given = ctx["params"].get("partition")
     logical = ctx.get("logical_date")
-    if given:
-        return date.fromisoformat(str(given)).isoformat()
-    if logical is None:
+    if logical is None and not given:
         raise AirflowFailException("this run has no logical date: trigger it with a date or the `partition` param")
-    return logical.astimezone(UTC).date().isoformat()
+    day = str(given) if given else logical.astimezone(UTC).date().isoformat()
+    try:  # the same range as the Dagster code location's daily partitions; one sentence when outside it
+        return partition_range.resolve().check(day, what="partition")
+    except ValueError as err:
+        raise AirflowFailException(str(err)) from None
 
 
 @task
@@ -269,7 +273,9 @@ def training_set() -> dict[str, Any]:
     log.info("training run triggered by %s%s", trigger, f" (drift of {drift_partition} on champion v{version})"
              if drift_partition else "")
     out = lifecycle.build_training_set(s, _lake(s.lake_uri), _workdir(), train_days=int(p["train_days"]),
-                                       test_days=int(p["test_days"]))
+                                       test_days=int(p["test_days"]),
+                                       train_period=p.get("train_period") or None,
+                                       test_period=p.get("test_period") or None)
     return lifecycle.jsonable({k: v for k, v in out.items() if k not in ("partitions", "features")})
 
 
@@ -352,6 +358,10 @@ _CRON, _TIMEZONE = lifecycle.retrain_schedule()
     params={
         "train_days": Param(7, type="integer", minimum=1, description="Validated days the candidate trains on."),
         "test_days": Param(1, type="integer", minimum=1, description="Newest validated days held out."),
+        "train_period": Param(None, type=["null", "string"], description=(
+            "Instead of train_days: the calendar period to train on, e.g. 90d, 6m, 1y, or 'all'.")),
+        "test_period": Param(None, type=["null", "string"], description=(
+            "Instead of test_days: the newest calendar period held out, e.g. 14d, 2w, 1m.")),
         "min_improvement": Param(0.02, type="number", description="Relative NDCG@10 margin over the champion."),
         "max_identical_list_share": Param(0.5, type="number", description="Largest share of identical lists."),
     },

@@ -5,7 +5,7 @@ from datetime import timedelta
 
 import dagster as dg
 
-from pipelines.defs import features, ingestion, jobs, models, monitoring, resources, validation
+from pipelines.defs import features, history, ingestion, jobs, models, monitoring, partitions, resources, validation
 
 # A day's data is due in the lake and the online store by 06:00 UTC the next day (the daily schedule
 # starts at 01:15); Dagster marks the assets stale in the UI when a deadline passes without a run.
@@ -15,15 +15,17 @@ FRESH_BY_DEADLINE = dg.AssetSelection.groups("validation") | dg.AssetSelection.k
 
 @dg.definitions
 def defs() -> dg.Definitions:
-    merged = dg.Definitions.merge(
-        resources.defs(),
-        ingestion.defs(),
-        validation.defs(),
-        features.defs(),
-        models.defs(),
-        monitoring.defs(),
-        jobs.defs(),
-    )
+    with partitions.loading():  # one partition range for every module of this load
+        merged = dg.Definitions.merge(
+            resources.defs(),
+            ingestion.defs(),
+            validation.defs(),
+            features.defs(),
+            history.defs(),
+            models.defs(),
+            monitoring.defs(),
+            jobs.defs(),
+        )
     return merged.map_resolved_asset_specs(
         func=lambda spec: spec.replace_attributes(freshness_policy=DAILY_FRESHNESS),
         selection=FRESH_BY_DEADLINE,

@@ -24,6 +24,10 @@ run_coordinator:
   class: QueuedRunCoordinator
   config:
     max_concurrent_runs: 2
+    tag_concurrency_limits:
+      - key: recloop/stage
+        value: history
+        limit: 1
 """
 
 
@@ -58,6 +62,7 @@ class PartitionRun:
     materialized: dict[str, dict[str, Any]] = field(default_factory=dict)
     checks: dict[str, bool] = field(default_factory=dict)
     check_metadata: dict[str, dict[str, Any]] = field(default_factory=dict)
+    check_descriptions: dict[str, str] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
     error: str | None = None
 
@@ -83,17 +88,27 @@ def run_job(
     log_level: str = "WARNING",
     run_config_ops: dict[str, Any] | None = None,
     tags: dict[str, str] | None = None,
+    run_config_resources: dict[str, Any] | None = None,
 ) -> PartitionRun:
-    """Executes `job_name` (for `partition`) in process and collects what it materialized and checked."""
+    """Executes `job_name` (for `partition`) in process and collects what it materialized and checked.
+    A partition outside the deployment's daily partitions raises `recloop.partition_range.OutsideRange`
+    (one sentence) before anything runs."""
     from pipelines.definitions import defs
 
     job = defs().resolve_job_def(job_name)
+    if partition is not None and job.partitions_def is not None:
+        from recloop import partition_range
+
+        partition_range.resolve().check(partition, what="partition")
+    run_config: dict[str, Any] = {"loggers": {"console": {"config": {"log_level": log_level}}}, "ops": run_config_ops or {}}
+    if run_config_resources:
+        run_config["resources"] = run_config_resources
     result = job.execute_in_process(
         partition_key=partition,
         instance=inst,
         tags=tags,
         raise_on_error=False,
-        run_config={"loggers": {"console": {"config": {"log_level": log_level}}}, "ops": run_config_ops or {}},
+        run_config=run_config,
     )
     out = PartitionRun(partition=partition or "", run_id=result.run_id, success=result.success)
     for event in result.get_asset_materialization_events():
@@ -103,6 +118,7 @@ def run_job(
         name = f"{evaluation.asset_key.to_user_string()}:{evaluation.check_name}"
         out.checks[name] = evaluation.passed
         out.check_metadata[name] = metadata_values(evaluation.metadata)
+        out.check_descriptions[name] = evaluation.description or ""
     if not result.success:
         failures = [e for e in result.all_events if e.is_step_failure]
         skipped = [e.step_key for e in result.all_events if e.is_step_skipped]
@@ -113,6 +129,18 @@ def run_job(
         else:
             out.error = "; ".join(f"{k} failed" for k, ok in out.checks.items() if not ok) or "run failed"
     return out
+
+
+def run_history(first: str | None = None, last: str | None = None, *, settings: Settings | None = None,
+                inst: dg.DagsterInstance | None = None, log_level: str = "CRITICAL") -> PartitionRun:
+    """The history job over `[first, last]` (default: every day the landing zone holds events for) in ONE
+    run: ingest → GX → silver/quarantine → features → `feast apply` → the newest snapshot online."""
+    settings = settings or Settings.from_env()
+    config = {k: v for k, v in (("first", first), ("last", last)) if v}
+    tags = {"recloop/history_first": first or "", "recloop/history_last": last or ""}
+    return run_job("history_job", inst=inst or instance(settings), log_level=log_level,
+                   run_config_resources={"history_range": {"config": config}} if config else None,
+                   tags={k: v for k, v in tags.items() if v})
 
 
 def run_data_plane(partitions: list[str], *, settings: Settings | None = None) -> list[PartitionRun]:

@@ -1,8 +1,9 @@
 """The `recloop` command.
 
     recloop simulate   write simulated days of users, videos and events into the landing zone
-    recloop movielens  turn MovieLens-format files into landing partitions
-    recloop run        run the Dagster data-plane job for partitions (ingest → GX → features → Feast)
+    recloop import     a history (MovieLens folder or your own files) → landing → one Dagster run → Feast
+    recloop movielens  turn MovieLens-format files into landing partitions (recloop import does both steps)
+    recloop run        the data plane: one day (daily job), or a range of days in one run (history job)
     recloop demo       simulate, then run everything, and say what was built and how to look at it
     recloop train      run the training job: train, evaluate, register, gate, promote
     recloop evaluate   the models and baselines on your own train/test interaction files
@@ -21,7 +22,7 @@ import logging
 import os
 import sys
 import time
-from datetime import date, timedelta
+from datetime import date
 from typing import Any
 
 from recloop.config import Settings, mask_url
@@ -74,24 +75,48 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_movielens(args: argparse.Namespace) -> int:
+    """Landing only (kept for scripts): `recloop import` lands the same way and runs the data plane."""
+    from recloop import history, partition_range
     from recloop.data.movielens import read_movielens, write_landing
 
     settings = Settings.from_env()
-    tables = read_movielens(args.path)
-    written = write_landing(tables, _landing(settings), fmt=args.format)
-    _print({"landing": settings.landing_uri, **written})
+    try:
+        tables = read_movielens(args.path)
+    except (FileNotFoundError, ValueError) as err:
+        raise history.HistoryInputError(str(err)) from None
+    landing = _landing(settings)
+    written = write_landing(tables, landing, fmt=args.format)
+    if written["dates"]:
+        # The daily partitions start where this history starts (no RECLOOP_PARTITION_START needed).
+        events = tables["events"]["event_time"].cast("int64").to_numpy(zero_copy_only=False) // 86_400_000_000
+        partition_range.record_history(landing, written["dates"][0], written["dates"][-1], source=str(args.path),
+                                       days_with_events=len(set(events.tolist())))
+    _print({"landing": settings.landing_uri, "rows": written["rows"], "first": written["dates"][0] if written["dates"] else None,
+            "last": written["dates"][-1] if written["dates"] else None, "days": len(written["dates"]),
+            "next": "recloop run  (the whole landed range in one Dagster run); recloop import PATH does both steps"})
     return 0
 
 
+def _range(settings: Settings):
+    from recloop import partition_range
+
+    return partition_range.resolve(settings, landing=_landing(settings))
+
+
 def _partitions(args: argparse.Namespace, settings: Settings) -> list[str]:
+    """The days asked for, each checked against the daily partitions (`OutsideRange`: one sentence)."""
+    from recloop.history import days_between
+    from recloop.partition_range import OutsideRange
+
+    rng = _range(settings)
     if args.partition:
-        return [args.partition]
-    if args.start and args.end:
-        first, last = date.fromisoformat(args.start), date.fromisoformat(args.end)
-        return [(first + timedelta(days=i)).isoformat() for i in range((last - first).days + 1)]
+        return [rng.check(args.partition, what="--partition")]
+    if args.start or args.end:
+        if not (args.start and args.end):
+            raise OutsideRange("give both --start and --end (YYYY-MM-DD), or --partition for one day")
+        return list(days_between(*rng.check_span(args.start, args.end)))
     # Everything the landing zone holds events for.
-    landing = _landing(settings)
-    return landing.partitions("events")
+    return [d for d in _landing(settings).partitions("events") if d in rng]
 
 
 def _summarise(runs) -> dict[str, Any]:
@@ -122,18 +147,102 @@ def _summarise(runs) -> dict[str, Any]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """One day: the daily data_plane_job (as the schedule runs it). A range, or nothing (everything the
+    landing zone holds): the history job, the whole range in one Dagster run."""
     from pipelines.run import run_data_plane
 
     settings = Settings.from_env()
-    partitions = _partitions(args, settings)
-    if not partitions:
-        print(f"no partitions to run: the landing zone {settings.landing_uri} has no events; run `recloop simulate` first",
-              file=sys.stderr)
-        return 2
+    if args.partition:
+        partitions = _partitions(args, settings)
+        t0 = time.perf_counter()
+        runs = run_data_plane(partitions, settings=settings)
+        _print({"partitions": _summarise(runs), "seconds": round(time.perf_counter() - t0, 1)})
+        return 0 if all(r.success for r in runs) else 1
+    from recloop import lifecycle
+
+    if args.start or args.end:
+        days = _partitions(args, settings)
+        first, last = days[0], days[-1]
+    else:
+        try:
+            first, last = lifecycle.history_range(_landing(settings))
+        except ValueError:
+            print(f"no partitions to run: the landing zone {settings.landing_uri} has no events; run `recloop simulate` "
+                  "or `recloop import PATH` first", file=sys.stderr)
+            return 2
+    return _run_history(settings, first, last, progress_bars=not args.no_progress)
+
+
+def _run_history(settings: Settings, first: str, last: str, *, progress_bars: bool,
+                 extra: dict[str, Any] | None = None, started: float | None = None) -> int:
+    """The history job over `[first, last]` in one run, with progress bars; prints the summary."""
+    from pipelines.run import run_history
+    from recloop import progress
+
     t0 = time.perf_counter()
-    runs = run_data_plane(partitions, settings=settings)
-    _print({"partitions": _summarise(runs), "seconds": round(time.perf_counter() - t0, 1)})
-    return 0 if all(r.success for r in runs) else 1
+    reporter = progress.TerminalReporter() if progress_bars else progress.NullReporter()
+    with progress.reporting(reporter):
+        run = run_history(first, last, settings=settings)
+    out = {**(extra or {}), **_history_summary(run, first, last), "seconds": {
+        **((extra or {}).get("seconds") or {}), "run": round(time.perf_counter() - t0, 1),
+        **({"total": round(time.perf_counter() - started, 1)} if started is not None else {})}}
+    _print(out)
+    if run.success:
+        print(f"done: {first}..{last} is in the lake and the newest snapshot is online. Next: "
+              "recloop train --train-period all --test-period 14d", file=sys.stderr)
+    else:
+        print(f"recloop: the history run failed: {out['error']}", file=sys.stderr)
+    return 0 if run.success else 1
+
+
+def _history_summary(run, first: str, last: str) -> dict[str, Any]:
+    m = run.materialized
+    out: dict[str, Any] = {"range": {"first": first, "last": last}, "dagster_runs": 1, "run_id": run.run_id,
+                           "success": run.success}
+    silver = (m.get("history/silver") or {}).get("summary") or {}
+    if silver:
+        out["validated"] = {t: {k: silver[t][k] for k in ("days", "ingested", "accepted", "quarantined", "quarantine_rate",
+                                                          "quarantine_reasons", "days_above_max_quarantine_rate")}
+                            for t in ("users", "videos", "events") if t in silver}
+        out["days_with_events"] = silver.get("events", {}).get("days_with_accepted_rows")
+    bronze = m.get("history/bronze") or {}
+    if bronze:
+        out["days_without_events"] = bronze.get("days_without_events")
+    features = m.get("history/features") or {}
+    if features:
+        out["features"] = {"snapshot_days": features.get("snapshot_days"), "newest": features.get("newest"),
+                           "rows": features.get("rows")}
+    online = m.get("history/online_features") or {}
+    if online:
+        out["online"] = {k: online.get(k) for k in ("snapshot", "rows_written", "skipped", "online_store")}
+    if run.checks:
+        out["checks"] = run.checks
+    failed = [f"{name} failed: {run.check_descriptions.get(name) or 'see the run'}" for name, ok in run.checks.items() if not ok]
+    if failed or run.error:
+        out["error"] = "; ".join(failed) or run.error
+        out["details"] = f"the run's log in the Dagster UI (make ui), run {run.run_id}"
+    return out
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from recloop import history, progress
+    from recloop.lake import open_lake
+
+    settings = Settings.from_env()
+    started = time.perf_counter()
+    source = history.detect(args.path)
+    print(f"importing the {source.describe()}", file=sys.stderr)
+    reporter = progress.TerminalReporter() if not args.no_progress else progress.NullReporter()
+    lake = open_lake(settings.lake_uri, s3_endpoint_url=settings.s3_endpoint_url)
+    with progress.reporting(reporter):
+        landed = history.land(source, _landing(settings), lake=lake, fmt=args.format)
+    seconds = {"land": round(time.perf_counter() - started, 1)}
+    summary = {"landing": settings.landing_uri, "landed": landed.summary()}
+    if args.land_only:
+        _print({**summary, "seconds": seconds, "next": f"recloop run --start {landed.first} --end {landed.last}"})
+        return 0
+    return _run_history(settings, landed.first, landed.last, progress_bars=not args.no_progress,
+                        extra={**summary, "seconds": seconds}, started=started)
 
 
 def _bad_delivery(landing, day: str) -> int:
@@ -287,16 +396,28 @@ def _demo_drift(settings: Settings, day: str, scenario: str, receiver) -> bool:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from pipelines.run import instance, run_job
+    from recloop.periods import parse_period
 
     settings = Settings.from_env()
+    if args.train_period:
+        parse_period(args.train_period, what="--train-period")
+    if args.test_period:
+        parse_period(args.test_period, allow_all=False, what="--test-period")
     run = run_job("training_job", inst=instance(settings),
-                  run_config_ops=_training_run_config(args.train_days, args.test_days))
+                  run_config_ops=_training_run_config(args.train_days, args.test_days, args.train_period,
+                                                      args.test_period))
     _print(_training_summary(run))
     return 0 if run.success else 1
 
 
-def _training_run_config(train_days: int, test_days: int) -> dict[str, Any]:
-    return {"model__training_set": {"config": {"TrainDays": train_days, "TestDays": test_days}}}
+def _training_run_config(train_days: int, test_days: int, train_period: str | None = None,
+                         test_period: str | None = None) -> dict[str, Any]:
+    config: dict[str, Any] = {"TrainDays": train_days, "TestDays": test_days}
+    if train_period:
+        config["TrainPeriod"] = train_period
+    if test_period:
+        config["TestPeriod"] = test_period
+    return {"model__training_set": {"config": config}}
 
 
 def _training_summary(run) -> dict[str, Any]:
@@ -365,10 +486,20 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
     from recloop.validation import read_quarantine
 
     settings = Settings.from_env()
+    day = _range(settings).check(args.partition, what="--partition")
     lake = open_lake(settings.lake_uri, s3_endpoint_url=settings.s3_endpoint_url)
-    table = read_quarantine(lake, args.table, args.partition)
+    if lake.has_partition(f"quarantine/{args.table}", day):
+        table = read_quarantine(lake, args.table, day)
+    elif lake.has_partition(f"silver/{args.table}", day) or lake.has_partition(f"bronze/{args.table}", day):
+        # validated with nothing to quarantine (a range run writes no empty quarantine partition)
+        _print({"table": args.table, "partition": day, "quarantined": 0, "rows": []})
+        return 0
+    else:
+        print(f"recloop quarantine: {args.table} of {day} was never validated: nothing was delivered for that day "
+              f"or the data plane has not run it (recloop run --partition {day})", file=sys.stderr)
+        return 2
     rows = table.slice(0, args.limit).to_pylist()
-    _print({"table": args.table, "partition": args.partition, "quarantined": table.num_rows, "rows": rows})
+    _print({"table": args.table, "partition": day, "quarantined": table.num_rows, "rows": rows})
     return 0
 
 
@@ -444,7 +575,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("parquet", "csv"), default="parquet")
     p.set_defaults(func=cmd_simulate)
 
-    p = sub.add_parser("movielens", help="MovieLens-format folder → landing partitions")
+    p = sub.add_parser("import", help="import a history: land it, then ingest → GX → features → Feast in one Dagster run",
+                       description=(
+                           "Import a history in one command: a MovieLens folder (ML-100K, ML-1M/10M, ml-latest/20M/25M), "
+                           "a folder in the landing layout, a folder with users, videos and events files "
+                           "(docs/data_schema.md), or an events file. The data is landed one partition per table and "
+                           "day (replacing that range of the landing zone), then the history job takes the whole "
+                           "range through ingestion, GX validation, feature snapshots and Feast in one Dagster run, "
+                           "with a progress bar per stage. The daily partitions then start where the history starts."))
+    p.add_argument("path", help="MovieLens folder, folder of users/videos/events files, or an events file")
+    p.add_argument("--format", choices=("parquet", "csv"), default="parquet",
+                   help="landing format for a MovieLens folder (default parquet)")
+    p.add_argument("--land-only", action="store_true", help="land the history and stop (run it later with recloop run)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("movielens", help="MovieLens-format folder → landing partitions only (recloop import also runs them)")
     p.add_argument("path")
     p.add_argument("--format", choices=("parquet", "csv"), default="parquet")
     p.set_defaults(func=cmd_movielens)
@@ -454,8 +600,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--start", help="first day of a range")
         p.add_argument("--end", help="last day of a range")
 
-    p = sub.add_parser("run", help="run the data plane job for partitions")
+    p = sub.add_parser("run", help="the data plane: one day (--partition), or a range in one run (--start/--end, or "
+                                   "everything the landing zone holds)")
     partition_args(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (ranges)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("demo", help="simulate and run the main job on the embedded default")
@@ -463,8 +611,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo, scenario="category_surge")
 
     p = sub.add_parser("train", help="run the Dagster training job: train, evaluate, register, gate, promote")
-    p.add_argument("--train-days", type=int, default=7)
-    p.add_argument("--test-days", type=int, default=1)
+    p.add_argument("--train-days", type=int, default=7, help="days with events to train on (default 7)")
+    p.add_argument("--test-days", type=int, default=1, help="newest days with events held out (default 1)")
+    p.add_argument("--train-period", help="instead of --train-days: a calendar period such as 90d, 6m, 1y, or 'all' "
+                                          "(every day before the held-out period)")
+    p.add_argument("--test-period", help="instead of --test-days: the newest calendar period held out, e.g. 14d, 2w, 1m")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="evaluate the baselines on your own train/test interaction files")
@@ -525,7 +676,22 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     _quiet_library_warnings()
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except _user_errors() as err:
+        # The user's input (a day outside the partitions, a bad date or period, a history recloop cannot
+        # read, a setting): one sentence, exit code 2, no traceback.
+        print(f"recloop {args.command}: {err}", file=sys.stderr)
+        return 2
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from recloop.config import SettingsError
+    from recloop.history import HistoryInputError
+    from recloop.partition_range import BadDay, OutsideRange
+    from recloop.periods import BadPeriod
+
+    return (OutsideRange, BadDay, BadPeriod, HistoryInputError, SettingsError)
 
 
 if __name__ == "__main__":

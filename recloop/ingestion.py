@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 
 import pyarrow as pa
@@ -75,6 +75,8 @@ class Manifest:
 class IngestResult:
     manifest: Manifest
     written: WrittenPartition
+    # The bronze table itself, when the caller asked to keep it (a range validated right after ingestion).
+    table: pa.Table | None = field(default=None, compare=False, repr=False)
 
 
 class UnreadableFile(Exception):
@@ -185,7 +187,7 @@ def read_parquet_file(data: bytes, name: str) -> tuple[pa.Table, FileReport]:
     """Read a Parquet file into an all-text table; an unreadable file raises UnreadableFile."""
     report = FileReport(name=name, format="parquet", bytes=len(data))
     try:
-        src = pq.read_table(io.BytesIO(data))
+        src = pq.ParquetFile(pa.BufferReader(data)).read()
     except (pa.ArrowInvalid, OSError) as err:
         raise UnreadableFile(f"not a readable Parquet file: {err}") from None
     n = src.num_rows
@@ -237,8 +239,10 @@ def ingest_partition(
     landing: Lake,
     lake: Lake,
     ingested_at: datetime | None = None,
+    files: list[str] | None = None,
 ) -> IngestResult:
-    """Land `table_name`'s files for `partition` from `landing` into `bronze/<table>/date=<partition>`.
+    """Land `table_name`'s files for `partition` from `landing` into `bronze/<table>/date=<partition>`
+    (`files`: the partition's landing keys when the caller listed them already).
 
     Re-running replaces the bronze partition, so a partition is never duplicated.
     """
@@ -246,7 +250,7 @@ def ingest_partition(
     ingested_at = ingested_at or datetime.now(timezone.utc)
     manifest = Manifest(table=table_name, partition=partition, ingested_at=ingested_at.isoformat())
     tables: list[pa.Table] = []
-    for key in landing_files(landing, table_name, partition):
+    for key in (landing_files(landing, table_name, partition) if files is None else files):
         name = key.rsplit("/", 1)[-1]
         data = landing.read_bytes(key)
         try:
@@ -268,7 +272,71 @@ def ingest_partition(
     manifest.rows = bronze.num_rows
     bronze = bronze.replace_schema_metadata({MANIFEST_KEY: manifest.to_json().encode()})
     written = lake.write_partition(f"{BRONZE}/{table_name}", partition, bronze)
-    return IngestResult(manifest=manifest, written=written)
+    return IngestResult(manifest=manifest, written=written, table=bronze)
+
+
+def landed_days(landing: Lake, table_name: str, first: str | None = None, last: str | None = None) -> dict[str, list[str]]:
+    """Day -> landing keys of `table_name` (one listing of the table's folder), for the days in
+    `[first, last]` that hold at least one file."""
+    out: dict[str, list[str]] = {}
+    for key in landing.list_keys(f"{table_name}/"):
+        parts = key.split("/")
+        if len(parts) != 3 or not parts[1].startswith("date=") or parts[2].startswith((".", "_")):
+            continue
+        day = parts[1].removeprefix("date=")
+        if (first is None or day >= first) and (last is None or day <= last):
+            out.setdefault(day, []).append(key)
+    return dict(sorted(out.items()))
+
+
+def ingest_range(
+    landing: Lake,
+    lake: Lake,
+    first: str,
+    last: str,
+    *,
+    tables: tuple[str, ...] | list[str] | None = None,
+    ingested_at: datetime | None = None,
+    keep_rows: int = 0,
+) -> dict[str, dict[str, IngestResult]]:
+    """Every landed day of `[first, last]` into bronze, one partition per table and day as
+    `ingest_partition` writes it (one listing of each table's landing folder, one ingestion time for the
+    whole range). Days without landing files of a table are left alone. Returns table -> day -> result;
+    the results keep their bronze tables (`IngestResult.table`) while they hold `keep_rows` rows in all,
+    so a validation right after needs not read them again."""
+    from recloop import progress
+    from recloop.data.schemas import TABLE_ORDER
+
+    tables = tuple(tables or TABLE_ORDER)
+    ingested_at = ingested_at or datetime.now(timezone.utc)
+    landed = {t: landed_days(landing, t, first, last) for t in tables}
+    out: dict[str, dict[str, IngestResult]] = {t: {} for t in tables}
+    with progress.stage("ingest", sum(len(d) for d in landed.values()), "partition") as bar:
+        for t in tables:
+            for day, keys in landed[t].items():
+                result = ingest_partition(t, day, landing=landing, lake=lake, ingested_at=ingested_at, files=keys)
+                keep_rows -= result.manifest.rows
+                out[t][day] = result if keep_rows >= 0 else replace(result, table=None)
+                bar.update(1)
+    return out
+
+
+def read_manifest(lake: Lake, table_name: str, partition: str) -> tuple[list[str], Manifest]:
+    """The bronze partition's columns and manifest, from the Parquet footer only (no rows read)."""
+    from recloop.lake import PART_FILE, partition_key
+
+    key = f"{partition_key(f'{BRONZE}/{table_name}', partition)}/{PART_FILE}"
+    path = lake.local_path(key)
+    if path is not None:
+        if not path.is_file():
+            raise FileNotFoundError(f"no bronze partition {partition} of {table_name} at {path}")
+        schema = pq.read_schema(path)
+    else:
+        schema = pq.read_schema(io.BytesIO(lake.read_bytes(key)))
+    meta = schema.metadata or {}
+    if MANIFEST_KEY not in meta:
+        raise ValueError(f"bronze partition {table_name}/{partition} has no manifest; re-ingest it")
+    return list(schema.names), Manifest.from_json(meta[MANIFEST_KEY])
 
 
 def read_bronze(lake: Lake, table_name: str, partition: str) -> tuple[pa.Table, Manifest]:
@@ -287,7 +355,10 @@ __all__ = [
     "Manifest",
     "UnreadableFile",
     "ingest_partition",
+    "ingest_range",
+    "landed_days",
     "read_bronze",
+    "read_manifest",
     "read_csv_file",
     "read_parquet_file",
 ]

@@ -15,7 +15,9 @@ import tempfile
 import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
+from typing import Any, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -69,14 +71,21 @@ class Lake(ABC):
 
     # --- partitions -------------------------------------------------------------------------------
 
-    def write_partition(self, dataset: str, partition: str, table: pa.Table) -> WrittenPartition:
-        """Write `table` as the whole of `dataset`'s `partition`, replacing any earlier content."""
+    def write_partition(self, dataset: str, partition: str, table: pa.Table, **parquet: object) -> WrittenPartition:
+        """Write `table` as the whole of `dataset`'s `partition`, replacing any earlier content. `parquet`
+        options go to `pyarrow.parquet.write_table` (default: zstd compression)."""
         buf = io.BytesIO()
-        pq.write_table(table, buf, compression="zstd")
+        pq.write_table(table, buf, **{"compression": "zstd", **parquet})
         data = buf.getvalue()
         prefix = partition_key(dataset, partition)
         self._replace_partition_files(prefix, {PART_FILE: data})
         return WrittenPartition(uri=self.uri(f"{prefix}/{PART_FILE}"), rows=table.num_rows, bytes=len(data))
+
+    def replace_partition(self, dataset: str, partition: str, files: dict[str, bytes]) -> list[str]:
+        """Make `files` (name -> bytes) the whole content of `dataset`'s `partition`. Returns their URIs."""
+        prefix = partition_key(dataset, partition)
+        self._replace_partition_files(prefix, files)
+        return [self.uri(f"{prefix}/{name}") for name in files]
 
     def read_partition(self, dataset: str, partition: str) -> pa.Table:
         """The table stored in `dataset`'s `partition`; FileNotFoundError when it was never written."""
@@ -84,7 +93,9 @@ class Lake(ABC):
         keys = [k for k in self.list_keys(prefix + "/") if k.endswith(".parquet")]
         if not keys:
             raise FileNotFoundError(f"no partition {partition} in dataset {dataset!r} at {self.uri(prefix)}")
-        tables = [pq.read_table(io.BytesIO(self.read_bytes(k))) for k in keys]
+        # ParquetFile.read: the same table as pq.read_table, without the datasets layer (2x faster on the
+        # small partitions a long history has thousands of)
+        tables = [pq.ParquetFile(pa.BufferReader(self.read_bytes(k))).read() for k in keys]
         return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
 
     def has_partition(self, dataset: str, partition: str) -> bool:
@@ -276,6 +287,47 @@ class S3Lake(Lake):
         stale = [k for k in self.list_keys(prefix + "/") if k not in written]
         for key in stale:
             self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+
+def local_partition_files(lake: Lake, dataset: str) -> dict[str, list[str]] | None:
+    """Local Parquet paths of every partition of `dataset` (one listing); None when the lake is not local."""
+    if lake.local_path("") is None:
+        return None
+    out: dict[str, list[str]] = {}
+    for key in lake.list_keys(dataset.rstrip("/") + "/"):
+        if not key.endswith(".parquet"):
+            continue
+        part = next((p.removeprefix("date=") for p in key.split("/") if p.startswith("date=")), None)
+        if part is not None:
+            out.setdefault(part, []).append(str(lake.local_path(key)))
+    return out
+
+
+def register_partitions(
+    con: Any, name: str, lake: Lake, dataset: str, partitions: Sequence[str],
+    schema: pa.Schema, files: dict[str, list[str]] | None,
+) -> None:
+    """`partitions` of `dataset` as the DuckDB view `name` (columns of `schema`), with each row's partition
+    day as column `_p` (DATE). `files` is `local_partition_files(lake, dataset)`, listed once by the caller
+    (DuckDB reads the local files directly); None reads the partitions through the lake (S3)."""
+    columns = ", ".join(f'"{c}"' for c in schema.names)
+    paths = [f for p in partitions for f in files.get(p, [])] if files is not None else []
+    if paths:
+        listing = ", ".join("'" + f.replace("'", "''") + "'" for f in paths)
+        con.execute(
+            f"CREATE TEMP VIEW {name} AS SELECT {columns}, "
+            f"CAST(regexp_extract(filename, 'date=(\\d{{4}}-\\d{{2}}-\\d{{2}})', 1) AS DATE) AS _p "
+            f"FROM read_parquet([{listing}], hive_partitioning = false, filename = true)"
+        )
+        return
+    tables = []
+    if files is None:
+        for p in partitions:
+            t = lake.read_partition(dataset, p).select(schema.names).cast(schema)
+            tables.append(t.append_column("_p", pa.array([date.fromisoformat(p)] * t.num_rows, pa.date32())))
+    table = pa.concat_tables(tables) if tables else schema.empty_table().append_column("_p", pa.array([], pa.date32()))
+    con.register(f"{name}_arrow", table)
+    con.execute(f"CREATE TEMP VIEW {name} AS SELECT {columns}, _p FROM {name}_arrow")
 
 
 def open_lake(uri: str, *, s3_endpoint_url: str | None = None) -> Lake:

@@ -55,13 +55,17 @@ __all__ = [
     "candidate_version",
     "check_gate",
     "check_schema",
+    "check_schema_range",
     "compute_features",
+    "compute_features_range",
     "drift_record_key",
     "drift_report",
     "episode_start",
     "evaluate_candidate",
     "gate_config",
+    "history_range",
     "ingest",
+    "ingest_range",
     "jsonable",
     "materialize_online",
     "online_summary",
@@ -75,6 +79,7 @@ __all__ = [
     "retraining_key",
     "send_alert",
     "validate",
+    "validate_range",
 ]
 
 log = logging.getLogger(__name__)
@@ -179,7 +184,9 @@ class SchemaCheck:
 
     @property
     def description(self) -> str:
-        return "; ".join(self.report.failures) if self.report.failures else "schema conforms"
+        if self.report.failures:
+            return "; ".join(self.report.failures)
+        return "; ".join(w for w in self.report.warnings if w.startswith("no events on")) or "schema conforms"
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -197,7 +204,9 @@ def check_schema(lake: Lake, table: str, partition: str, *, expectations_dir: Pa
     partition; a failure comes with a `validation.failed` alert (keyed by the run)."""
     from recloop import validation
 
-    report, _, _ = validation.check_schema(lake, table, partition, expectations_dir=Path(expectations_dir))
+    report, _, manifest = validation.check_schema(lake, table, partition, expectations_dir=Path(expectations_dir))
+    if not report.passed and _gap_of_imported_history(table, partition, report, manifest):
+        return SchemaCheck(table, partition, report, None)
     alert = None
     if not report.passed:
         asset = f"bronze/{table}"
@@ -207,6 +216,32 @@ def check_schema(lake: Lake, table: str, partition: str, *, expectations_dir: Pa
                               "details": {"check": "gx_schema", "failures": report.failures,
                                           "missing_columns": report.missing_columns}})
     return SchemaCheck(table, partition, report, alert)
+
+
+def _gap_of_imported_history(table: str, partition: str, report: SchemaReport, manifest: Any) -> bool:
+    """A day without events inside an imported history (a day nobody rated anything) is a day without
+    data, not a failed delivery: its only failure, the empty events partition, is waived (the report is
+    amended to say so). A day outside every imported history still fails."""
+    if table != "events" or report.rows or report.missing_columns or manifest.rejected_files:
+        return False
+    history = _imported_history(partition)
+    if history is None:
+        return False
+    report.failures.clear()
+    report.warnings.append(f"no events on {partition}: a day without data inside the history imported for "
+                           f"{history[0]}..{history[1]}")
+    report.passed = True
+    return True
+
+
+def _imported_history(partition: str) -> tuple[str, str] | None:
+    """The imported history (first, last) `partition` falls in, from the landing zone's record."""
+    from recloop import partition_range
+
+    try:
+        return partition_range.resolve().in_imported_history(partition)
+    except Exception:  # noqa: BLE001 - no landing record readable: the usual rules apply
+        return None
 
 
 @dataclass(frozen=True)
@@ -278,7 +313,14 @@ def validate(lake: Lake, table: str, partition: str, *, expectations_dir: Path |
     `SchemaValidationError` on a schema failure. A failed check comes with a `validation.failed` alert."""
     from recloop import validation
 
-    result = validation.validate_partition(lake, table, partition, expectations_dir=Path(expectations_dir))
+    waive = table == "events" and _imported_history(partition) is not None
+    result = validation.validate_partition(lake, table, partition, expectations_dir=Path(expectations_dir),
+                                           waive_empty=waive)
+    if table == "events" and result.ingested == 0:
+        # A day without events (a gap of an imported history; an empty delivery stops at the schema
+        # check): no silver partition, so `silver/events` lists the days with events.
+        for dataset in ("silver/events", "quarantine/events"):
+            lake.delete_partition(dataset, partition)
     outcome = Validation(table, partition, result, max_quarantine_rate, None)
     if outcome.passed:
         return outcome
@@ -348,17 +390,258 @@ def online_summary(result: Mapping[str, Any], days: Sequence[str]) -> dict[str, 
 
 
 # --------------------------------------------------------------------------------------------------
+# A range of days in bulk (history imports, `recloop run --start --end`)
+# --------------------------------------------------------------------------------------------------
+
+# Bronze rows a range keeps in memory between ingestion and validation (more are read back from the lake).
+RANGE_KEEP_ROWS = 3_000_000
+# How many days a summary lists by name (the rest are counted).
+LISTED_DAYS = 20
+
+
+def history_range(landing: Lake, first: str | None = None, last: str | None = None) -> tuple[str, str]:
+    """The `[first, last]` of a range run: as given, else the first and last day the landing zone holds
+    events for. Raises ValueError when the landing zone has none."""
+    from recloop.ingestion import landed_days
+
+    if first and last:
+        return first, last
+    days = list(landed_days(landing, "events", first or None, last or None))
+    if not days:
+        raise ValueError(f"the landing zone {landing.uri()} holds no events"
+                         + (f" between {first or 'its start'} and {last or 'its end'}" if first or last else "")
+                         + ": import a history (recloop import PATH) or land files first")
+    return first or days[0], last or days[-1]
+
+
+def _listed(days: Sequence[str]) -> list[str]:
+    days = list(days)
+    return days if len(days) <= LISTED_DAYS else [*days[:LISTED_DAYS], f"... and {len(days) - LISTED_DAYS} more"]
+
+
+@dataclass(frozen=True)
+class RangeIngestion:
+    """A range's landing files in bronze, one partition per table and landed day."""
+
+    first: str
+    last: str
+    results: Mapping[str, Mapping[str, Any]]  # table -> day -> recloop.ingestion.IngestResult
+
+    def days(self, table: str) -> list[str]:
+        return sorted(self.results.get(table, {}))
+
+    def in_memory(self, table: str) -> dict[str, tuple[Any, Any]]:
+        """The bronze tables ingestion kept in memory: day -> (table, manifest)."""
+        return {d: (r.table, r.manifest) for d, r in self.results.get(table, {}).items() if r.table is not None}
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"first": self.first, "last": self.last}
+        for table, days in self.results.items():
+            ms = [r.manifest for r in days.values()]
+            out[table] = {
+                "days": len(days),
+                "rows": sum(m.rows for m in ms),
+                "bytes": sum(r.written.bytes for r in days.values()),
+                "files": sum(len(m.files) for m in ms),
+                "malformed_lines": sum(f.malformed_rows for m in ms for f in m.files),
+                "encoding_errors": sum(f.encoding_errors for m in ms for f in m.files),
+                "rejected_files": [dict(r.__dict__) for m in ms for r in m.rejected_files][:LISTED_DAYS],
+            }
+        events = self.days("events")
+        calendar = (_date_of(self.last) - _date_of(self.first)).days + 1 if self.first and self.last else 0
+        out["days_with_event_files"] = len(events)
+        out["days_without_events"] = calendar - len(events)
+        return out
+
+
+def _date_of(day: str):
+    from datetime import date
+
+    return date.fromisoformat(day)
+
+
+def ingest_range(landing: Lake, lake: Lake, first: str, last: str) -> RangeIngestion:
+    """Every landed day of `[first, last]` into bronze in one pass (`recloop.ingestion.ingest_range`):
+    one listing per table, one ingestion time, days without files left alone."""
+    from recloop.ingestion import ingest_range as _ingest
+
+    return RangeIngestion(first, last, _ingest(landing, lake, first, last, keep_rows=RANGE_KEEP_ROWS))
+
+
+@dataclass(frozen=True)
+class RangeSchemaCheck:
+    """The schema-level GX check of every ingested day of a range; a failure names the days and alerts."""
+
+    first: str
+    last: str
+    reports: Mapping[str, Mapping[str, SchemaReport]]  # table -> day -> report
+    alert: Alert | None
+
+    @property
+    def failures(self) -> list[str]:
+        return [f"{table} of {day}: {'; '.join(r.failures)}" for table, days in self.reports.items()
+                for day, r in sorted(days.items()) if not r.passed]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    @property
+    def description(self) -> str:
+        failures = self.failures
+        if not failures:
+            return f"schema conforms on every ingested day of {self.first}..{self.last}"
+        return f"{len(failures)} day(s) failed their schema check: " + "; ".join(failures[:3]) + (
+            "; ..." if len(failures) > 3 else "")
+
+    def summary(self) -> dict[str, Any]:
+        warnings = sorted({w for days in self.reports.values() for r in days.values() for w in r.warnings})
+        return {"first": self.first, "last": self.last, "failures": _listed(self.failures), "warnings": warnings,
+                "days_checked": {t: len(d) for t, d in self.reports.items()},
+                "extra_columns_dropped": sorted({c for days in self.reports.values() for r in days.values()
+                                                 for c in r.extra_columns})}
+
+
+def check_schema_range(lake: Lake, ingestion: RangeIngestion, *, expectations_dir: Path | str,
+                       run_id: str) -> RangeSchemaCheck:
+    """Great Expectations' schema-level expectations on every ingested day of the range (one GX run per
+    distinct column set; a day without rows is a day without data, not a failure), with a
+    `validation.failed` alert naming the failed days."""
+    from recloop.data.schemas import TABLE_ORDER
+    from recloop.validation import schema_reports_range
+
+    reports = {t: schema_reports_range(lake, t, ingestion.days(t), expectations_dir=Path(expectations_dir),
+                                       bronze=ingestion.in_memory(t)) for t in TABLE_ORDER}
+    check = RangeSchemaCheck(ingestion.first, ingestion.last, reports, None)
+    if check.passed:
+        return check
+    asset = "history/bronze"
+    alert = Alert("validation.failed", key=f"{asset}/gx_schema/{ingestion.first}..{ingestion.last}/{run_id}",
+                  text=f":x: recloop: the history {ingestion.first}..{ingestion.last} failed its schema check: "
+                       f"{check.description}",
+                  fields={"asset": asset, "partition": f"{ingestion.first}..{ingestion.last}",
+                          "details": {"check": "gx_schema", "failures": check.failures[:LISTED_DAYS]}})
+    return RangeSchemaCheck(check.first, check.last, reports, alert)
+
+
+@dataclass(frozen=True)
+class RangeValidation:
+    """A range split into silver and quarantine, table by table, with the two blocking checks over the
+    range: every day conserves its rows, and each table's quarantine share over the range is at most the
+    maximum (days above it are listed, not failed: a day of three events with one bad is 33 %)."""
+
+    first: str
+    last: str
+    results: Mapping[str, Any]  # table -> recloop.validation.RangeValidationResult
+    max_quarantine_rate: float
+    alert: Alert | None
+
+    @property
+    def conserved(self) -> bool:
+        return all(r.conserved for r in self.results.values())
+
+    @property
+    def rate_ok(self) -> bool:
+        return all(r.quarantine_rate <= self.max_quarantine_rate for r in self.results.values())
+
+    @property
+    def passed(self) -> bool:
+        return self.conserved and self.rate_ok
+
+    @property
+    def rate_description(self) -> str:
+        return "; ".join(f"{t}: {r.quarantined} of {r.ingested} rows quarantined ({r.quarantine_rate:.2%})"
+                         for t, r in self.results.items()) + f" (maximum {self.max_quarantine_rate:.0%} per table)"
+
+    @property
+    def problem(self) -> str | None:
+        if self.passed:
+            return None
+        if not self.conserved:
+            lost = [f"{t} of {d}" for t, r in self.results.items() for d, v in r.days.items() if not v.conserved]
+            return f"rows lost on {', '.join(lost[:5])}"
+        return self.rate_description
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"first": self.first, "last": self.last, "max_quarantine_rate": self.max_quarantine_rate,
+                               "conserved": self.conserved, "passed": self.passed}
+        for table, r in self.results.items():
+            above = [d for d, v in r.days.items() if v.quarantine_rate > self.max_quarantine_rate]
+            out[table] = {
+                "days": len(r.days),
+                "ingested": r.ingested,
+                "accepted": r.accepted,
+                "quarantined": r.quarantined,
+                "quarantine_rate": round(r.quarantine_rate, 6),
+                "quarantine_reasons": dict(r.reasons),
+                "days_with_accepted_rows": sum(1 for v in r.days.values() if v.accepted),
+                "days_above_max_quarantine_rate": _listed(above),
+                "failed_expectations": {e["expectation"] + (f"({e['column']})" if e["column"] else ""): e["unexpected_count"]
+                                        for e in r.expectations if not e["success"]},
+                "extra_columns_dropped": list(r.extra_columns),
+                "silver_partitions": r.silver_partitions,
+                "quarantine_partitions": r.quarantine_partitions,
+                "partitions_removed": r.removed_partitions,
+            }
+        return out
+
+    def by_day(self, table: str = "events") -> dict[str, dict[str, int]]:
+        """Per day of `table`: ingested, accepted, quarantined."""
+        r = self.results[table]
+        return {d: {"ingested": v.ingested, "accepted": v.accepted, "quarantined": v.quarantined}
+                for d, v in sorted(r.days.items())}
+
+
+def validate_range(lake: Lake, ingestion: RangeIngestion, *, expectations_dir: Path | str, max_quarantine_rate: float,
+                   run_id: str) -> RangeValidation:
+    """GX row-level expectations over the range in one pass per table (`recloop.validation.validate_range`),
+    users, then videos, then events (checked against the users and videos accepted up to their day). A
+    failed check comes with a `validation.failed` alert. Raises `SchemaValidationError` on a schema failure."""
+    from recloop.data.schemas import TABLE_ORDER
+    from recloop.validation import validate_range as _validate
+
+    results = {t: _validate(lake, t, ingestion.days(t), expectations_dir=Path(expectations_dir),
+                            bronze=ingestion.in_memory(t)) for t in TABLE_ORDER}
+    outcome = RangeValidation(ingestion.first, ingestion.last, results, max_quarantine_rate, None)
+    if outcome.passed:
+        return outcome
+    asset, span = "history/silver", f"{ingestion.first}..{ingestion.last}"
+    alert = Alert("validation.failed", key=f"{asset}/{span}/{run_id}",
+                  text=f":x: recloop: the history {span} failed validation: {outcome.problem}",
+                  fields={"asset": asset, "partition": span,
+                          "numbers": {f"{t}_{k}": getattr(r, k) for t, r in results.items()
+                                      for k in ("ingested", "accepted", "quarantined")},
+                          "details": {t: dict(r.reasons) for t, r in results.items()}})
+    return RangeValidation(outcome.first, outcome.last, results, max_quarantine_rate, alert)
+
+
+def compute_features_range(lake: Lake, first: str, last: str) -> dict[str, Any]:
+    """Every feature view's snapshots over `[first, last]` in bulk (`recloop.features.compute_features_range`):
+    every day with validated events and the day before each, as the daily asset would compute them."""
+    from recloop import features as feature_ops
+
+    out = feature_ops.compute_features_range(lake, first, last)
+    days = out["days"]
+    return {"first": first, "last": last, "snapshot_days": len(days), "newest": out["newest"],
+            "first_snapshot": days[0] if days else None, "rows": out["rows"], "bytes": out["bytes"],
+            "removed": out["deleted"]}
+
+
+# --------------------------------------------------------------------------------------------------
 # The model plane
 # --------------------------------------------------------------------------------------------------
 
 
 def build_training_set(settings: Settings, lake: Lake, workdir: Path, *, train_days: int = 7,
-                       test_days: int = 1) -> dict[str, Any]:
-    """Plans the window (newest validated days held out) and writes its history in `workdir`
-    (`recloop.model_plane`); returns its summary and the window."""
+                       test_days: int = 1, train_period: str | None = None,
+                       test_period: str | None = None) -> dict[str, Any]:
+    """Plans the window (newest validated days held out; as counts of days, or as calendar periods such as
+    `train_period="all"`, `test_period="14d"`) and writes its history in `workdir` (`recloop.model_plane`);
+    returns its summary and the window."""
     from recloop import model_plane
 
-    plan = model_plane.plan_window(lake, train_days=train_days, test_days=test_days)
+    plan = model_plane.plan_window(lake, train_days=train_days, test_days=test_days, train_period=train_period,
+                                   test_period=test_period)
     out = model_plane.build_training_set(settings, lake, plan, Path(workdir))
     return {**out, "train_partitions": plan.train_partitions, "test_partitions": plan.test_partitions}
 
@@ -613,6 +896,11 @@ def drift_report(lake: Lake, registry: Registry, partition: str, *, config_path:
         outcome = DriftOutcome(partition, False, None, None, [], {}, [], None, None,
                                "no champion yet: no training window to compare with (the retraining "
                                "schedule trains the first)")
+        _write_record(lake, outcome)
+        return outcome
+    if not lake.has_partition("silver/events", partition):
+        outcome = DriftOutcome(partition, False, str(champion.version), None, [], {}, [], None, None,
+                               f"no validated events on {partition}: nothing to compare (a day without data)")
         _write_record(lake, outcome)
         return outcome
     version = str(champion.version)

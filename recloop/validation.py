@@ -20,8 +20,11 @@ import logging
 import os
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import date as date_type
+from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import duckdb
@@ -300,6 +303,8 @@ def _typed_frame(con: duckdb.DuckDBPyConnection, lake: Lake, schema: TableSchema
             f"FROM e LEFT JOIN known_users ku ON e.user_id = ku.user_id "
             f"LEFT JOIN known_videos kv ON e.video_id = kv.video_id"
         )
+        # One partition cannot hold a key of an earlier day: only a range validation fills this in.
+        sql = f"SELECT *, NULL::VARCHAR AS _duplicate_of FROM ({sql})"
     return con.sql(f"{sql} ORDER BY _row").to_arrow_table()
 
 
@@ -309,13 +314,20 @@ def validate_partition(
     partition: str,
     *,
     expectations_dir: Path,
+    waive_empty: bool = False,
 ) -> ValidationResult:
     """Validate one ingested partition: accepted rows to silver, broken rows to quarantine with reasons.
 
-    Raises SchemaValidationError (and writes nothing) when a critical schema-level expectation fails.
+    Raises SchemaValidationError (and writes nothing) when a critical schema-level expectation fails;
+    with `waive_empty`, a partition whose only failure is having no rows is validated (a day without data
+    inside an imported history: zero rows accepted, zero quarantined).
     """
     schema = table_schema(table_name)
     report, bronze, manifest = check_schema(lake, table_name, partition, expectations_dir=expectations_dir)
+    if waive_empty and not report.passed and bronze.num_rows == 0 and not report.missing_columns \
+            and not manifest.rejected_files:
+        report.failures.clear()
+        report.passed = True
     if not report.passed:
         raise SchemaValidationError(table_name, partition, report.failures)
 
@@ -422,6 +434,8 @@ def _reason_kind(text: str) -> str:
     """A reason with its row-specific values removed, for counting (e.g. 'watched_s=abc is not a number')."""
     if text.startswith("malformed line"):
         return "malformed line"
+    if text.startswith(_EARLIER_DAY_REASON):
+        return "duplicate event_id: a row of an earlier day of the range has the same event_id"
     if "is not valid UTF-8" in text:
         return "not valid UTF-8"
     if " is not " in text and "=" in text.split(" is not ", 1)[0]:
@@ -442,3 +456,362 @@ def quarantine_summary(lake: Lake, table_name: str, partition: str) -> dict[str,
         for part in text.split("; "):
             counts[_reason_kind(part)] += 1
     return dict(counts.most_common())
+
+
+# --- a range of days in one pass (history imports, `recloop run --start --end`) ---------------------
+
+
+@dataclass
+class DayValidation:
+    """One day of a range validation: the same numbers a daily `ValidationResult` holds."""
+
+    ingested: int
+    accepted: int
+    quarantined: int
+    reasons: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def conserved(self) -> bool:
+        return self.accepted + self.quarantined == self.ingested
+
+    @property
+    def quarantine_rate(self) -> float:
+        return self.quarantined / self.ingested if self.ingested else 0.0
+
+
+@dataclass
+class RangeValidationResult:
+    """A table validated over a range of days: per day what `validate_partition` would have found, the
+    reasons and expectations over the whole range, and what was written or removed."""
+
+    table: str
+    first: str
+    last: str
+    days: dict[str, DayValidation]
+    reasons: dict[str, int]
+    expectations: list[dict[str, Any]]
+    extra_columns: list[str]
+    silver_partitions: int = 0
+    quarantine_partitions: int = 0
+    removed_partitions: int = 0
+
+    @property
+    def ingested(self) -> int:
+        return sum(d.ingested for d in self.days.values())
+
+    @property
+    def accepted(self) -> int:
+        return sum(d.accepted for d in self.days.values())
+
+    @property
+    def quarantined(self) -> int:
+        return sum(d.quarantined for d in self.days.values())
+
+    @property
+    def quarantine_rate(self) -> float:
+        return self.quarantined / self.ingested if self.ingested else 0.0
+
+    @property
+    def conserved(self) -> bool:
+        return all(d.conserved for d in self.days.values())
+
+
+def schema_reports_range(
+    lake: Lake, table_name: str, days: list[str], *, expectations_dir: Path,
+    bronze: Mapping[str, tuple[pa.Table, Manifest]] | None = None,
+) -> dict[str, SchemaReport]:
+    """The schema-level check of every ingested day of `days`, as `check_schema` makes it, from the
+    partitions' footers (columns and manifest) and one GX run per distinct column set. The row-count
+    expectation is left out: in a range, a day whose files hold no rows is a day without data, not a
+    failed delivery."""
+    from recloop.ingestion import read_manifest
+
+    import pandas as pd
+
+    schema = table_schema(table_name)
+    suite = load_suite_file(expectations_dir, table_name)
+    column_exps = [e for e in suite["expectations"] if e.get("meta", {}).get("level") == "schema"
+                   and not e["type"].startswith("expect_table_row_count")]
+    expected = set(schema.columns) | set(META_COLUMNS)
+    by_columns: dict[tuple[str, ...], list] = {}
+    reports: dict[str, SchemaReport] = {}
+    for day in days:
+        if bronze is not None and day in bronze:
+            columns, manifest = bronze[day][0].column_names, bronze[day][1]
+        else:
+            columns, manifest = read_manifest(lake, table_name, day)
+        report = SchemaReport(table=table_name, partition=day, passed=True, rows=manifest.rows)
+        for rejected in manifest.rejected_files:
+            report.failures.append(f"file {rejected.name} could not be read: {rejected.reason} (kept at {rejected.kept_at})")
+        for f in manifest.files:
+            for c in schema.columns:
+                if c not in f.columns and c not in report.missing_columns:
+                    report.missing_columns.append(c)
+        report.extra_columns = [c for c in columns if c not in expected]
+        reports[day] = report
+        by_columns.setdefault(tuple(columns), []).append(report)
+    for columns, group in by_columns.items():
+        if not column_exps:
+            break
+        header_df = pd.DataFrame({c: pd.Series([], dtype="object") for c in columns})
+        results = list(_run_suite(f"{table_name}_schema", column_exps, header_df, {}, {"result_format": "SUMMARY"}).results)
+        for report in group:
+            for r in results:
+                d = _describe(r)
+                report.expectations.append(d)
+                if r.success:
+                    continue
+                detail = d["reason"] or d["expectation"]
+                if r.expectation_config.type == "expect_table_columns_to_match_set":
+                    cols = report.missing_columns if r.expectation_config.kwargs.get("exact_match") is False else report.extra_columns
+                    detail = f"{detail}: {', '.join(cols) or '(see GX result)'}"
+                (report.failures if d["severity"] == "critical" else report.warnings).append(detail)
+    for report in reports.values():
+        if report.missing_columns and not any("lacks column" in f for f in report.failures):
+            report.failures.append(f"a file lacks column(s) the {table_name} table requires: {', '.join(report.missing_columns)}")
+        report.passed = not report.failures
+    return reports
+
+
+# Rows of bronze validated in one GX pass: a long history is validated a few hundred thousand rows at a
+# time (days are never split); duplicates across chunks are still found (`_earlier_day` below).
+RANGE_CHUNK_ROWS = 1_000_000
+
+_EARLIER_DAY_REASON = "duplicate event_id: a row of an earlier day of the range ("
+
+
+def _range_typed_frame(
+    con: duckdb.DuckDBPyConnection, schema: TableSchema, bronze: pa.Table, *, seen: bool
+) -> pa.Table:
+    """`_typed_frame` for the rows of several days (`_day`, `_row` = position in `bronze`): duplicates of
+    a key within a day (`_occurrence`); for events, a key already used on an earlier day of the range
+    (`_duplicate_of`, against this chunk and the `seen` table of earlier chunks), and the users and videos
+    accepted on the event's day or before (`known_users(user_id, first_day)`, `known_videos`)."""
+    present = set(bronze.column_names)
+    select, err_expr = _cast_sql(schema, present)
+    con.register("b", bronze)
+    key = schema.key
+    base = (f"SELECT {select}, {err_expr} AS _type_errors, b._ingest_error AS _ingest_error, "
+            f"b._day AS _day, b._row AS _row FROM b")
+    sql = (f"WITH t AS ({base}) SELECT t.*, CASE WHEN t.{key} IS NULL THEN NULL ELSE "
+           f"row_number() OVER (PARTITION BY t._day, t.{key} ORDER BY t._row) END AS _occurrence FROM t")
+    if schema.name != "events":
+        return con.sql(f"{sql} ORDER BY _row").to_arrow_table()
+    first_seen = ("LEFT JOIN seen ON e.event_id = seen.event_id" if seen else
+                  "LEFT JOIN (SELECT NULL::VARCHAR AS event_id, NULL::DATE AS first_day) seen ON false")
+    sql = f"""
+WITH e AS ({sql}),
+f AS (
+  SELECT e.*, CASE WHEN e.event_id IS NULL THEN NULL
+                   ELSE least(seen.first_day, min(e._day) OVER (PARTITION BY e.event_id)) END AS _first_day
+  FROM e {first_seen}
+),
+j AS (
+  SELECT f.*,
+         CASE WHEN f.user_id IS NULL THEN NULL ELSE ku.user_id IS NOT NULL END AS _user_known,
+         CASE WHEN f.video_id IS NULL THEN NULL ELSE kv.video_id IS NOT NULL END AS _video_known,
+         kv.duration_s AS _video_duration_s
+  FROM f
+  LEFT JOIN known_users ku ON f.user_id = ku.user_id AND ku.first_day <= f._day
+  LEFT JOIN known_videos kv ON f.video_id = kv.video_id AND kv._p <= f._day
+  QUALIFY row_number() OVER (PARTITION BY f._row ORDER BY kv._p DESC NULLS LAST) = 1
+)
+SELECT j.* EXCLUDE (_first_day),
+       CASE WHEN j._first_day < j._day
+            THEN '{_EARLIER_DAY_REASON}' || strftime(j._first_day, '%Y-%m-%d') || ') has the same event_id' END
+            AS _duplicate_of
+FROM j ORDER BY _row
+"""
+    return con.sql(sql).to_arrow_table()
+
+
+def _align(tables: list[pa.Table]) -> pa.Table:
+    """Concatenate bronze partitions whose column sets differ (extra columns of one day): missing columns
+    become nulls of the type the other days have."""
+    types: dict[str, pa.DataType] = {}
+    for t in tables:
+        for f in t.schema:
+            types.setdefault(f.name, f.type)
+    aligned = [pa.table({c: (t.column(c) if c in t.column_names else pa.nulls(t.num_rows, types[c])) for c in types})
+               for t in tables]
+    return pa.concat_tables([t.replace_schema_metadata(None) for t in aligned])
+
+
+def validate_range(
+    lake: Lake,
+    table_name: str,
+    days: list[str],
+    *,
+    expectations_dir: Path,
+    chunk_rows: int = RANGE_CHUNK_ROWS,
+    bronze: Mapping[str, tuple[pa.Table, Manifest]] | None = None,
+) -> RangeValidationResult:
+    """Validate the ingested `days` of `table_name` in one pass: the same row-level rules as
+    `validate_partition` day by day (duplicates of a key within a day, users and videos accepted on the
+    event's day or before, the future against each day's ingestion time), plus, for events, a key already
+    used on an earlier day of the range (the later rows are quarantined, once each).
+
+    Writes `silver/<table>/date=D` for each day with accepted rows and `quarantine/<table>/date=D` for each
+    day with quarantined rows; a partition of those days the new split leaves empty is removed (so a re-run
+    gives exactly the same lake). Raises SchemaValidationError (writing nothing) when a day fails its
+    schema check. `bronze` holds days' bronze tables already in memory (`ingest_range(keep_rows=...)`)."""
+    from recloop import progress
+    from recloop.ingestion import read_bronze
+
+    schema = table_schema(table_name)
+    days = sorted(days)
+    first, last = (days[0], days[-1]) if days else ("", "")
+    reports = schema_reports_range(lake, table_name, days, expectations_dir=expectations_dir, bronze=bronze)
+    failed = [f"{d}: {'; '.join(r.failures)}" for d, r in reports.items() if not r.passed]
+    if failed:
+        raise SchemaValidationError(table_name, f"{first}..{last}", failed)
+    suite = load_suite_file(expectations_dir, table_name)
+    row_exps = [e for e in suite["expectations"] if e.get("meta", {}).get("level") != "schema"]
+    existing = {kind: {p for p in lake.partitions(f"{kind}/{table_name}") if first <= p <= last}
+                for kind in (SILVER, QUARANTINE)}
+    out = RangeValidationResult(table_name, first, last, {}, {}, [], sorted({c for r in reports.values() for c in r.extra_columns}))
+    counts: Counter[str] = Counter()
+    described: dict[tuple[str, str | None], dict[str, Any]] = {}
+
+    # Chunks of whole days of about `chunk_rows` rows.
+    chunks: list[list[str]] = [[]]
+    rows = 0
+    for d in days:
+        if chunks[-1] and rows + reports[d].rows > chunk_rows:
+            chunks.append([])
+            rows = 0
+        chunks[-1].append(d)
+        rows += reports[d].rows
+
+    con = duckdb.connect()
+    try:
+        con.execute("SET TimeZone='UTC'")
+        if table_name == "events":
+            from recloop.data.schemas import USERS, VIDEOS
+            from recloop.lake import local_partition_files, register_partitions
+
+            for dim, dschema in (("users", USERS), ("videos", VIDEOS)):
+                parts = [p for p in lake.partitions(f"{SILVER}/{dim}") if p <= last]
+                register_partitions(con, f"{dim}_src", lake, f"{SILVER}/{dim}", parts, dschema.schema,
+                                    local_partition_files(lake, f"{SILVER}/{dim}"))
+            con.execute("CREATE TEMP TABLE known_users AS SELECT user_id, min(_p) AS first_day FROM users_src "
+                        "WHERE user_id IS NOT NULL GROUP BY user_id")
+            con.execute("CREATE TEMP TABLE known_videos AS SELECT video_id, _p, any_value(duration_s) AS duration_s "
+                        "FROM videos_src WHERE video_id IS NOT NULL GROUP BY video_id, _p")
+            con.execute("CREATE TEMP TABLE seen (event_id VARCHAR, first_day DATE)")
+        with progress.stage(f"validate {table_name}", len(days), "day") as bar:
+            for chunk_no, chunk in enumerate(c for c in chunks if c):
+                bronzes = [bronze[d] if bronze is not None and d in bronze else read_bronze(lake, table_name, d)
+                           for d in chunk]
+                offsets = np.cumsum([0] + [b.num_rows for b, _ in bronzes])
+                parts = []
+                for (b, _), d, lo in zip(bronzes, chunk, offsets[:-1].tolist()):
+                    b = b.append_column("_day", pa.array([date_type.fromisoformat(d)] * b.num_rows, pa.date32()))
+                    parts.append(b.append_column("_row", pa.array(np.arange(lo, lo + b.num_rows), pa.int64())))
+                bronze = _align(parts)
+                typed = _range_typed_frame(con, schema, bronze, seen=chunk_no > 0)
+                if typed.num_rows != bronze.num_rows or not np.array_equal(
+                        typed.column("_row").to_numpy(), np.arange(bronze.num_rows)):
+                    raise RuntimeError("typed frame lost the bronze row order; refusing to split")
+                if table_name == "events":
+                    con.register("chunk_keys", typed.select(["event_id", "_day"]))
+                    con.execute("INSERT INTO seen SELECT event_id, min(_day) FROM chunk_keys "
+                                "WHERE event_id IS NOT NULL AND event_id NOT IN (SELECT event_id FROM seen) "
+                                "GROUP BY event_id")
+                    con.unregister("chunk_keys")
+                typed = typed.drop_columns(["_day"])
+                reasons_by_row = _range_reasons(table_name, typed, bronzes, row_exps, offsets, described)
+                bad = np.zeros(bronze.num_rows, dtype=bool)
+                if reasons_by_row:
+                    bad[np.fromiter(reasons_by_row.keys(), dtype=np.int64)] = True
+                accepted_all = typed.select(schema.columns).cast(schema.schema)
+                for i, (d, (b, manifest)) in enumerate(zip(chunk, bronzes)):
+                    lo, hi = int(offsets[i]), int(offsets[i + 1])
+                    day_bad = bad[lo:hi]
+                    accepted = accepted_all.slice(lo, hi - lo).filter(pa.array(~day_bad))
+                    quarantined = b.filter(pa.array(day_bad))
+                    bad_rows = np.nonzero(day_bad)[0] + lo
+                    texts = ["; ".join(dict.fromkeys(reasons_by_row[int(r)])) for r in bad_rows]
+                    quarantined = quarantined.append_column("reason", pa.array(texts, pa.string()))
+                    quarantined = quarantined.append_column("partition", pa.array([d] * len(texts), pa.string()))
+                    quarantined = quarantined.append_column(
+                        "quarantined_at", pa.array([manifest.ingested_time] * len(texts), pa.timestamp("us", tz="UTC")))
+                    if accepted.num_rows + quarantined.num_rows != b.num_rows:
+                        raise RuntimeError(f"row conservation broken for {table_name}/{d}: {accepted.num_rows} accepted "
+                                           f"+ {quarantined.num_rows} quarantined != {b.num_rows} ingested")
+                    day_counts: Counter[str] = Counter()
+                    for r in bad_rows:
+                        for t in dict.fromkeys(reasons_by_row[int(r)]):
+                            day_counts[_reason_kind(t)] += 1
+                    counts.update(day_counts)
+                    for kind, table, n in ((SILVER, accepted, accepted.num_rows), (QUARANTINE, quarantined, quarantined.num_rows)):
+                        if n:
+                            lake.write_partition(f"{kind}/{table_name}", d, table)
+                            if kind == SILVER:
+                                out.silver_partitions += 1
+                            else:
+                                out.quarantine_partitions += 1
+                        elif d in existing[kind]:
+                            lake.delete_partition(f"{kind}/{table_name}", d)
+                            out.removed_partitions += 1
+                    out.days[d] = DayValidation(b.num_rows, accepted.num_rows, quarantined.num_rows,
+                                                dict(day_counts.most_common()))
+                    bar.update(1)
+    finally:
+        con.close()
+    out.reasons = dict(counts.most_common())
+    out.expectations = list(described.values())
+    return out
+
+
+def _range_reasons(
+    table_name: str, typed: pa.Table, bronzes: list, row_exps: list[dict[str, Any]], offsets: np.ndarray,
+    described: dict[tuple[str, str | None], dict[str, Any]],
+) -> dict[int, list[str]]:
+    """The row-level suite on a chunk's typed rows, one GX run per ingestion time (the "future" rule
+    compares with it; a range ingested in one run has one); returns row -> reasons and sums the
+    expectations' results into `described`."""
+    if not typed.num_rows:
+        return {}
+    df = typed.to_pandas(timestamp_as_object=False)
+    groups: dict[str, list[int]] = {}
+    for i, (_, manifest) in enumerate(bronzes):
+        groups.setdefault(manifest.ingested_at, []).append(i)
+    found: dict[int, list[tuple[str, str | None, str, str]]] = {}
+    for ingested_at, members in groups.items():
+        if len(groups) == 1:
+            frame = df
+        else:
+            mask = np.zeros(len(df), dtype=bool)
+            for i in members:
+                mask[int(offsets[i]):int(offsets[i + 1])] = True
+            frame = df[mask]
+        result = _run_suite(
+            f"{table_name}_rows_range",
+            row_exps,
+            frame,
+            {"ingested_at": datetime.fromisoformat(ingested_at)},
+            {"result_format": "COMPLETE", "unexpected_index_column_names": ["_row"], "return_unexpected_index_query": False},
+        )
+        for r in result.results:
+            d = _describe(r)
+            key = (d["expectation"], d["column"])
+            if key in described:
+                prev = described[key]
+                prev["success"] = prev["success"] and d["success"]
+                prev["unexpected_count"] = (prev["unexpected_count"] or 0) + (d["unexpected_count"] or 0)
+            else:
+                described[key] = d
+            if r.success:
+                continue
+            meta = r.expectation_config.meta or {}
+            unexpected = (r.result or {}).get("unexpected_index_list")
+            if unexpected is None:
+                raise RuntimeError(f"GX returned no row indices for {r.expectation_config.type}: {r.exception_info}")
+            reason_col = meta.get("reason_column")
+            column = r.expectation_config.kwargs.get("column")
+            for item in unexpected:
+                row = int(item["_row"])
+                text = str(item.get(reason_col)) if reason_col else meta.get("reason", r.expectation_config.type)
+                found.setdefault(row, []).append((reason_col or "", column, r.expectation_config.type, text))
+    return {row: _root_causes(f) for row, f in found.items()}

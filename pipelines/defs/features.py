@@ -8,7 +8,7 @@ from datetime import datetime
 
 import dagster as dg
 
-from pipelines.defs.partitions import DAILY
+from pipelines.defs.partitions import daily_partitions
 from pipelines.defs.resources import FeastResource, LakeResource
 from pipelines.defs.validation import silver_key
 from recloop import features as feature_ops
@@ -19,33 +19,37 @@ FEAST_REGISTRY = dg.AssetKey(["feast", "registry"])
 ONLINE_FEATURES = dg.AssetKey(["feast", "online_features"])
 
 
-@dg.multi_asset(
-    specs=[
-        dg.AssetSpec(
-            key,
-            group_name="features",
-            deps=[silver_key("events"), silver_key("videos"), silver_key("users")],
-            kinds={"duckdb", "parquet"},
-            description=f"Daily snapshot of the `{view}` feature view as of the end of the day (Feast offline source).",
-        )
-        for view, key in FEATURE_KEYS.items()
-    ],
-    partitions_def=DAILY,
-    can_subset=False,
-)
-def feature_snapshots(context: dg.AssetExecutionContext, lake: LakeResource):
-    """Computes every feature view's snapshot for the partition's day in one DuckDB pass over the data."""
-    written = lifecycle.compute_features(lake.open(), context.partition_key)
-    for view, part in written.items():
-        yield dg.MaterializeResult(
-            asset_key=FEATURE_KEYS[view],
-            metadata={
-                "dagster/row_count": part["rows"],
-                "bytes": part["bytes"],
-                "path": dg.MetadataValue.path(part["path"]),
-                "snapshot_time": part["snapshot_time"],
-            },
-        )
+def _feature_snapshots(daily: dg.PartitionsDefinition) -> dg.AssetsDefinition:
+    @dg.multi_asset(
+        name="feature_snapshots",
+        specs=[
+            dg.AssetSpec(
+                key,
+                group_name="features",
+                deps=[silver_key("events"), silver_key("videos"), silver_key("users")],
+                kinds={"duckdb", "parquet"},
+                description=f"Daily snapshot of the `{view}` feature view as of the end of the day (Feast offline source).",
+            )
+            for view, key in FEATURE_KEYS.items()
+        ],
+        partitions_def=daily,
+        can_subset=False,
+    )
+    def feature_snapshots(context: dg.AssetExecutionContext, lake: LakeResource):
+        """Computes every feature view's snapshot for the partition's day in one DuckDB pass over the data."""
+        written = lifecycle.compute_features(lake.open(), context.partition_key)
+        for view, part in written.items():
+            yield dg.MaterializeResult(
+                asset_key=FEATURE_KEYS[view],
+                metadata={
+                    "dagster/row_count": part["rows"],
+                    "bytes": part["bytes"],
+                    "path": dg.MetadataValue.path(part["path"]),
+                    "snapshot_time": part["snapshot_time"],
+                },
+            )
+
+    return feature_snapshots
 
 
 @dg.asset(
@@ -66,38 +70,41 @@ def feast_registry(feast: FeastResource) -> dg.MaterializeResult:
     )
 
 
-@dg.asset(
-    key=ONLINE_FEATURES,
-    group_name="features",
-    partitions_def=DAILY,
-    # A backfill over many days runs once: only the newest day's snapshot is what serving needs, and
-    # writing each older day first would be overwritten at once (SQLite writes ~4k rows/s).
-    backfill_policy=dg.BackfillPolicy.single_run(),
-    deps=[FEAST_REGISTRY, *FEATURE_KEYS.values()],
-    kinds={"feast", "sqlite"},
-    description=(
-        "The day's snapshot loaded into Feast's online store (Feast materialize). Over a range of days, "
-        "the newest is loaded; a day older than what the online store already holds is skipped rather "
-        "than written over newer values."
-    ),
-)
-def online_features(context: dg.AssetExecutionContext, feast: FeastResource, lake: LakeResource) -> dg.MaterializeResult:
-    days = sorted(context.partition_keys)
-    out = lifecycle.online_summary(feast.materialize(partition=days[-1], lake=lake.open()), days)
-    if out["skipped"]:
-        context.log.info(f"online materialization skipped: {out['reason']}")
-    return dg.MaterializeResult(
-        metadata={
-            "snapshot": out["snapshot"],
-            "online_store": out["online_store"],
-            "skipped": out["skipped"],
-            "skipped_views": dg.MetadataValue.json(out["skipped_views"]),
-            "superseded_days": dg.MetadataValue.json(out["superseded_days"]),
-            "rows_written": out["rows_written"],
-            "views": dg.MetadataValue.json(out["views"]),
-            "seconds": out["seconds"],
-        }
+def _online_features(daily: dg.PartitionsDefinition) -> dg.AssetsDefinition:
+    @dg.asset(
+        key=ONLINE_FEATURES,
+        group_name="features",
+        partitions_def=daily,
+        # A backfill over many days runs once: only the newest day's snapshot is what serving needs, and
+        # writing each older day first would be overwritten at once (SQLite writes ~4k rows/s).
+        backfill_policy=dg.BackfillPolicy.single_run(),
+        deps=[FEAST_REGISTRY, *FEATURE_KEYS.values()],
+        kinds={"feast", "sqlite"},
+        description=(
+            "The day's snapshot loaded into Feast's online store (Feast materialize). Over a range of days, "
+            "the newest is loaded; a day older than what the online store already holds is skipped rather "
+            "than written over newer values."
+        ),
     )
+    def online_features(context: dg.AssetExecutionContext, feast: FeastResource, lake: LakeResource) -> dg.MaterializeResult:
+        days = sorted(context.partition_keys)
+        out = lifecycle.online_summary(feast.materialize(partition=days[-1], lake=lake.open()), days)
+        if out["skipped"]:
+            context.log.info(f"online materialization skipped: {out['reason']}")
+        return dg.MaterializeResult(
+            metadata={
+                "snapshot": out["snapshot"],
+                "online_store": out["online_store"],
+                "skipped": out["skipped"],
+                "skipped_views": dg.MetadataValue.json(out["skipped_views"]),
+                "superseded_days": dg.MetadataValue.json(out["superseded_days"]),
+                "rows_written": out["rows_written"],
+                "views": dg.MetadataValue.json(out["views"]),
+                "seconds": out["seconds"],
+            }
+        )
+
+    return online_features
 
 
 @dg.asset_check(
@@ -129,7 +136,8 @@ def online_snapshot_fresh(feast: FeastResource, lake: LakeResource) -> dg.AssetC
 
 @dg.definitions
 def defs() -> dg.Definitions:
+    daily = daily_partitions()
     return dg.Definitions(
-        assets=[feature_snapshots, feast_registry, online_features],
+        assets=[_feature_snapshots(daily), feast_registry, _online_features(daily)],
         asset_checks=[online_snapshot_fresh],
     )

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from pipelines.defs.partitions import DAILY
+from pipelines.defs.partitions import daily_partitions
 from pipelines.defs.resources import AlertsResource, GreatExpectationsResource, LakeResource
 from recloop import lifecycle
 from recloop.data.schemas import TABLE_ORDER
@@ -17,11 +17,11 @@ def bronze_key(table: str) -> dg.AssetKey:
     return dg.AssetKey(["bronze", table])
 
 
-def _bronze_asset(table: str) -> dg.AssetsDefinition:
+def _bronze_asset(table: str, daily: dg.PartitionsDefinition) -> dg.AssetsDefinition:
     @dg.asset(
         key=bronze_key(table),
         group_name="ingestion",
-        partitions_def=DAILY,
+        partitions_def=daily,
         kinds={"parquet"},
         description=(
             f"Raw `{table}` files of the day, landed as they came (every column as text, with source file, "
@@ -46,12 +46,12 @@ def _bronze_asset(table: str) -> dg.AssetsDefinition:
     return _asset
 
 
-def _schema_check(table: str) -> dg.AssetChecksDefinition:
+def _schema_check(table: str, daily: dg.PartitionsDefinition) -> dg.AssetChecksDefinition:
     @dg.asset_check(
         asset=bronze_key(table),
         name="gx_schema",
         blocking=True,
-        partitions_def=DAILY,
+        partitions_def=daily,
         description=(
             f"Great Expectations schema-level expectations of expectations/{table}.json on the ingested "
             "partition: readable files, required columns, rows present. A failure stops the partition."
@@ -82,7 +82,8 @@ def _schema_check(table: str) -> dg.AssetChecksDefinition:
 
 @dg.definitions
 def defs() -> dg.Definitions:
+    daily = daily_partitions()
     return dg.Definitions(
-        assets=[_bronze_asset(t) for t in TABLE_ORDER],
-        asset_checks=[_schema_check(t) for t in TABLE_ORDER],
+        assets=[_bronze_asset(t, daily) for t in TABLE_ORDER],
+        asset_checks=[_schema_check(t, daily) for t in TABLE_ORDER],
     )

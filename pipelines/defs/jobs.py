@@ -5,7 +5,7 @@ job of the code location runs with."""
 import dagster as dg
 
 from pipelines.defs.features import FEAST_REGISTRY
-from pipelines.defs.partitions import DAILY
+from pipelines.defs.partitions import daily_partitions
 from recloop.config import Settings
 
 
@@ -29,16 +29,18 @@ def executor_for(settings: Settings) -> dg.ExecutorDefinition:
 # schema checks stop the partition before validation runs.
 RETRY = dg.RetryPolicy(max_retries=2, delay=5, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
 
-# Every daily-partitioned asset of ingestion, validation and features, run per day in dependency order.
-data_plane_job = dg.define_asset_job(
-    name="data_plane_job",
-    selection=dg.AssetSelection.groups("ingestion", "validation", "features", "monitoring") - dg.AssetSelection.keys(FEAST_REGISTRY),
-    partitions_def=DAILY,
-    description=("Ingest, validate (GX) and build features for one day, load them into the online store, and "
-                 "report the day's drift against the champion's training window."),
-    tags={"recloop/stage": "data_plane"},
-    op_retry_policy=RETRY,
-)
+def data_plane_job(daily: dg.PartitionsDefinition):
+    """Every daily-partitioned asset of ingestion, validation and features, run per day in dependency order."""
+    return dg.define_asset_job(
+        name="data_plane_job",
+        selection=dg.AssetSelection.groups("ingestion", "validation", "features", "monitoring") - dg.AssetSelection.keys(FEAST_REGISTRY),
+        partitions_def=daily,
+        description=("Ingest, validate (GX) and build features for one day, load them into the online store, and "
+                     "report the day's drift against the champion's training window."),
+        tags={"recloop/stage": "data_plane"},
+        op_retry_policy=RETRY,
+    )
+
 
 feast_apply_job = dg.define_asset_job(
     name="feast_apply_job",
@@ -46,22 +48,24 @@ feast_apply_job = dg.define_asset_job(
     description="`feast apply`: register feature_repo/ in Feast's registry (run after changing the repo).",
 )
 
-daily_data_plane_schedule = dg.build_schedule_from_partitioned_job(
-    data_plane_job,
-    name="daily_data_plane_schedule",
-    hour_of_day=1,
-    minute_of_hour=15,
-    description="Every day at 01:15 UTC, run the data plane for the day that just ended.",
-    default_status=dg.DefaultScheduleStatus.STOPPED,
-)
+def daily_data_plane_schedule(job) -> dg.ScheduleDefinition:
+    return dg.build_schedule_from_partitioned_job(
+        job,
+        name="daily_data_plane_schedule",
+        hour_of_day=1,
+        minute_of_hour=15,
+        description="Every day at 01:15 UTC, run the data plane for the day that just ended.",
+        default_status=dg.DefaultScheduleStatus.STOPPED,
+    )
 
 
 @dg.definitions
 def defs() -> dg.Definitions:
     # The executor given here is the code location's default: every job without its own uses it
     # (data_plane_job, feast_apply_job, training_job, drift_job, ...).
+    job = data_plane_job(daily_partitions())
     return dg.Definitions(
-        jobs=[data_plane_job, feast_apply_job],
-        schedules=[daily_data_plane_schedule],
+        jobs=[job, feast_apply_job],
+        schedules=[daily_data_plane_schedule(job)],
         executor=executor_for(Settings.from_env()),
     )

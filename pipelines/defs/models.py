@@ -50,6 +50,12 @@ class ModelWorkspaceResource(dg.ConfigurableResource):
 class TrainingWindowConfig(dg.Config):
     TrainDays: int = Field(default=7, description="Validated days of events the candidate trains on.")
     TestDays: int = Field(default=1, description="Newest validated days held out for offline evaluation.")
+    TrainPeriod: str = Field(default="", description=(
+        "Instead of TrainDays: the calendar period before the held-out one to train on, e.g. 90d, 6m, 1y, or "
+        "'all' (every earlier day with events). Empty: TrainDays."))
+    TestPeriod: str = Field(default="", description=(
+        "Instead of TestDays: the newest calendar period of the data to hold out, e.g. 14d, 2w, 1m (days "
+        "without events in it count as calendar days). Empty: TestDays."))
 
 
 class GateRunConfig(dg.Config):
@@ -72,7 +78,8 @@ def _numbers(d: dict[str, Any]) -> dict[str, Any]:
 def training_set(config: TrainingWindowConfig, lake: LakeResource, feast: FeastResource,
                  workspace: ModelWorkspaceResource) -> dg.MaterializeResult:
     out = lifecycle.build_training_set(feast.settings(), lake.open(), workspace.dir(), train_days=config.TrainDays,
-                                      test_days=config.TestDays)
+                                      test_days=config.TestDays, train_period=config.TrainPeriod or None,
+                                      test_period=config.TestPeriod or None)
     return dg.MaterializeResult(metadata={
         "dagster/row_count": out["rows"],
         **_numbers({k: v for k, v in out.items() if k not in ("rows", "partitions")}),

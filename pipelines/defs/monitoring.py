@@ -18,7 +18,7 @@ from pydantic import Field
 
 from pipelines.defs.features import FEATURE_KEYS
 from pipelines.defs.models import GATE_CHECK, MlflowRegistryResource, training_job
-from pipelines.defs.partitions import DAILY
+from pipelines.defs.partitions import daily_partitions
 from pipelines.defs.resources import AlertsResource, LakeResource
 from pipelines.defs.validation import silver_key
 from pipelines.run import metadata_values, root_cause
@@ -37,49 +37,52 @@ class DriftRunConfig(dg.Config):
     ConfigPath: str | None = Field(default=None, description="Drift methods/thresholds file (default monitoring/drift.yaml).")
 
 
-@dg.asset(
-    key=DRIFT,
-    partitions_def=DAILY,
-    group_name="monitoring",
-    deps=[silver_key("events"), silver_key("users"), silver_key("videos"), *FEATURE_KEYS.values()],
-    kinds={"evidently"},
-    check_specs=[dg.AssetCheckSpec(NO_DRIFT_CHECK, asset=DRIFT, description=(
-        "Warns when the day's inputs, the champion's scores or the recommender signals drifted from the "
-        "champion's training window."))],
-    description=("Evidently drift report of the day against the champion's training window: feature drift per "
-                 "column, prediction drift, popularity concentration, cold-start shares, user-embedding shift. "
-                 "HTML in the lake, summary numbers as metadata, a run in MLflow's recloop-monitoring experiment."),
-)
-def drift_report(context: dg.AssetExecutionContext, config: DriftRunConfig, lake: LakeResource,
-                 registry: MlflowRegistryResource, alerts: AlertsResource) -> dg.MaterializeResult:
-    outcome = lifecycle.drift_report(lake.open(), registry.open(), context.partition_key, config_path=config.ConfigPath)
-    if outcome.champion_version is None:
-        context.log.info(outcome.status)
-        return dg.MaterializeResult(
-            metadata={"drifted": False, "status": outcome.status},
-            check_results=[dg.AssetCheckResult(check_name=NO_DRIFT_CHECK, passed=True, description=outcome.status)],
-        )
-    if outcome.alert is not None:
-        alerts.send(context.log, outcome.alert)
-    elif outcome.drifted:
-        context.log.info(outcome.status)
-    return dg.MaterializeResult(
-        metadata={
-            # The summary first: its numeric `drifted` (for plots) gives way to the boolean below.
-            **{k: float(v) for k, v in outcome.summary.items()},
-            "drifted": outcome.drifted,
-            "drift_episode": outcome.drift_episode or "",
-            "champion_version": outcome.champion_version,
-            "reasons": dg.MetadataValue.json(outcome.reasons),
-            "reference_partitions": dg.MetadataValue.json(outcome.reference_partitions),
-            "report": _link(outcome.report_uri),
-            "mlflow_run_id": outcome.mlflow_run_id,
-        },
-        check_results=[dg.AssetCheckResult(
-            check_name=NO_DRIFT_CHECK, passed=not outcome.drifted, severity=dg.AssetCheckSeverity.WARN,
-            description=outcome.explanation, metadata={"report": outcome.report_uri or ""},
-        )],
+def _drift_report(daily: dg.PartitionsDefinition) -> dg.AssetsDefinition:
+    @dg.asset(
+        key=DRIFT,
+        partitions_def=daily,
+        group_name="monitoring",
+        deps=[silver_key("events"), silver_key("users"), silver_key("videos"), *FEATURE_KEYS.values()],
+        kinds={"evidently"},
+        check_specs=[dg.AssetCheckSpec(NO_DRIFT_CHECK, asset=DRIFT, description=(
+            "Warns when the day's inputs, the champion's scores or the recommender signals drifted from the "
+            "champion's training window."))],
+        description=("Evidently drift report of the day against the champion's training window: feature drift per "
+                     "column, prediction drift, popularity concentration, cold-start shares, user-embedding shift. "
+                     "HTML in the lake, summary numbers as metadata, a run in MLflow's recloop-monitoring experiment."),
     )
+    def drift_report(context: dg.AssetExecutionContext, config: DriftRunConfig, lake: LakeResource,
+                     registry: MlflowRegistryResource, alerts: AlertsResource) -> dg.MaterializeResult:
+        outcome = lifecycle.drift_report(lake.open(), registry.open(), context.partition_key, config_path=config.ConfigPath)
+        if outcome.champion_version is None:
+            context.log.info(outcome.status)
+            return dg.MaterializeResult(
+                metadata={"drifted": False, "status": outcome.status},
+                check_results=[dg.AssetCheckResult(check_name=NO_DRIFT_CHECK, passed=True, description=outcome.status)],
+            )
+        if outcome.alert is not None:
+            alerts.send(context.log, outcome.alert)
+        elif outcome.drifted:
+            context.log.info(outcome.status)
+        return dg.MaterializeResult(
+            metadata={
+                # The summary first: its numeric `drifted` (for plots) gives way to the boolean below.
+                **{k: float(v) for k, v in outcome.summary.items()},
+                "drifted": outcome.drifted,
+                "drift_episode": outcome.drift_episode or "",
+                "champion_version": outcome.champion_version,
+                "reasons": dg.MetadataValue.json(outcome.reasons),
+                "reference_partitions": dg.MetadataValue.json(outcome.reference_partitions),
+                "report": _link(outcome.report_uri),
+                "mlflow_run_id": outcome.mlflow_run_id,
+            },
+            check_results=[dg.AssetCheckResult(
+                check_name=NO_DRIFT_CHECK, passed=not outcome.drifted, severity=dg.AssetCheckSeverity.WARN,
+                description=outcome.explanation, metadata={"report": outcome.report_uri or ""},
+            )],
+        )
+
+    return drift_report
 
 
 def _link(uri: str | None) -> Any:
@@ -175,20 +178,22 @@ def _gate_refused(instance: dg.DagsterInstance, run_id: str) -> bool:
     )
 
 
-drift_job = dg.define_asset_job(
-    name="drift_job",
-    selection=dg.AssetSelection.keys(DRIFT),
-    partitions_def=DAILY,
-    description="Re-run the day's drift report (the data plane job ends with it).",
-    tags={"recloop/stage": "monitoring"},
-)
+def drift_job(daily: dg.PartitionsDefinition):
+    return dg.define_asset_job(
+        name="drift_job",
+        selection=dg.AssetSelection.keys(DRIFT),
+        partitions_def=daily,
+        description="Re-run the day's drift report (the data plane job ends with it).",
+        tags={"recloop/stage": "monitoring"},
+    )
 
 
 @dg.definitions
 def defs() -> dg.Definitions:
+    daily = daily_partitions()
     return dg.Definitions(
-        assets=[drift_report],
-        jobs=[drift_job],
+        assets=[_drift_report(daily)],
+        jobs=[drift_job(daily)],
         schedules=[retraining_schedule()],
         sensors=[drift_retraining_sensor, retraining_failure_alerts],
     )

@@ -1,15 +1,47 @@
-"""The daily partitioning every data-plane asset shares (one partition = one UTC day of data)."""
+"""The daily partitioning every data-plane asset shares (one partition = one UTC day of data), over the
+range the data gives (`recloop.partition_range`): from the earliest day with events in the landing zone
+(or RECLOOP_PARTITION_START when set) up to the last complete day.
 
+The range is read when the definitions load (`defs()`), not at import: `dagster dev` shows a newly
+imported history after "Reload definitions", and every in-process run (`pipelines.run.run_job`) loads
+the definitions afresh.
+"""
+
+import contextlib
+from collections.abc import Iterator
+from functools import lru_cache
 
 import dagster as dg
 
+from recloop import partition_range
 from recloop.config import Settings
 
 
-def daily_partitions() -> dg.DailyPartitionsDefinition:
-    """Daily partitions from RECLOOP_PARTITION_START (default 2025-01-01) up to today, in UTC."""
-    start = Settings.from_env().partition_start
-    return dg.DailyPartitionsDefinition(start_date=start.isoformat(), timezone="UTC")
+_loading: dg.DailyPartitionsDefinition | None = None
 
 
-DAILY = daily_partitions()
+def daily_partitions(settings: Settings | None = None) -> dg.DailyPartitionsDefinition:
+    """Daily partitions over the deployment's partition range, in UTC (during `loading()`: the one
+    resolved when the load started, so every module of one load agrees and the landing zone is listed once)."""
+    if _loading is not None and settings is None:
+        return _loading
+    first = partition_range.resolve(settings or Settings.from_env()).first
+    return _daily(first.isoformat())
+
+
+@contextlib.contextmanager
+def loading() -> Iterator[dg.DailyPartitionsDefinition]:
+    """Resolve the partition range once for a load of the definitions (`pipelines.definitions.defs`)."""
+    global _loading
+    outer = _loading
+    _loading = outer or daily_partitions()
+    try:
+        yield _loading
+    finally:
+        _loading = outer
+
+
+@lru_cache(maxsize=8)
+def _daily(start: str) -> dg.DailyPartitionsDefinition:
+    # One object per start day: the modules of one load share it.
+    return dg.DailyPartitionsDefinition(start_date=start, timezone="UTC")

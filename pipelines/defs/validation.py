@@ -9,7 +9,7 @@ from pathlib import Path
 import dagster as dg
 
 from pipelines.defs.ingestion import bronze_key
-from pipelines.defs.partitions import DAILY
+from pipelines.defs.partitions import daily_partitions
 from pipelines.defs.resources import AlertsResource, GreatExpectationsResource, LakeResource
 from recloop import lifecycle
 from recloop.data.schemas import TABLE_ORDER
@@ -22,13 +22,13 @@ def silver_key(table: str) -> dg.AssetKey:
     return dg.AssetKey(["silver", table])
 
 
-def _silver_asset(table: str) -> dg.AssetsDefinition:
+def _silver_asset(table: str, daily: dg.PartitionsDefinition) -> dg.AssetsDefinition:
     deps = [bronze_key(table), *(silver_key(d) for d in _DIMENSION_DEPS.get(table, ()))]
 
     @dg.asset(
         key=silver_key(table),
         group_name="validation",
-        partitions_def=DAILY,
+        partitions_def=daily,
         deps=deps,
         kinds={"parquet", "great_expectations"},
         check_specs=[
@@ -85,4 +85,5 @@ def _silver_asset(table: str) -> dg.AssetsDefinition:
 
 @dg.definitions
 def defs() -> dg.Definitions:
-    return dg.Definitions(assets=[_silver_asset(t) for t in TABLE_ORDER])
+    daily = daily_partitions()
+    return dg.Definitions(assets=[_silver_asset(t, daily) for t in TABLE_ORDER])

@@ -18,6 +18,7 @@ time is their first rating.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -330,11 +331,16 @@ def read_movielens(path: str | Path) -> dict[str, pa.Table]:
     return {"users": users, "videos": videos, "events": events}
 
 
-def write_landing(tables: dict[str, pa.Table], landing: Lake, fmt: str = "parquet") -> dict:
+def write_landing(
+    tables: dict[str, pa.Table], landing: Lake, fmt: str = "parquet", *, empty_tables: bool = True,
+    on_day: Callable[[str], None] | None = None,
+) -> dict:
     """Split each table by the UTC date of its time column and write the days into the landing zone.
 
     Every date that has any row gets all three tables (users and videos may be empty there: a day
-    without sign-ups or uploads is legitimate). Returns ``{"rows": {table: rows}, "dates": [...]}``.
+    without sign-ups or uploads is legitimate); with ``empty_tables=False`` a table is written only on
+    the dates it has rows (a history import: thousands of empty files would only cost time).
+    ``on_day(date)`` is called after each date is written. Returns ``{"rows": {table: rows}, "dates": [...]}``.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
@@ -357,12 +363,15 @@ def write_landing(tables: dict[str, pa.Table], landing: Lake, fmt: str = "parque
 
     days = sorted(all_days)
     dates = [str(np.datetime64(d, "D")) for d in days]
-    for name in TABLE_ORDER:
-        table, unique, starts = split[name]
-        bounds = dict(zip(unique.tolist(), zip(starts.tolist(), [*starts[1:].tolist(), table.num_rows])))
-        for d, date_str in zip(days, dates):
-            lo, hi = bounds.get(d, (0, 0))
-            write_landing_table(landing, name, date_str, table.slice(lo, hi - lo), fmt)
+    bounds = {name: dict(zip(unique.tolist(), zip(starts.tolist(), [*starts[1:].tolist(), table.num_rows])))
+              for name, (table, unique, starts) in split.items()}
+    for d, date_str in zip(days, dates):
+        for name in TABLE_ORDER:
+            lo, hi = bounds[name].get(d, (0, 0))
+            if hi > lo or empty_tables:
+                write_landing_table(landing, name, date_str, split[name][0].slice(lo, hi - lo), fmt)
+        if on_day is not None:
+            on_day(date_str)
     return {"rows": {name: tables[name].num_rows for name in TABLE_ORDER}, "dates": dates}
 
 

@@ -37,6 +37,9 @@ class TrainingPlan:
 
     train_partitions: list[str]
     test_partitions: list[str]
+    # How the window was asked for, when as periods (`recloop.periods`): e.g. "all" and "14d".
+    train_period: str | None = None
+    test_period: str | None = None
 
     @classmethod
     def read(cls, workdir: Path) -> "TrainingPlan":
@@ -44,7 +47,8 @@ class TrainingPlan:
         if not path.is_file():
             raise FileNotFoundError(f"no training plan at {path}: materialize model/training_set first")
         raw = json.loads(path.read_text())
-        return cls(train_partitions=raw["train_partitions"], test_partitions=raw["test_partitions"])
+        return cls(train_partitions=raw["train_partitions"], test_partitions=raw["test_partitions"],
+                   train_period=raw.get("train_period"), test_period=raw.get("test_period"))
 
     def write(self, workdir: Path) -> None:
         Path(workdir).mkdir(parents=True, exist_ok=True)
@@ -61,17 +65,49 @@ class TrainingPlan:
         }
 
 
-def plan_window(lake: Lake, *, train_days: int = 7, test_days: int = 1) -> TrainingPlan:
-    """The newest `test_days` validated days for evaluation, the `train_days` before them for training."""
+def plan_window(
+    lake: Lake, *, train_days: int = 7, test_days: int = 1, train_period: str | None = None,
+    test_period: str | None = None,
+) -> TrainingPlan:
+    """Which validated days (`silver/events` partitions: days with events) train and which evaluate.
+
+    As counts of days with data: the newest `test_days` days evaluate, the `train_days` before them train.
+    As periods of calendar time (`recloop.periods`: `14d`, `2w`, `6m`, `1y`; `all` for training), which
+    is what a sparse history needs: `test_period` holds out the days with data in the newest period of the
+    data (the calendar days ending at the newest day with events: "14d" is 14 calendar days, however many
+    of them hold events), and `train_period` trains on the days with data in the period before it, or on
+    every earlier day with `all`. A period, when given, wins over the count of its side."""
+    from datetime import date, timedelta
+
+    from recloop.periods import parse_period
+
     days = lake.partitions("silver/events")
-    if len(days) < test_days + 2:
+    if not days:
+        raise ValueError(f"no validated days of events in {lake.uri('silver/events')}: import or run the data plane first")
+    if test_period:
+        held = parse_period(test_period, allow_all=False, what="the test period")
+        test_start = held.start(date.fromisoformat(days[-1]))
+        test = [d for d in days if d >= test_start.isoformat()]
+    else:
+        test = days[-test_days:]
+        test_start = date.fromisoformat(test[0])
+    before = [d for d in days if d < test[0]]
+    if train_period:
+        # The training period ends where the held-out period starts (calendar time).
+        period = parse_period(train_period, what="the training period")
+        start = period.start(test_start - timedelta(days=1))
+        train = [d for d in before if date.fromisoformat(d) >= start]
+    else:
+        train = before[-train_days:]
+    if len(train) < 2:
+        asked = (f"the training period {train_period}" if train_period else f"{train_days} training days")
+        held_out = (f"the test period {test_period} ({len(test)} day(s) with events from {test[0]})" if test_period
+                    else f"{len(test)} held-out day(s)")
         raise ValueError(
-            f"need at least {test_days + 2} validated days of events to train and evaluate, found {len(days)} "
-            f"in {lake.uri('silver/events')}"
-        )
-    test = days[-test_days:]
-    train = days[:-test_days][-train_days:]
-    return TrainingPlan(train_partitions=train, test_partitions=test)
+            f"need at least 2 validated days of events to train on, found {len(train)} in {asked} before "
+            f"{held_out}; {len(days)} days with events in {lake.uri('silver/events')} from {days[0]} to {days[-1]}")
+    return TrainingPlan(train_partitions=train, test_partitions=test, train_period=train_period or None,
+                        test_period=test_period or None)
 
 
 def workdir_for(settings: Settings) -> Path:
