@@ -461,4 +461,5 @@ def gate_decision(workdir: Path, *, config: Any = None) -> Any:
         sanity=ev.sanity,
         config=config or GateConfig(),
         champion_version=ev.champion_version if champion else None,
+        reference={name: ev.metrics[name] for name in ("als", "ease") if name in ev.metrics},
     )

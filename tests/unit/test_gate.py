@@ -201,3 +201,20 @@ def test_decision_serialises() -> None:
     as_dict = decision.to_dict()
     assert as_dict["promote"] is True and as_dict["compared_to"] == "champion:3"
     assert as_dict["checks"] == decision.checks
+
+
+def test_concentration_ceiling_follows_classical_cf_on_data_where_it_concentrates() -> None:
+    """A catalogue of well-known movies: tuned EASE itself puts 62 % of its slots on the top 1 %. The
+    challenger may do what collaborative filtering does there (+0.10), not more; popularity still fails."""
+    reference = {"als": {"popularity_concentration": 0.55}, "ease": {"popularity_concentration": 0.62}}
+    kwargs = dict(champion=None, popularity=POPULARITY, sanity=SANE, config=GateConfig(), reference=reference)
+    ok = decide(challenger=challenger(ndcg_at_10=0.150, popularity_concentration=0.69), **kwargs)
+    assert ok.promote, ok.reasons
+    assert "needs <= 0.7200 (ease 0.6200 on this data +0.10)" in reason(ok, "popularity_concentration_guardrail")
+    too_much = decide(challenger=challenger(ndcg_at_10=0.150, popularity_concentration=0.80), **kwargs)
+    assert not too_much.promote and too_much.checks["popularity_concentration_guardrail"] is False
+    # Where CF spreads out, the absolute 0.5 stays the ceiling.
+    low = {"ease": {"popularity_concentration": 0.20}}
+    refused = decide(challenger=challenger(ndcg_at_10=0.150, popularity_concentration=0.55), champion=None,
+                     popularity=POPULARITY, sanity=SANE, reference=low)
+    assert not refused.promote and "needs <= 0.5000" in reason(refused, "popularity_concentration_guardrail")
