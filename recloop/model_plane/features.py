@@ -172,6 +172,38 @@ def _tag_share(user_tags: np.ndarray, tags: sp.csr_matrix, users: np.ndarray, it
     return out
 
 
+VIDEO_FEATURES: tuple[str, ...] = (
+    "item_log_pos", "item_log_watch", "item_log_impressions", "item_pos_rate", "item_watch_rate",
+    *(f"item_pos_{w}d" for w in WINDOWS_DAYS), "item_age_days", "item_first_days",
+)
+
+
+def _video_block(history: History, items: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """The video features (`VIDEO_FEATURES`) of `items`, each as of its row's user time `t`."""
+    pos, watch, imp = history.item_positives[items], history.item_watches[items], history.item_impressions[items]
+    out = np.empty((len(items), len(VIDEO_FEATURES)))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out[:, 0], out[:, 1], out[:, 2] = _log(pos), _log(watch), _log(imp)
+        out[:, 3] = np.where(watch > 0, pos / watch, np.nan)
+        out[:, 4] = np.where(imp > 0, watch / imp, np.nan)
+        for j, w in enumerate(WINDOWS_DAYS):
+            out[:, 5 + j] = _log(history.item_positives_between(items, t - w * US_PER_DAY, t + w * US_PER_DAY))
+        out[:, -2] = _log((t - history.upload_us[items]) / US_PER_DAY)
+        out[:, -1] = (history.item_first_us[items] - t) / US_PER_DAY
+    return out
+
+
+def _cutoff_block(history: History) -> np.ndarray:
+    """`_video_block` of every video at the history's cutoff, computed once per history (kept on the
+    instance, as `functools.cached_property` keeps its values)."""
+    block = history.__dict__.get("_cutoff_video_block")
+    if block is None:
+        n = len(history.items)
+        block = _video_block(history, np.arange(n), np.full(n, float(history.cutoff_us)))
+        history.__dict__["_cutoff_video_block"] = block
+    return block
+
+
 def ranker_features(history: History, cands: CandidateScores, user_time: str = "cutoff",
                     store: StoreFeatures | None = None) -> FeatureMatrix:
     """The feature matrix (`BASE_FEATURES`, plus the store's columns) of `cands`."""
@@ -203,18 +235,12 @@ def ranker_features(history: History, cands: CandidateScores, user_time: str = "
     for j, source in enumerate(SOURCE_NAMES):
         put(f"in_{source}", cands.flags[:, j])
 
-    t = user_times(history, user_rows, user_time)[pos_users]
-    pos, watch, imp = history.item_positives[items], history.item_watches[items], history.item_impressions[items]
-    put("item_log_pos", _log(pos))
-    put("item_log_watch", _log(watch))
-    put("item_log_impressions", _log(imp))
+    if user_time == "cutoff":  # every row's time is the cutoff: the video block is one table per history
+        block = _cutoff_block(history)[items]
+    else:
+        block = _video_block(history, items, user_times(history, user_rows, user_time)[pos_users])
+    x[:, [col[name] for name in VIDEO_FEATURES]] = block
     with np.errstate(invalid="ignore", divide="ignore"):
-        put("item_pos_rate", np.where(watch > 0, pos / watch, np.nan))
-        put("item_watch_rate", np.where(imp > 0, watch / imp, np.nan))
-        for w in WINDOWS_DAYS:
-            put(f"item_pos_{w}d", _log(history.item_positives_between(items, t - w * US_PER_DAY, t + w * US_PER_DAY)))
-        put("item_age_days", _log((t - history.upload_us[items]) / US_PER_DAY))
-        put("item_first_days", (history.item_first_us[items] - t) / US_PER_DAY)
         # The user's own numbers come from the batch (history rows, plus what serving saw since).
         upos = np.diff(batch.positives.indptr)[pos_users].astype(np.float64)
         uwatch = np.diff(batch.watched.indptr)[pos_users].astype(np.float64)
