@@ -441,9 +441,14 @@ def _training_summary(run) -> dict[str, Any]:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from recloop.evaluation import evaluate_files, write_json
+    from recloop.evaluation import EvaluationInputError, evaluate_files, write_json
+    from recloop.model_plane.fit import NotEnoughData
 
-    result = evaluate_files(args.train, args.test, valid_path=args.valid, ks=tuple(args.k))
+    try:
+        result = evaluate_files(args.train, args.test, valid_path=args.valid, ks=tuple(args.k))
+    except (EvaluationInputError, NotEnoughData) as err:
+        print(f"recloop evaluate: {err}", file=sys.stderr)
+        return 2
     if args.out:
         write_json(result, args.out)
     _print(result)

@@ -46,7 +46,7 @@ from recloop.evaluation.data import (
     random_split,
     time_split,
 )
-from recloop.evaluation.files import evaluate_files, load_interactions_file
+from recloop.evaluation.files import EvaluationInputError, evaluate_files, load_file, load_interactions_file
 from recloop.evaluation.harness import PROTOCOL, EvaluationResult, evaluate, flat_metrics, write_json
 from recloop.evaluation.metrics import (
     ACCURACY_METRICS,
@@ -65,7 +65,7 @@ from recloop.evaluation.metrics import (
 )
 
 __all__ = [
-    "ACCURACY_METRICS", "ALS_DEFAULTS", "ALS_GRID", "BPR_DEFAULTS", "BPR_GRID", "DEFAULT_KS", "EASE_GRID", "MAIN_K",
+    "ACCURACY_METRICS", "ALS_DEFAULTS", "EvaluationInputError", "load_file", "ALS_GRID", "BPR_DEFAULTS", "BPR_GRID", "DEFAULT_KS", "EASE_GRID", "MAIN_K",
     "PROTOCOL", "EaseRecommender", "EvaluationResult", "ImplicitCFRecommender", "PopularityRecommender",
     "RecommenderFactory", "SeenItems", "Split", "_positive", "accuracy_metrics", "baseline_factories",
     "catalog_coverage", "evaluate", "evaluate_files", "flat_metrics", "hit_rate_at_k", "identical_list_share",

@@ -106,6 +106,10 @@ def _videos_beside(path: Path) -> pd.DataFrame | None:
     return None
 
 
+class EvaluationInputError(ValueError):
+    """A file given to `recloop evaluate` cannot be used (missing, unreadable, not a known layout)."""
+
+
 @dataclass
 class FileData:
     """One file (or MovieLens folder) in recloop's canonical tables (docs/data_schema.md): every event,
@@ -187,6 +191,16 @@ def _ratings_data(path: Path, df: pd.DataFrame, user_col: str, item_col: str, ti
 
 
 def load_file(path: str | Path, *, videos_path: str | Path | None = None) -> FileData:
+    """`_load_file` with every failure to read the user's file as one `EvaluationInputError` naming it."""
+    try:
+        return _load_file(path, videos_path=videos_path)
+    except EvaluationInputError:
+        raise
+    except (OSError, ValueError, KeyError, UnicodeDecodeError, pd.errors.ParserError) as err:
+        raise EvaluationInputError(f"{path}: {err}") from err
+
+
+def _load_file(path: str | Path, *, videos_path: str | Path | None = None) -> FileData:
     """One file or folder in the canonical tables:
 
     (a) a MovieLens-format folder (ML-100K, ML-1M/10M, ml-latest; via recloop.data.movielens);
@@ -208,13 +222,13 @@ def load_file(path: str | Path, *, videos_path: str | Path | None = None) -> Fil
         return FileData(path, "movielens", tables["events"].to_pandas(), tables["videos"].to_pandas(),
                         tables["users"].to_pandas())
     if not path.is_file():
-        raise FileNotFoundError(f"no such file or folder: {path}")
+        raise EvaluationInputError(f"no such file or folder: {path}")
     df = _read_table(path)
     columns = set(df.columns)
     if "watched_s" in columns:
         missing = [c for c in ("user_id", "video_id", "event_time") if c not in columns]
         if missing:
-            raise ValueError(f"{path}: events file lacks column(s) {missing}")
+            raise EvaluationInputError(f"{path}: events file lacks column(s) {missing}")
         videos = _read_table(Path(videos_path)) if videos_path is not None else _videos_beside(path)
         if (videos is None or "duration_s" not in videos.columns) and "duration_s" not in columns:
             log.warning("%s: no video durations; only completed / liked watches count as positives", path)
@@ -233,13 +247,13 @@ def load_file(path: str | Path, *, videos_path: str | Path | None = None) -> Fil
     user_col = next((c for c in _USER_COLUMNS if c in columns), None)
     item_col = next((c for c in _ITEM_COLUMNS if c in columns), None)
     if user_col is None or item_col is None or "rating" not in columns:
-        raise ValueError(
+        raise EvaluationInputError(
             f"{path}: not an events file (user_id, video_id, event_time, watched_s, ...) nor a ratings file "
             f"(user_id,video_id,rating,timestamp or userId,movieId,rating,timestamp); columns: {sorted(columns)}"
         )
     time_col = "timestamp" if "timestamp" in columns else ("event_time" if "event_time" in columns else None)
     if time_col is None:
-        raise ValueError(f"{path}: a ratings file needs a timestamp column")
+        raise EvaluationInputError(f"{path}: a ratings file needs a timestamp column")
     return _ratings_data(path, df, user_col, item_col, time_col)
 
 

@@ -42,6 +42,10 @@ log = logging.getLogger(__name__)
 L2_GRID = (10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0)
 
 
+class NotEnoughData(ValueError):
+    """The history is too small to fit the recommender (said in one sentence, with the numbers)."""
+
+
 @dataclass(frozen=True)
 class FitConfig:
     split: str = "time"  # "time" (label folds by period) or "random" (random pair folds)
@@ -226,7 +230,7 @@ def _time_folds(history: History, config: FitConfig) -> list[int]:
     `fold_share` of the history's positives."""
     times = np.sort(history.ev_time[history.ev_positive])
     if len(times) < 10:
-        raise ValueError(f"the training history has {len(times)} positive engagements: too few to train a ranker")
+        raise NotEnoughData(f"the training history has {len(times)} positive engagements: too few to train a ranker")
     starts = []
     for j in range(1, config.folds + 2):
         q = max(0.0, 1.0 - j * config.fold_share)
@@ -327,8 +331,8 @@ def fit_recommender(
     train, train_groups = _groups(train, config.negatives_per_list, config.seed)
     vrows, valid_groups = _groups(valid_rows)
     if not len(train_groups):
-        raise ValueError("no training fold has a candidate list with a held-out positive: the history is too small "
-                         "to train the ranker")
+        raise NotEnoughData("no training fold has a candidate list with a held-out positive: the history is too "
+                            "small to train the ranker")
     t0 = time.perf_counter()
     step(f"training the LambdaRank ranker on {len(train):,} rows ({len(train_groups):,} lists)")
     ranker = Ranker.fit(train, train_groups, vrows if len(valid_groups) else None, valid_groups, features, config.ranker)
