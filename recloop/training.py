@@ -34,6 +34,8 @@ import torch
 from recloop.data.schemas import EVENTS, USERS, VIDEOS
 from recloop.data.engagement import POSITIVE_MIN_FRACTION, bool_flag, positive_mask  # noqa: F401 - re-exported
 from recloop.lake import Lake
+from recloop.model_plane.history import to_us as _to_us
+from recloop.model_plane.history import ts_us as _ts_us
 from recloop.models.two_tower import TwoTowerArgs, TwoTowerModel, in_batch_logits, in_batch_loss
 
 US_PER_DAY = 86_400 * 1_000_000
@@ -44,16 +46,7 @@ FORMAT_VERSION = 1
 # 1. Data
 # --------------------------------------------------------------------------------------------------
 
-def _to_us(values: Any) -> np.ndarray:
-    """Microseconds since the epoch (int64) of timestamps (naive ones are taken as UTC)."""
-    s = pd.to_datetime(pd.Series(values) if not isinstance(values, pd.Series) else values, utc=True)
-    return s.astype("datetime64[us, UTC]").astype("int64").to_numpy()
 
-
-def _ts_us(value: Any) -> int:
-    ts = pd.Timestamp(value)
-    ts = ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
-    return int(ts.value // 1000)
 
 
 def partition_end(partition: str) -> pd.Timestamp:

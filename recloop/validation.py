@@ -353,18 +353,7 @@ def validate_partition(
         )
         for r in result.results:
             described.append(_describe(r))
-            if r.success:
-                continue
-            meta = r.expectation_config.meta or {}
-            unexpected = (r.result or {}).get("unexpected_index_list")
-            if unexpected is None:
-                raise RuntimeError(f"GX returned no row indices for {r.expectation_config.type}: {r.exception_info}")
-            reason_col = meta.get("reason_column")
-            column = r.expectation_config.kwargs.get("column")
-            for item in unexpected:
-                row = int(item["_row"])
-                text = str(item.get(reason_col)) if reason_col else meta.get("reason", r.expectation_config.type)
-                found.setdefault(row, []).append((reason_col or "", column, r.expectation_config.type, text))
+            _collect_failures(r, found)
     reasons_by_row = {row: _root_causes(found_row) for row, found_row in found.items()}
 
     if not typed.num_rows:
@@ -409,6 +398,22 @@ def validate_partition(
         accepted_written=accepted_written,
         quarantine_written=quarantine_written,
     )
+
+
+def _collect_failures(r: Any, found: dict[int, list[tuple[str, str | None, str, str]]]) -> None:
+    """The rows one expectation's result failed, with the reason its suite gives, added to `found`."""
+    if r.success:
+        return
+    meta = r.expectation_config.meta or {}
+    unexpected = (r.result or {}).get("unexpected_index_list")
+    if unexpected is None:
+        raise RuntimeError(f"GX returned no row indices for {r.expectation_config.type}: {r.exception_info}")
+    reason_col = meta.get("reason_column")
+    column = r.expectation_config.kwargs.get("column")
+    for item in unexpected:
+        row = int(item["_row"])
+        text = str(item.get(reason_col)) if reason_col else meta.get("reason", r.expectation_config.type)
+        found.setdefault(row, []).append((reason_col or "", column, r.expectation_config.type, text))
 
 
 def _root_causes(found: list[tuple[str, str | None, str, str]]) -> list[str]:
@@ -802,16 +807,5 @@ def _range_reasons(
                 prev["unexpected_count"] = (prev["unexpected_count"] or 0) + (d["unexpected_count"] or 0)
             else:
                 described[key] = d
-            if r.success:
-                continue
-            meta = r.expectation_config.meta or {}
-            unexpected = (r.result or {}).get("unexpected_index_list")
-            if unexpected is None:
-                raise RuntimeError(f"GX returned no row indices for {r.expectation_config.type}: {r.exception_info}")
-            reason_col = meta.get("reason_column")
-            column = r.expectation_config.kwargs.get("column")
-            for item in unexpected:
-                row = int(item["_row"])
-                text = str(item.get(reason_col)) if reason_col else meta.get("reason", r.expectation_config.type)
-                found.setdefault(row, []).append((reason_col or "", column, r.expectation_config.type, text))
+            _collect_failures(r, found)
     return {row: _root_causes(f) for row, f in found.items()}

@@ -252,6 +252,17 @@ class ImplicitCFRecommender:
         return out
 
 
+def validation_data(
+    train: pd.DataFrame, valid: pd.DataFrame | None, valid_fraction: float, seed: int
+) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """(what to fit on, what to tune on, how it was chosen): the given validation interactions, else a
+    random `valid_fraction` of train's (user, video) pairs carved out of it (never the test set)."""
+    if valid is not None:
+        return train, valid, "given validation interactions"
+    carved = random_split(train, (1.0 - valid_fraction, valid_fraction), seed=seed)
+    return carved.train, carved.test, f"random {valid_fraction:.0%} of train's (user, video) pairs, seed {seed}"
+
+
 EASE_GRID: tuple[float, ...] = (10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0)
 
 
@@ -334,12 +345,7 @@ def tuned_ease_factory(
     def factory(train: pd.DataFrame, videos: pd.DataFrame, valid: pd.DataFrame | None = None) -> EaseRecommender:
         t0 = time.perf_counter()
         catalog = videos["video_id"].astype(str).tolist()
-        if valid is not None:
-            fit_on, valid_on, source = train, valid, "given validation interactions"
-        else:
-            carved = random_split(train, (1.0 - valid_fraction, valid_fraction), seed=seed)
-            fit_on, valid_on = carved.train, carved.test
-            source = f"random {valid_fraction:.0%} of train's (user, video) pairs, seed {seed}"
+        fit_on, valid_on, source = validation_data(train, valid, valid_fraction, seed)
         users, truth = _relevant(fit_on, valid_on, exclude_seen=True)[:2]
         if max_valid_users is not None and len(users) > max_valid_users:
             pick = np.sort(np.random.default_rng(seed).choice(len(users), max_valid_users, replace=False))
@@ -453,12 +459,7 @@ def tuned_cf_factory(
     def factory(train: pd.DataFrame, videos: pd.DataFrame, valid: pd.DataFrame | None = None) -> ImplicitCFRecommender:
         t0 = time.perf_counter()
         catalog = videos["video_id"].astype(str).tolist()
-        if valid is not None:
-            fit_on, valid_on, source = train, valid, "given validation interactions"
-        else:
-            carved = random_split(train, (1.0 - valid_fraction, valid_fraction), seed=seed)
-            fit_on, valid_on = carved.train, carved.test
-            source = f"random {valid_fraction:.0%} of train's (user, video) pairs, seed {seed}"
+        fit_on, valid_on, source = validation_data(train, valid, valid_fraction, seed)
         history: list[dict[str, Any]] = []
         params = tune(
             fit_on, valid_on, grid, algorithm=algorithm, catalog=catalog, k=k, metric=metric,

@@ -29,12 +29,14 @@ from recloop.data.engagement import positive_mask
 US_PER_DAY = 86_400 * 1_000_000
 
 
-def _us(values: Any) -> np.ndarray:
+def to_us(values: Any) -> np.ndarray:
+    """Microseconds since the epoch (int64) of timestamps (naive ones are taken as UTC)."""
     t = pd.to_datetime(pd.Series(values) if not isinstance(values, pd.Series) else values, utc=True)
     return t.astype("datetime64[us, UTC]").astype("int64").to_numpy()
 
 
 def ts_us(value: Any) -> int:
+    """Microseconds since the epoch of one timestamp (naive = UTC)."""
     t = pd.Timestamp(value)
     t = t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")
     return int(t.value // 1000)
@@ -84,7 +86,7 @@ class History:
         keep = item >= 0
         user = users.get_indexer(pd.Index(ev_users, dtype=object))
         keep &= user >= 0
-        time = _us(ev["event_time"])
+        time = to_us(ev["event_time"])
         order = np.argsort(time[keep], kind="stable")
         return cls(
             users=users,
