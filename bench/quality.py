@@ -37,7 +37,8 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-DATA = REPO.parent / "shared" / "data" / "ml-latest-small"
+DATA = next((d for d in (REPO.parent / "shared" / "data" / "ml-latest-small", Path("/work/shared/data/ml-latest-small"))
+             if (d / "ratings.csv").is_file()), REPO.parent / "shared" / "data" / "ml-latest-small")
 METRICS = ("recall", "ndcg", "map")
 
 

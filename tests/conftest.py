@@ -10,6 +10,7 @@ and Feast project in Redis (`redis_feast_project`), all removed afterwards.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 import socket
 import uuid
 from urllib.parse import urlparse
@@ -200,3 +201,30 @@ def webhook_receiver(recloop_env, monkeypatch):
         monkeypatch.setenv("RECLOOP_ALERT_WEBHOOK_URL", receiver.url)
         monkeypatch.setenv("RECLOOP_ALERT_WEBHOOK_SECRET", secret)
         yield receiver
+
+
+# --- real data -----------------------------------------------------------------------------------------
+
+def _ml_latest_small_candidates() -> list[Path]:
+    """Where MovieLens ml-latest-small may be: RECLOOP_TEST_ML_LATEST_SMALL, then ../shared/data beside the
+    repository (a development checkout), then /work/shared/data (a clone elsewhere on this kind of machine)."""
+    from recloop.config import REPO_ROOT
+
+    given = os.environ.get("RECLOOP_TEST_ML_LATEST_SMALL")
+    return ([Path(given)] if given else []) + [
+        REPO_ROOT.parent / "shared" / "data" / "ml-latest-small", Path("/work/shared/data/ml-latest-small"),
+    ]
+
+
+@pytest.fixture(scope="session")
+def ml_latest_small() -> Path:
+    """The folder of MovieLens ml-latest-small (read in place, never copied into the repository). Fails
+    under CI=true when it is missing, skips otherwise."""
+    for folder in _ml_latest_small_candidates():
+        if (folder / "ratings.csv").is_file():
+            return folder
+    message = ("MovieLens ml-latest-small is needed (../shared/data/ml-latest-small or RECLOOP_TEST_ML_LATEST_SMALL); "
+               f"looked in {', '.join(map(str, _ml_latest_small_candidates()))}")
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"CI=true: {message}", pytrace=False)
+    pytest.skip(message)

@@ -272,9 +272,9 @@ class MultiStageRecommender:
                 continue
             score = np.nan_to_num(self.score(cands), nan=-np.inf)
             order = np.lexsort((cands.item, -score, cands.user))
-            users, items = cands.user[order], cands.item[order]
-            starts = np.searchsorted(users, np.arange(len(batch)), side="left")
-            ends = np.searchsorted(users, np.arange(len(batch)), side="right")
+            owner, items = cands.user[order], cands.item[order]
+            starts = np.searchsorted(owner, np.arange(len(batch)), side="left")
+            ends = np.searchsorted(owner, np.arange(len(batch)), side="right")
             ids = self.history.item_ids
             for u in range(len(batch)):
                 out[batch[u]] = ids[items[starts[u] : min(ends[u], starts[u] + k)]].tolist()

@@ -15,7 +15,6 @@ temporary DAGSTER_HOME), the real GX suites and a real Feast registry and SQLite
 from __future__ import annotations
 
 import json
-import os
 from datetime import date, timedelta
 from pathlib import Path
 
@@ -23,34 +22,27 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from recloop.config import REPO_ROOT
 from recloop.lake import open_lake
 
 pytestmark = pytest.mark.slow
 
-ML_LATEST_SMALL = Path(os.environ.get("RECLOOP_TEST_ML_LATEST_SMALL", REPO_ROOT.parent / "shared" / "data" / "ml-latest-small"))
 FIRST, LAST = "2000-07-01", "2000-09-30"
 
 
 @pytest.fixture(scope="module")
-def ml_ratings() -> pd.DataFrame:
-    if not (ML_LATEST_SMALL / "ratings.csv").is_file():
-        message = f"MovieLens ml-latest-small is needed at {ML_LATEST_SMALL} (RECLOOP_TEST_ML_LATEST_SMALL)"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"CI=true: {message}", pytrace=False)
-        pytest.skip(message)
-    r = pd.read_csv(ML_LATEST_SMALL / "ratings.csv")
+def ml_ratings(ml_latest_small) -> pd.DataFrame:
+    r = pd.read_csv(ml_latest_small / "ratings.csv")
     r["day"] = pd.to_datetime(r["timestamp"], unit="s").dt.strftime("%Y-%m-%d")
     r = r[(r["day"] >= FIRST) & (r["day"] <= LAST)]
     light = r.groupby("userId").size()
     return r[r["userId"].isin(light[light <= 200].index)].reset_index(drop=True)  # ~1,100 ratings, 14 users
 
 
-def _ml_slice(folder: Path, ratings: pd.DataFrame) -> Path:
+def _ml_slice(folder: Path, ratings: pd.DataFrame, source: Path) -> Path:
     """The slice in ml-latest's own format (ratings.csv, movies.csv) in `folder`."""
     folder.mkdir(parents=True)
     ratings[["userId", "movieId", "rating", "timestamp"]].to_csv(folder / "ratings.csv", index=False)
-    movies = pd.read_csv(ML_LATEST_SMALL / "movies.csv")
+    movies = pd.read_csv(source / "movies.csv")
     movies[movies["movieId"].isin(ratings["movieId"])].to_csv(folder / "movies.csv", index=False)
     return folder
 
@@ -72,13 +64,13 @@ def _runs(settings) -> list:
     return instance(settings).get_runs()
 
 
-def test_import_a_movielens_history_with_gap_days(recloop_env, ml_ratings, tmp_path, capsys):
+def test_import_a_movielens_history_with_gap_days(recloop_env, ml_ratings, ml_latest_small, tmp_path, capsys):
     from pipelines.run import instance, run_job
     from recloop import features as F
     from recloop.model_plane import plan_window
 
     settings = recloop_env
-    folder = _ml_slice(tmp_path / "ml-slice", ml_ratings)
+    folder = _ml_slice(tmp_path / "ml-slice", ml_ratings, ml_latest_small)
     rc, out, err = _cli(capsys, "import", str(folder), "--no-progress")
     assert rc == 0, err
     assert "Traceback" not in err
