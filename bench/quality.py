@@ -95,8 +95,12 @@ def random_split(seeds: list[int], workdir: Path) -> dict:
               f"{table['recloop']['ndcg_at_10']:.4f}, ease {table['ease']['recall_at_10']:.4f} / "
               f"{table['ease']['ndcg_at_10']:.4f}", file=sys.stderr, flush=True)
     names = list(next(iter(per_seed.values()))["table"])
-    mean = {name: {m: round(float(np.mean([s["table"][name][m] for s in per_seed.values()])), 4)
-                   for m in ("recall_at_10", "ndcg_at_10", "map_at_10", "coverage", "fit_seconds")}
+
+    def mean_of(name: str, metric: str) -> float | None:
+        values = [s["table"][name][metric] for s in per_seed.values() if s["table"][name].get(metric) is not None]
+        return round(float(np.mean(values)), 4) if values else None
+
+    mean = {name: {m: mean_of(name, m) for m in ("recall_at_10", "ndcg_at_10", "map_at_10", "coverage", "fit_seconds")}
             for name in names}
     return {"data": str(DATA), "split": "random 80/10/10 of ratings, seeded", "per_seed": per_seed,
             "mean": _with_ratios(mean)}
