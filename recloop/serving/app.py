@@ -1,31 +1,38 @@
 """The HTTP API (FastAPI): recommendations, feedback, health, readiness, Prometheus metrics, OpenAPI.
 
     POST /v1/recommendations   {"user_id", "k"?, "context"?: {"country", "age_bucket", "device"}, "exclude"?}
-    POST /v1/feedback          {"events": [{"user_id", "video_id", "watched_s", ...}]}  -> 202
+    POST /v1/feedback          {"events": [{"user_id", "video_id", "watched_s", ...}]}  -> 202 (API key)
     GET  /healthz              the process is up
-    GET  /readyz               503 until a model or the popularity fallback is loaded
+    GET  /readyz               503 until a model or the popularity fallback is loaded (error text: key)
     GET  /metrics              Prometheus text format
     GET  /docs, /openapi.json  the OpenAPI description
 
 `create_app(settings)` builds the app around a `RecommendationService` started and stopped with the
-app's lifespan; `serve(settings)` runs it with uvicorn (what `recloop serve` calls).
+app's lifespan; `serve(settings)` runs it with uvicorn (what `recloop serve` calls). Writes need an API
+key (`recloop.serving.auth`); bodies are parsed as strict JSON and feedback is checked against the
+limits of `ServingConfig` (`recloop.serving.inputs`).
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Literal
 
-from fastapi import FastAPI, Response
-from fastapi.responses import JSONResponse
+from fastapi import Depends, FastAPI, Request, Response, Security
+from fastapi.exceptions import RequestValidationError
+from fastapi.security import HTTPAuthorizationCredentials
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from recloop.config import Settings
-from recloop.serving.config import ServingConfig
+from recloop.serving import auth
+from recloop.serving.config import FEEDBACK_EVENTS_CEILING, ServingConfig
+from recloop.serving.history import HistoryCollector
+from recloop.serving.inputs import StrictJSONRoute, check_feedback, to_utc, validation_error_handler
 from recloop.serving.metrics import ServingMetrics
 from recloop.serving.service import Recommendation, RecommendationService
 
@@ -79,19 +86,29 @@ class RecommendationResponse(BaseModel):
 class FeedbackEvent(BaseModel):
     """One impression with its outcome: `watched_s = 0` is an impression that was not watched."""
 
-    event_id: str | None = Field(None, max_length=128, description="Idempotency key; generated when absent.")
+    event_id: str | None = Field(
+        None, min_length=1, max_length=128,
+        description="Idempotency key, stored as `fb-<event_id>` (feedback ids have their own namespace); "
+                    "generated when absent.")
     user_id: str = Field(..., min_length=1, max_length=256)
     video_id: str = Field(..., min_length=1, max_length=256)
-    event_time: datetime | None = Field(None, description="When shown (ISO 8601; default: now, UTC).")
+    event_time: datetime | None = Field(
+        None, description="When shown (ISO 8601; naive means UTC; default: now). Within the server's window "
+                          "around now (default: the last 48 hours to 5 minutes ahead).")
     surface: str | None = Field(None, max_length=64, examples=["home"])
-    position: int | None = Field(None, ge=0, le=10_000)
+    position: int | None = Field(None, ge=0, le=10_000, strict=True, description="A JSON integer.")
     watched_s: float = Field(0.0, ge=0.0, le=86_400.0)
-    completed: bool = False
-    liked: bool = False
+    completed: bool = Field(False, strict=True, description="JSON true or false.")
+    liked: bool = Field(False, strict=True, description="JSON true or false.")
+
+    @field_validator("event_time")
+    @classmethod
+    def _utc(cls, value: datetime | None) -> datetime | None:
+        return to_utc(value)
 
 
 class FeedbackRequest(BaseModel):
-    events: list[FeedbackEvent] = Field(..., min_length=1, max_length=10_000)
+    events: list[FeedbackEvent] = Field(..., min_length=1, max_length=FEEDBACK_EVENTS_CEILING)
 
 
 class FeedbackResponse(BaseModel):
@@ -141,8 +158,28 @@ def create_app(
     """The API around `service` (default: a `RecommendationService(settings, config)`), which is
     started when the app starts (model polling, feedback flushing) and stopped (feedback flushed) when
     it stops."""
-    service = service or RecommendationService(settings or Settings.from_env(), config)
+    settings = settings or (service.settings if service is not None else Settings.from_env())
+    keys = auth.ApiKeys.from_env(settings)  # production without keys: SettingsError, before anything starts
+    service = service or RecommendationService(settings, config)
     metrics = service.metrics
+    cfg = service.config
+    authenticator = auth.Authenticator(keys, auth.RateLimiter(cfg.rate_limit_per_second, cfg.rate_limit_burst))
+    recommendations_keyed = cfg.recommendations_auth == "key"
+    auth.warn_if_open(keys, recommendations_keyed)
+    for collector in (authenticator, HistoryCollector(service.history)):
+        try:
+            metrics.registry.register(collector)
+        except ValueError:  # a second app around the same service: its first app's collectors report
+            pass
+
+    def key_for(endpoint: str):
+        async def require_key(
+            bearer: HTTPAuthorizationCredentials | None = Security(auth.bearer_scheme),
+            header: str | None = Security(auth.header_scheme),
+        ) -> str | None:
+            return authenticator.check(endpoint, bearer, header)
+
+        return require_key
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -159,31 +196,45 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.service = service
+    app.router.route_class = StrictJSONRoute  # NaN, Infinity, lone surrogates: 422 (recloop.serving.inputs)
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
 
     app.add_middleware(_CountRequests, metrics=metrics)
 
-    @app.post("/v1/recommendations", response_model=RecommendationResponse, tags=["recommendations"])
+    @app.post("/v1/recommendations", response_model=RecommendationResponse, tags=["recommendations"],
+              dependencies=[Depends(key_for("recommendations"))] if recommendations_keyed else [],
+              responses=auth.RESPONSES if recommendations_keyed else {})
     def recommendations(body: RecommendationRequest) -> RecommendationResponse:
         """Top-k videos for a user, with scores, candidate sources and the model version."""
         context = body.context.model_dump() if body.context else None
         return RecommendationResponse.of(service.recommend(body.user_id, body.k, context, body.exclude))
 
-    @app.post("/v1/feedback", status_code=202, response_model=FeedbackResponse, tags=["feedback"])
+    @app.post("/v1/feedback", status_code=202, response_model=FeedbackResponse, tags=["feedback"],
+              dependencies=[Depends(key_for("feedback"))], responses=auth.RESPONSES)
     def feedback(body: FeedbackRequest) -> FeedbackResponse:
-        """Impressions and watches; stored durably, written to the landing zone for the next ingestion."""
-        ids = service.record_feedback([e.model_dump() for e in body.events])
+        """Impressions and watches; stored durably, written to the landing zone for the next ingestion.
+        Needs an API key (when the server has keys); limits: see docs/serving.md."""
+        now = datetime.now(timezone.utc)
+        check_feedback(body.events, cfg, now)
+        events = [{**e.model_dump(), "event_time": e.event_time or now} for e in body.events]
+        ids = service.record_feedback(events)
         return FeedbackResponse(accepted=len(ids), event_ids=ids)
 
     @app.get("/healthz", tags=["operations"])
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["operations"])
-    def readyz() -> JSONResponse:
+    @app.get("/readyz", tags=["operations"], responses={503: {"description": "Not ready yet"},
+                                                         403: auth.RESPONSES[403]})
+    def readyz(request: Request) -> JSONResponse:
+        """Readiness, open to probes. Error texts (which may name hosts, paths or libraries) only for callers
+        that send an API key (as for the write endpoints; a wrong key is a 403)."""
         status = service.status()
+        if not authenticator.trusted_request(request):
+            status = auth.redact_errors(status)
         return JSONResponse(status, status_code=200 if status["ready"] else 503)
 
-    @app.get("/metrics", tags=["operations"])
+    @app.get("/metrics", tags=["operations"], response_class=PlainTextResponse)
     def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 DEFAULT_SAFETY_FILE = Path(__file__).with_name("safety.yaml")
+# The most events one feedback request may carry whatever the configuration (the OpenAPI schema's bound).
+FEEDBACK_EVENTS_CEILING = 10_000
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,25 @@ class ServingConfig:
     feedback_spool_dir: Path | None = None  # default: <RECLOOP_HOME>/serving/feedback-spool
     feedback_flush_seconds: float = 10.0
     feedback_max_batch: int = 5_000
+    # What one feedback request may carry (422 otherwise): `event_time` at most `feedback_max_age_hours`
+    # before now and `feedback_max_future_seconds` after it (clock skew), events of at most
+    # `feedback_max_days` distinct UTC days, at most `feedback_max_events` events (10,000 at most).
+    feedback_max_age_hours: float = 48.0
+    feedback_max_future_seconds: float = 300.0
+    feedback_max_days: int = 3
+    feedback_max_events: int = 10_000
+    # Bounds of the in-memory feedback history (recloop.serving.history): users held (least recently
+    # used out first), events held in all, events held per user (oldest out first).
+    history_max_users: int = 100_000
+    history_max_events: int = 500_000
+    history_max_user_events: int = 1_000
+    # Authentication (keys: RECLOOP_API_KEYS, recloop.serving.auth). Writes always need a key when keys
+    # are set; recommendations need one only when this is "key" ("open": anyone may ask).
+    recommendations_auth: str = "open"
+    # Per-key and per-endpoint token bucket: requests per second refilled, and the bucket's depth
+    # (0 requests per second: no limit).
+    rate_limit_per_second: float = 50.0
+    rate_limit_burst: int = 100
     # "sqlite" or "redis"; None: Redis in production (RECLOOP_ENV=production), SQLite otherwise.
     online_store: str | None = None
     # Users whose online feature rows are kept for the current materialized snapshot (0: read every
@@ -62,6 +83,18 @@ class ServingConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.default_k > self.max_k:
             raise ValueError(f"default_k ({self.default_k}) must be <= max_k ({self.max_k})")
+        if self.recommendations_auth not in ("open", "key"):
+            raise ValueError(f"recommendations_auth must be 'open' or 'key', got {self.recommendations_auth!r}")
+        for name in ("feedback_max_days", "history_max_users", "history_max_events", "history_max_user_events",
+                     "rate_limit_burst"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 1 <= self.feedback_max_events <= FEEDBACK_EVENTS_CEILING:
+            raise ValueError(f"feedback_max_events must be in 1..{FEEDBACK_EVENTS_CEILING}, got {self.feedback_max_events}")
+        for name in ("feedback_max_age_hours", "feedback_max_future_seconds", "rate_limit_per_second"):
+            value = getattr(self, name)
+            if not value >= 0 or value == float("inf"):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
 
     @classmethod
     def from_env(cls) -> "ServingConfig":

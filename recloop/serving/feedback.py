@@ -4,13 +4,23 @@ An accepted event is never lost: `submit` appends it to a spool file and fsyncs 
 answers; a background thread (`flush`, every `flush_seconds` or `max_batch` events) writes the spooled
 events to the landing zone as one Parquet file per UTC day,
 
-    <landing>/events/date=YYYY-MM-DD/feedback-<UTC time>-<random>.parquet
+    <landing>/events/date=YYYY-MM-DD/feedback-<segment's UTC time>-<random>.parquet
 
 with the `events` table's schema (docs/data_schema.md), and only then deletes the spool segment. A
-crash between the two leaves the segment, which the next start (`recover`) flushes; the landing file
-is written atomically (temporary name, then rename). The next ingestion of that day picks the file up
-with the day's other files and validates it like any other delivery: an event of an unknown user or
-video, or with a watch time over the video's length, is quarantined with its reason, not dropped here.
+crash between the two leaves the segment, which the next start flushes again: the landing file's name
+comes from the segment's, so the second flush replaces the first file instead of doubling its events.
+The landing file is written atomically (temporary name, then rename). Each `submit` is one line of
+the spool (a JSON array of its events): a line torn by a crash in the middle of the write (a request
+never acknowledged: the fsync had not returned) is skipped whole with a warning, never half of it.
+
+Event ids of feedback live in their own namespace, `fb-`: an id the client sent is prefixed (`abc` →
+`fb-abc`; one already starting with `fb-` is kept, so the ids the API returned can be sent again as
+idempotency keys), and an event without one gets `fb-<random hex>`. So a feedback event can never carry
+the id of an event delivered in the batch files.
+
+The next ingestion of a day picks its feedback files up with the day's other files and validates them
+like any other delivery: an event of an unknown user or video, or with a watch time over the video's
+length, is quarantined with its reason, not dropped here.
 
 One spool directory belongs to one serving process (give each replica its own).
 """
@@ -37,17 +47,45 @@ from recloop.lake import Lake
 log = logging.getLogger(__name__)
 
 FILE_PREFIX = "feedback-"
-_SEGMENT_GLOB = "segment-*.jsonl"
+EVENT_ID_PREFIX = "fb-"
+_SEGMENT_PREFIX = "segment-"
+_SEGMENT_GLOB = f"{_SEGMENT_PREFIX}*.jsonl"
 
 
-def _to_json(row: dict[str, Any]) -> str:
-    return json.dumps({k: v.isoformat() if isinstance(v, datetime) else v for k, v in row.items()})
+def feedback_event_id(client_id: str | None) -> str:
+    """The id a feedback event is stored under (see the module docstring): always `fb-...`."""
+    if not client_id:
+        return f"{EVENT_ID_PREFIX}{uuid.uuid4().hex}"
+    return client_id if client_id.startswith(EVENT_ID_PREFIX) else EVENT_ID_PREFIX + client_id
 
 
-def _from_json(line: str) -> dict[str, Any]:
-    row = json.loads(line)
-    row["event_time"] = datetime.fromisoformat(row["event_time"])
-    return row
+def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in row.items()}
+
+
+def _from_json(line: str) -> list[dict[str, Any]]:
+    """The events of one spool line: a JSON array (one `submit`) or, as older spools wrote, one object."""
+    value = json.loads(line)
+    rows = value if isinstance(value, list) else [value]
+    for row in rows:
+        row["event_time"] = datetime.fromisoformat(row["event_time"])
+    return rows
+
+
+def _read_segment(path: Path) -> list[dict[str, Any]]:
+    """The events of a spool segment. A last line cut short by a crash during `submit` was never
+    acknowledged (the fsync had not returned), so it is skipped; any other unreadable line raises."""
+    lines = [line for line in path.read_text(encoding="utf-8", errors="surrogateescape").split("\n") if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.extend(_from_json(line))
+        except ValueError:
+            if i < len(lines) - 1:
+                raise
+            log.warning("skipping the torn last line of feedback spool segment %s (a crash during a write that "
+                        "was never acknowledged)", path)
+    return rows
 
 
 def events_table(rows: list[dict[str, Any]]) -> pa.Table:
@@ -88,10 +126,14 @@ class FeedbackWriter:
         """Make `rows` durable (spool + fsync); they reach the landing zone with the next flush."""
         if not rows:
             return
-        text = "".join(_to_json(r) + "\n" for r in rows)
+        for r in rows:  # the feedback namespace, whoever calls (the ids the caller returns are these)
+            r["event_id"] = feedback_event_id(r.get("event_id"))
+        # One line per call: a crash in the middle of the write tears that line only, and the whole
+        # (unacknowledged) request is skipped on recovery, never half of it.
+        text = json.dumps([_jsonable(r) for r in rows]) + "\n"
         with self._lock:
             if self._file is None:
-                self._segment = self.spool_dir / f"segment-{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}-{uuid.uuid4().hex[:8]}.jsonl"
+                self._segment = self.spool_dir / f"{_SEGMENT_PREFIX}{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}-{uuid.uuid4().hex[:8]}.jsonl"
                 self._file = open(self._segment, "a", encoding="utf-8")  # noqa: SIM115 - closed on rotation
             self._file.write(text)
             self._file.flush()
@@ -103,21 +145,21 @@ class FeedbackWriter:
 
     # --- flushing ---------------------------------------------------------------------------------
 
-    def _write_landing(self, rows: list[dict[str, Any]]) -> list[str]:
+    def _write_landing(self, rows: list[dict[str, Any]], name: str) -> list[str]:
+        """One file per UTC day, `feedback-<name>.parquet`: the same segment always makes the same keys."""
         by_day: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for r in rows:
             by_day[r["event_time"].astimezone(timezone.utc).date().isoformat()].append(r)
         written = []
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
         for day, day_rows in sorted(by_day.items()):
             buf = io.BytesIO()
             pq.write_table(events_table(day_rows), buf, compression="zstd")
-            key = f"events/date={day}/{FILE_PREFIX}{stamp}-{uuid.uuid4().hex[:8]}.parquet"
+            key = f"events/date={day}/{FILE_PREFIX}{name}.parquet"
             written.append(self.landing.write_bytes(key, buf.getvalue()))
         return written
 
     def _flush_segment(self, segment: Path, rows: list[dict[str, Any]]) -> list[str]:
-        written = self._write_landing(rows)
+        written = self._write_landing(rows, segment.stem.removeprefix(_SEGMENT_PREFIX))
         segment.unlink(missing_ok=True)
         if self.on_flushed is not None:
             self.on_flushed(len(rows))
@@ -139,8 +181,14 @@ class FeedbackWriter:
                 with self._lock:
                     if leftover == self._segment:
                         continue
-                text = leftover.read_text(encoding="utf-8")
-                lines = [_from_json(line) for line in text.splitlines() if line.strip()]
+                try:
+                    lines = _read_segment(leftover)
+                except ValueError:
+                    # Not something a crash leaves: kept aside for a person, not retried forever.
+                    aside = leftover.with_suffix(".corrupt")
+                    leftover.rename(aside)
+                    log.error("feedback spool segment %s is unreadable; moved to %s, nothing deleted", leftover, aside)
+                    continue
                 written += self._flush_segment(leftover, lines) if lines else []
                 leftover.unlink(missing_ok=True)
             return written

@@ -9,6 +9,14 @@ Two sources, merged on read:
   day (then they are the lake's rows and are dropped here), so a watch reported a second ago already
   counts.
 
+The feedback part is bounded, so that sustained feedback cannot grow the process without limit: at most
+`max_users` users (least recently used first out: a user is "used" when their events are added or read),
+at most `max_events` events in all (users are evicted, least recently used first, until the total fits)
+and at most `max_user_events` per user (their oldest go first). An evicted event is only forgotten by
+this process: it is in the feedback spool and the landing zone, and comes back through the lake once its
+day is validated; until then, the video it names may be recommended to that user again.
+`HistoryCollector` exposes the sizes and evictions to Prometheus.
+
 The online store (Feast) holds aggregates, not the list of watched videos, so it cannot answer "did this
 user watch v?"; a dedicated key-value store would be the next step when one process no longer holds
 every user (one replica per user shard, or Redis sets), with the same interface.
@@ -16,12 +24,22 @@ every user (one replica per user shard, or Redis sets), with the same interface.
 
 from __future__ import annotations
 
+import sys
 import threading
+from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 
 import numpy as np
 import pandas as pd
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+# Defaults of the bounds (ServingConfig.history_max_*): ~100 bytes per held event, so ~50 MB at most.
+MAX_USERS = 100_000
+MAX_EVENTS = 500_000
+MAX_USER_EVENTS = 1_000
 
 
 @dataclass(frozen=True)
@@ -53,12 +71,35 @@ def _day_end_us(partition: str | None) -> int:
     return int(datetime(d.year, d.month, d.day, tzinfo=timezone.utc).timestamp() * 1_000_000)
 
 
+@dataclass(frozen=True)
+class HistoryStats:
+    """Sizes of the history and what the bounds evicted so far."""
+
+    feedback_users: int
+    feedback_events: int
+    lake_users: int
+    lake_events: int
+    evicted_users: int  # users whose feedback events were all dropped (least recently used)
+    evicted_events: dict[str, int]  # events dropped: lru_user (with their user), user_cap (a user's oldest)
+
+
 class UserHistory:
     """Thread-safe per-user event history (see the module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self, *, max_users: int = MAX_USERS, max_events: int = MAX_EVENTS, max_user_events: int = MAX_USER_EVENTS
+    ) -> None:
+        if min(max_users, max_events, max_user_events) < 1:
+            raise ValueError("history bounds must be >= 1")
+        self.max_users = max_users
+        self.max_events = max_events
+        self.max_user_events = min(max_user_events, max_events)
         self._lake = _LakePart({}, *(np.zeros(0, t) for t in (object, np.int64, bool, bool)), _day_end_us(None))
-        self._feedback: dict[str, list[tuple[str, int, bool, bool]]] = {}
+        # user -> their feedback events, least recently used user first
+        self._feedback: OrderedDict[str, list[tuple[str, int, bool, bool]]] = OrderedDict()
+        self._events = 0
+        self._evicted_users = 0
+        self._evicted_events = {"lru_user": 0, "user_cap": 0}
         self._lock = threading.Lock()
 
     def load_lake(self, events: pd.DataFrame, newest_partition: str | None) -> None:
@@ -79,21 +120,55 @@ class UserHistory:
         )
         with self._lock:
             self._lake = part
-            self._feedback = {
-                u: kept for u, rows in self._feedback.items() if (kept := [r for r in rows if r[1] >= part.until_us])
-            }
+            self._feedback = OrderedDict(
+                (u, kept) for u, rows in self._feedback.items() if (kept := [r for r in rows if r[1] >= part.until_us])
+            )
+            self._events = sum(len(rows) for rows in self._feedback.values())
 
     def add(self, rows: list[tuple[str, str, int, bool, bool]]) -> None:
-        """Feedback events `(user_id, video_id, time_us, watched, positive)`."""
+        """Feedback events `(user_id, video_id, time_us, watched, positive)`; then the bounds are applied."""
         with self._lock:
+            feedback = self._feedback
+            touched: set[str] = set()
             for user, video, t, watched, positive in rows:
-                self._feedback.setdefault(user, []).append((video, t, watched, positive))
+                held = feedback.get(user)
+                if held is None:
+                    # Interned: the same user or video sent again shares one string object.
+                    user = sys.intern(user)
+                    held = feedback[user] = []
+                else:
+                    feedback.move_to_end(user)
+                held.append((sys.intern(video), t, watched, positive))
+                touched.add(user)
+            self._events += len(rows)
+            for user in touched:
+                held = feedback[user]
+                if len(held) > self.max_user_events:
+                    excess = len(held) - self.max_user_events
+                    held.sort(key=lambda r: r[1])  # the oldest events go first
+                    del held[:excess]
+                    self._events -= excess
+                    self._evicted_events["user_cap"] += excess
+            while len(feedback) > self.max_users or self._events > self.max_events:
+                _, dropped = feedback.popitem(last=False)
+                self._events -= len(dropped)
+                self._evicted_users += 1
+                self._evicted_events["lru_user"] += len(dropped)
 
     def _rows(self, user: str) -> tuple[_LakePart, tuple[int, int] | None, list[tuple[str, int, bool, bool]]]:
         lake = self._lake
         with self._lock:
-            extra = list(self._feedback.get(user, ()))
+            held = self._feedback.get(user)
+            if held is not None:
+                self._feedback.move_to_end(user)
+            extra = list(held or ())
         return lake, lake.index.get(user), extra
+
+    def stats(self) -> HistoryStats:
+        lake = self._lake
+        with self._lock:
+            return HistoryStats(len(self._feedback), self._events, len(lake.index), len(lake.video),
+                                self._evicted_users, dict(self._evicted_events))
 
     def known(self, user: str) -> bool:
         lake, span, extra = self._rows(user)
@@ -126,3 +201,36 @@ class UserHistory:
             watches=sum(1 for r in events if r[2]),
             positives=tuple(r[1] for r in events if r[3]),
         )
+
+
+class HistoryCollector(Collector):
+    """Prometheus view of a `UserHistory` (read at scrape time):
+
+        recloop_serving_history_users{source}           feedback (users held in memory), lake
+        recloop_serving_history_events{source}          events held: feedback, lake
+        recloop_serving_history_evicted_users_total     feedback users dropped, least recently used first
+        recloop_serving_history_evicted_events_total{reason}  lru_user, user_cap
+    """
+
+    def __init__(self, history: UserHistory) -> None:
+        self.history = history
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.history.stats()
+        users = GaugeMetricFamily("recloop_serving_history_users", "Users in the serving watch history", labels=["source"])
+        users.add_metric(["feedback"], s.feedback_users)
+        users.add_metric(["lake"], s.lake_users)
+        yield users
+        events = GaugeMetricFamily("recloop_serving_history_events", "Events in the serving watch history",
+                                   labels=["source"])
+        events.add_metric(["feedback"], s.feedback_events)
+        events.add_metric(["lake"], s.lake_events)
+        yield events
+        yield CounterMetricFamily("recloop_serving_history_evicted_users",
+                                  "Users whose feedback history was dropped (least recently used first)",
+                                  value=s.evicted_users)
+        evicted = CounterMetricFamily("recloop_serving_history_evicted_events",
+                                      "Feedback events dropped from the in-memory history by its bounds", labels=["reason"])
+        for reason, n in s.evicted_events.items():
+            evicted.add_metric([reason], n)
+        yield evicted

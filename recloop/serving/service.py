@@ -131,7 +131,8 @@ class RecommendationService:
         self.online = online
         self.lake: Lake = open_lake(settings.lake_uri, s3_endpoint_url=settings.s3_endpoint_url)
         self.safety = SafetyList(self.config.safety_file, self.config.safety_check_seconds)
-        self.history = UserHistory()
+        self.history = UserHistory(max_users=self.config.history_max_users, max_events=self.config.history_max_events,
+                                   max_user_events=self.config.history_max_user_events)
         spool = self.config.feedback_spool_dir or settings.home / "serving" / "feedback-spool"
         self.feedback = FeedbackWriter(
             open_lake(settings.landing_uri, s3_endpoint_url=settings.s3_endpoint_url),

@@ -97,6 +97,8 @@ def _config(root: Path, **overrides) -> ServingConfig:
     values = {
         "poll_seconds": 0.2, "safety_file": safety, "safety_check_seconds": 0.0,
         "feedback_spool_dir": root / f"spool-{uuid.uuid4().hex[:6]}", "feedback_flush_seconds": 3600.0,
+        # The simulated days lie in the past: feedback of them is inside a window of ~10 years.
+        "feedback_max_age_hours": 24 * 3650.0,
     }
     return ServingConfig(**{**values, **overrides})
 
@@ -272,7 +274,8 @@ def test_spooled_feedback_survives_a_crash_before_the_flush(tmp_path):
     FeedbackWriter(landing, tmp_path / "spool").flush()  # what start() does first
     (key,) = landing.list_keys("events/")
     assert key.startswith("events/date=2025-01-06/feedback-")
-    assert landing.read_partition("events", "2025-01-06").to_pylist()[0]["event_id"] == "e1"
+    # (stored in the feedback namespace, recloop.serving.feedback)
+    assert landing.read_partition("events", "2025-01-06").to_pylist()[0]["event_id"] == "fb-e1"
     assert not list((tmp_path / "spool").iterdir())
 
 
