@@ -24,6 +24,7 @@ from pathlib import Path
 
 import httpx
 import pyarrow.parquet as pq
+import pytest
 
 from recloop.config import REPO_ROOT
 
@@ -99,6 +100,7 @@ def landed_ids(landing: Path) -> list[str]:
             for r in pq.read_table(path, columns=["event_id"]).to_pylist()]
 
 
+@pytest.mark.slow
 def test_kill_9_during_a_feedback_burst_loses_and_doubles_nothing(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
