@@ -183,7 +183,9 @@ def _csv_batches(path: Path, report: FileReport) -> Iterator[dict[str, pa.Array]
                 source,
                 read_options=pcsv.ReadOptions(use_threads=False, column_names=names, block_size=CSV_BLOCK_BYTES),
                 parse_options=pcsv.ParseOptions(invalid_row_handler=on_invalid),
-                convert_options=pcsv.ConvertOptions(column_types={n: pa.binary() for n in names},
+                # Only an empty unquoted field is null: "NA", "null", "NaN" are values (an id, a country,
+                # a number validation refuses), not pyarrow's default null spellings.
+                convert_options=pcsv.ConvertOptions(column_types={n: pa.binary() for n in names}, null_values=[""],
                                                     strings_can_be_null=True, quoted_strings_can_be_null=False),
             )
         except pa.ArrowInvalid as err:
