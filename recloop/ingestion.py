@@ -120,8 +120,9 @@ def _decode_binary(column: pa.ChunkedArray | pa.Array, name: str, errors: list[s
 
 # --- reading landing files as a stream of all-text batches ------------------------------------------
 
-# Bytes of CSV parsed at a time (pyarrow's block size): memory stays a few blocks whatever the file's size.
-CSV_BLOCK_BYTES = 16 << 20
+# Bytes of CSV parsed at a time (pyarrow's block size): memory stays a few blocks whatever the file's size
+# (bench/ingest_memory.py), and each block is one row group of bronze (~40k rows of events).
+CSV_BLOCK_BYTES = 4 << 20
 # Rows of a Parquet landing file read at a time.
 PARQUET_BATCH_ROWS = 131_072
 # A header line longer than this is not a CSV header (a binary file, or a file without line breaks).
@@ -175,58 +176,65 @@ def _csv_batches(path: Path, report: FileReport) -> Iterator[dict[str, pa.Array]
         malformed.append((row.number, row.text, row.expected_columns, row.actual_columns))
         return "skip"
 
-    source = pa.OSFile(str(path))
-    try:
-        source.seek(offset)
-        try:
-            reader = pcsv.open_csv(
-                source,
-                read_options=pcsv.ReadOptions(use_threads=False, column_names=names, block_size=CSV_BLOCK_BYTES),
-                parse_options=pcsv.ParseOptions(invalid_row_handler=on_invalid),
-                # Only an empty unquoted field is null: "NA", "null", "NaN" are values (an id, a country,
-                # a number validation refuses), not pyarrow's default null spellings.
-                convert_options=pcsv.ConvertOptions(column_types={n: pa.binary() for n in names}, null_values=[""],
-                                                    strings_can_be_null=True, quoted_strings_can_be_null=False),
-            )
-        except pa.ArrowInvalid as err:
-            if "Empty CSV file" in str(err):  # a header and nothing else
-                return
-            raise
-        done = 0
+    # The file is cut at line ends into blocks of about CSV_BLOCK_BYTES, each parsed on its own: a line end
+    # ends a row (pyarrow's default, without newlines in values, cuts its own blocks the same way), and
+    # memory holds one block whatever the file's size (pyarrow's streaming reader, open_csv, reads ahead
+    # of the batches consumed: its memory grew with the file).
+    parse_options = pcsv.ParseOptions(invalid_row_handler=on_invalid)
+    # Only an empty unquoted field is null: "NA", "null", "NaN" are values (an id, a country, a number
+    # validation refuses), not pyarrow's default null spellings.
+    convert_options = pcsv.ConvertOptions(column_types={n: pa.binary() for n in names}, null_values=[""],
+                                          strings_can_be_null=True, quoted_strings_can_be_null=False)
+    done = 0
+    line = 1  # lines before the block (the header is line 1)
+    with open(path, "rb") as f:
+        f.seek(offset)
+        carry = b""
         while True:
-            try:
-                batch = reader.read_next_batch()
-            except StopIteration:
-                batch = None
-            n = 0 if batch is None else batch.num_rows
-            if n:
-                errors: list[str | None] = [None] * n
-                cols = {c: _decode_binary(batch.column(c), c, errors) for c in names}
-                report.encoding_errors += sum(e is not None for e in errors)
-                cols["_source_row"] = pa.array(range(done + 1, done + n + 1), pa.int64())
-                cols["_source_line"] = pa.nulls(n, pa.int64())
-                cols["_raw_line"] = pa.nulls(n, pa.string())
-                cols["_ingest_error"] = pa.array(errors, pa.string())
-                done += n
-                report.rows += n
-                yield cols
-            if malformed:
-                m = len(malformed)
-                bad: dict[str, pa.Array] = {c: pa.nulls(m, pa.string()) for c in names}
-                bad["_source_row"] = pa.nulls(m, pa.int64())
-                # pyarrow numbers the lines of the stream from 1; the header is line 1 of the file.
-                bad["_source_line"] = pa.array([None if r[0] is None else r[0] + 1 for r in malformed], pa.int64())
-                bad["_raw_line"] = pa.array([r[1] for r in malformed], pa.string())
-                bad["_ingest_error"] = pa.array(
-                    [f"malformed line: expected {r[2]} fields, found {r[3]}" for r in malformed], pa.string())
-                report.rows += m
-                report.malformed_rows += m
-                malformed.clear()
-                yield bad
-            if batch is None:
+            data = f.read(CSV_BLOCK_BYTES)
+            buf = carry + data if carry else data
+            if data:
+                cut = buf.rfind(b"\n") + 1
+                if not cut:  # no line end yet (a very long line): read on
+                    carry = buf
+                    continue
+                block, carry = buf[:cut], buf[cut:]
+            else:
+                block, carry = buf, b""
+            del buf
+            if block.strip(b"\r\n"):
+                read_options = pcsv.ReadOptions(use_threads=False, column_names=names, block_size=len(block) + 1)
+                batch = pcsv.read_csv(io.BytesIO(block), read_options=read_options, parse_options=parse_options,
+                                      convert_options=convert_options).combine_chunks()
+                n = batch.num_rows
+                if n:
+                    errors: list[str | None] = [None] * n
+                    cols = {c: _decode_binary(batch.column(c).combine_chunks(), c, errors) for c in names}
+                    report.encoding_errors += sum(e is not None for e in errors)
+                    cols["_source_row"] = pa.array(range(done + 1, done + n + 1), pa.int64())
+                    cols["_source_line"] = pa.nulls(n, pa.int64())
+                    cols["_raw_line"] = pa.nulls(n, pa.string())
+                    cols["_ingest_error"] = pa.array(errors, pa.string())
+                    done += n
+                    report.rows += n
+                    del batch
+                    yield cols
+                if malformed:
+                    m = len(malformed)
+                    bad: dict[str, pa.Array] = {c: pa.nulls(m, pa.string()) for c in names}
+                    bad["_source_row"] = pa.nulls(m, pa.int64())
+                    # pyarrow numbers the block's lines from 1
+                    bad["_source_line"] = pa.array([None if r[0] is None else r[0] + line for r in malformed], pa.int64())
+                    bad["_raw_line"] = pa.array([r[1] for r in malformed], pa.string())
+                    bad["_ingest_error"] = pa.array(
+                        [f"malformed line: expected {r[2]} fields, found {r[3]}" for r in malformed], pa.string())
+                    report.rows += m
+                    report.malformed_rows += m
+                    malformed.clear()
+                    yield bad
+            line += block.count(b"\n")
+            if not data:
                 return
-    finally:
-        source.close()
 
 
 def _parquet_columns(path: Path) -> list[str]:
@@ -435,7 +443,11 @@ def _ingest_once(table_name: str, partition: str, keys: list[str], broken: dict[
                     raise _Restart(key, str(err)) from None
                 except (pa.ArrowInvalid, pa.ArrowNotImplementedError, UnicodeDecodeError, OSError) as err:
                     what = "CSV" if fmt == "csv" else "Parquet"
-                    raise _Restart(key, f"not parseable as {what}: {str(err).splitlines()[0]}") from None
+                    reason = f"not parseable as {what}: {str(err).splitlines()[0][:300]}"
+                    if fmt == "csv" and "Expected" in reason and "columns" in reason:
+                        reason += (" (a line with the wrong number of fields that is not UTF-8 either: the file "
+                                   "cannot be split into rows; export it as UTF-8 CSV)")
+                    raise _Restart(key, reason) from None
             manifest.files.append(report)
             manifest.rows += report.rows
         writer.add_key_value_metadata({MANIFEST_KEY: manifest.to_json().encode()})
