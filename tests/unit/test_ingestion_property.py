@@ -60,6 +60,20 @@ valid = {
 }
 cell = {c: st.one_of(valid[c], valid[c], weird) for c in COLUMNS}
 rows_strategy = st.lists(st.fixed_dictionaries(cell), max_size=25)
+
+
+@st.composite
+def one_bad_cell_rows(draw) -> list[dict[str, str]]:
+    """Rows with unique ids, each valid but for at most one cell: that cell alone decides the row."""
+    rows = []
+    for i in range(draw(st.integers(1, 25))):
+        r = {c: draw(valid[c]) for c in COLUMNS}
+        r["event_id"] = f"r{i}"
+        column = draw(st.sampled_from([None, *COLUMNS[1:]]))
+        if column is not None:
+            r[column] = draw(weird)
+        rows.append(r)
+    return rows
 garbage_line = st.one_of(st.binary(min_size=1, max_size=40).filter(lambda b: b"\x00" not in b),
                          st.sampled_from([b"only,three,fields", b'"unclosed quote,x', b"\xff\xfe\xfa", b"a\rb"]))
 
@@ -130,6 +144,21 @@ def test_generated_rows_are_conserved(lakes, rows, drop, extra, order):
         assert isinstance(result, SchemaValidationError) and "empty" in str(result)
     else:
         assert not isinstance(result, SchemaValidationError), result
+
+
+@SETTINGS
+@given(rows=one_bad_cell_rows())
+def test_silver_holds_only_exact_values(lakes, rows):
+    _, result = _run(lakes, {"part-0.csv": _csv(rows, COLUMNS)})
+    assert not isinstance(result, SchemaValidationError), result
+    source = {r["event_id"]: r for r in rows}
+    for r in lakes[1].read_partition("silver/events", DAY).to_pylist():
+        raw = {c: source[r["event_id"]][c].strip() for c in COLUMNS}
+        # an integer from digits only (never a rounded 1.5), a boolean from true/false only
+        assert raw["position"] == "" or raw["position"].lstrip("+-").isdigit(), raw["position"]
+        for c in ("completed", "liked"):
+            assert raw[c].lower() in ("", "true", "false"), raw[c]
+            assert r[c] is None or r[c] == (raw[c].lower() == "true")
 
 
 @SETTINGS
