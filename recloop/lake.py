@@ -14,6 +14,8 @@ import shutil
 import tempfile
 import uuid
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -87,6 +89,50 @@ class Lake(ABC):
         self._replace_partition_files(prefix, files)
         return [self.uri(f"{prefix}/{name}") for name in files]
 
+    @contextmanager
+    def partition_writer(self, dataset: str, partition: str, schema: pa.Schema, **parquet: Any) -> Iterator[pq.ParquetWriter]:
+        """A Parquet writer of `schema` whose file becomes the whole of `dataset`'s `partition` when the
+        block ends without an error (replacing any earlier content, as `write_partition` does); on an
+        error, nothing changes. Rows are written batch by batch, so a partition larger than memory can
+        be written. `parquet` options go to `pyarrow.parquet.ParquetWriter` (default: zstd)."""
+        prefix = partition_key(dataset, partition)
+        tmp = self._staging_file(prefix)
+        try:
+            with pq.ParquetWriter(str(tmp), schema, **{"compression": "zstd", **parquet}) as writer:
+                yield writer
+            self._commit_partition_file(prefix, tmp)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _staging_file(self, prefix: str) -> Path:
+        """A local temporary path for a partition file being written."""
+        fd, name = tempfile.mkstemp(prefix="recloop-partition-", suffix=".parquet.tmp")
+        os.close(fd)
+        return Path(name)
+
+    def _commit_partition_file(self, prefix: str, path: Path) -> None:
+        """Make the finished local Parquet file `path` the whole content of `prefix`."""
+        self._replace_partition_files(prefix, {PART_FILE: path.read_bytes()})
+
+    @contextmanager
+    def local_file(self, key: str) -> Iterator[Path]:
+        """A local path holding the bytes of `key` for the block (the file itself in a local lake, a
+        temporary download otherwise): large files are read from disk, never loaded whole."""
+        fd, name = tempfile.mkstemp(prefix="recloop-input-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                self._download(key, f)
+            yield Path(name)
+        finally:
+            Path(name).unlink(missing_ok=True)
+
+    def _download(self, key: str, out: Any) -> None:
+        out.write(self.read_bytes(key))
+
+    def size(self, key: str) -> int:
+        """The size in bytes of the object at `key`."""
+        return len(self.read_bytes(key))
+
     def read_partition(self, dataset: str, partition: str) -> pa.Table:
         """The table stored in `dataset`'s `partition`; FileNotFoundError when it was never written."""
         prefix = partition_key(dataset, partition)
@@ -150,6 +196,41 @@ class LocalLake(Lake):
     def read_bytes(self, key: str) -> bytes:
         return self._path(key).read_bytes()
 
+    @contextmanager
+    def local_file(self, key: str) -> Iterator[Path]:
+        path = self._path(key)
+        if not path.is_file():
+            raise FileNotFoundError(str(path))
+        yield path
+
+    def size(self, key: str) -> int:
+        return self._path(key).stat().st_size
+
+    def _staging_file(self, prefix: str) -> Path:
+        # Beside the partition (same file system, so the commit is a rename); hidden from listings.
+        target = self._path(prefix)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return target.with_name(f".{target.name}.{uuid.uuid4().hex}.parquet.tmp")
+
+    def _commit_partition_file(self, prefix: str, path: Path) -> None:
+        target = self._path(prefix)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            os.replace(path, staging / PART_FILE)
+            self._swap_in(target, staging)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+
+    def _swap_in(self, target: Path, staging: Path) -> None:
+        if target.exists():
+            old = target.with_name(f".{target.name}.old.{uuid.uuid4().hex}")
+            os.replace(target, old)
+            os.replace(staging, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, target)
+
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
@@ -185,13 +266,7 @@ class LocalLake(Lake):
         try:
             for name, data in files.items():
                 (staging / name).write_bytes(data)
-            if target.exists():
-                old = target.with_name(f".{target.name}.old.{uuid.uuid4().hex}")
-                os.replace(target, old)
-                os.replace(staging, target)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(staging, target)
+            self._swap_in(target, staging)
         finally:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
@@ -244,6 +319,25 @@ class S3Lake(Lake):
         except self.client.exceptions.NoSuchKey:
             raise FileNotFoundError(self.uri(key)) from None
         return obj["Body"].read()
+
+    def _download(self, key: str, out: Any) -> None:
+        try:
+            self.client.download_fileobj(self.bucket, self._key(key), out)
+        except Exception as err:  # noqa: BLE001 - botocore's ClientError for a missing key
+            if not self.exists(key):
+                raise FileNotFoundError(self.uri(key)) from err
+            raise
+
+    def size(self, key: str) -> int:
+        return int(self.client.head_object(Bucket=self.bucket, Key=self._key(key))["ContentLength"])
+
+    def _commit_partition_file(self, prefix: str, path: Path) -> None:
+        # One streamed upload (multipart for a large file), then the partition's other objects go.
+        key = f"{prefix}/{PART_FILE}"
+        self.client.upload_file(str(path), self.bucket, self._key(key))
+        for stale in self.list_keys(prefix + "/"):
+            if stale != key:
+                self.client.delete_object(Bucket=self.bucket, Key=self._key(stale))
 
     def exists(self, key: str) -> bool:
         from botocore.exceptions import ClientError

@@ -33,7 +33,7 @@ import pyarrow as pa
 
 from recloop.data.schemas import TableSchema
 from recloop.data.schemas import table as table_schema
-from recloop.ingestion import META_COLUMNS, Manifest, read_bronze
+from recloop.ingestion import FEEDBACK_PREFIX, META_COLUMNS, Manifest, read_bronze
 from recloop.lake import Lake, WrittenPartition
 
 SILVER = "silver"
@@ -234,6 +234,23 @@ def check_schema(
 # --- row level -------------------------------------------------------------------------------------
 
 
+# A value longer than this is cut (with "…") in the reason text; the quarantined row keeps it whole.
+REASON_VALUE_CHARS = 60
+
+
+def _typed_sql(target: str, raw: str) -> str:
+    """The DuckDB expression typing the text `raw` as `target`, NULL when it is not exactly a value of it:
+    integers only as digits (`1.5` and `1e1` are not rounded), booleans only `true`/`false` in any case
+    (`yes`, `1`, `T` are not booleans), numbers only finite (`NaN`, `inf` are not)."""
+    if target in ("INTEGER", "BIGINT"):
+        return f"CASE WHEN regexp_full_match({raw}, '[+-]?[0-9]+') THEN TRY_CAST({raw} AS {target}) END"
+    if target == "BOOLEAN":
+        return f"CASE lower({raw}) WHEN 'true' THEN true WHEN 'false' THEN false END"
+    if target == "DOUBLE":
+        return f"CASE WHEN isfinite(TRY_CAST({raw} AS DOUBLE)) THEN TRY_CAST({raw} AS DOUBLE) END"
+    return f"TRY_CAST({raw} AS {target})"
+
+
 def _cast_sql(schema: TableSchema, present: set[str]) -> tuple[str, str]:
     """SELECT expressions that type each column and collect the values that would not convert."""
     selects, errors = [], []
@@ -247,15 +264,59 @@ def _cast_sql(schema: TableSchema, present: set[str]) -> tuple[str, str]:
             selects.append(f"{raw} AS {name}")
             continue
         target = "TIMESTAMPTZ" if pa.types.is_timestamp(f.type) else _DUCK_TYPES[f.type]
-        selects.append(f"TRY_CAST({raw} AS {target}) AS {name}")
+        typed = _typed_sql(target, raw)
+        selects.append(f"{typed} AS {name}")
         kind = {"TIMESTAMPTZ": "an ISO-8601 timestamp", "DOUBLE": "a number", "INTEGER": "an integer",
                 "BIGINT": "an integer", "BOOLEAN": "true or false"}[target]
-        errors.append(
-            f"CASE WHEN {raw} IS NOT NULL AND TRY_CAST({raw} AS {target}) IS NULL "
-            f"THEN '{name}=' || {raw} || ' is not {kind}' END"
-        )
+        shown = (f"CASE WHEN length({raw}) > {REASON_VALUE_CHARS} THEN left({raw}, {REASON_VALUE_CHARS}) || '…' "
+                 f"ELSE {raw} END")
+        what = f"' is not {kind}'"
+        if target == "DOUBLE":
+            what = f"CASE WHEN TRY_CAST({raw} AS DOUBLE) IS NULL THEN {what} ELSE ' is not a finite number' END"
+        errors.append(f"CASE WHEN {raw} IS NOT NULL AND ({typed}) IS NULL THEN '{name}=' || {shown} || {what} END")
     err_expr = f"NULLIF(concat_ws('; ', {', '.join(errors)}), '')" if errors else "NULL"
     return ", ".join(selects), err_expr
+
+
+# Which copy of a duplicated key a partition keeps: the first in this order. Ingestion already lands
+# delivered files before feedback files (`recloop.ingestion.ingestion_order`); the order is repeated here
+# so a bronze partition ingested before that rule still lets a delivered row win.
+_FEEDBACK_LAST = f"regexp_matches(coalesce(b._source_file, ''), '(^|/){FEEDBACK_PREFIX}[^/]*$')"
+
+
+def _day_error_sql(day_expr: str, day_text: str) -> str:
+    """The reason of an event whose `event_time` is not on its partition's (UTC) day."""
+    return (f"CASE WHEN t.event_time IS NOT NULL AND CAST(t.event_time AS DATE) <> {day_expr} "
+            f"THEN 'event_time ' || strftime(t.event_time, '%Y-%m-%dT%H:%M:%S') || "
+            f"CASE WHEN microsecond(t.event_time) % 1000000 <> 0 "
+            f"THEN '.' || lpad(CAST(microsecond(t.event_time) % 1000000 AS VARCHAR), 6, '0') ELSE '' END || "
+            f"'Z is not on the partition''s day ' || {day_text} || ' (UTC)' END")
+
+
+_ACCEPTED_EARLIER_REASON = "duplicate event_id: an event accepted on "
+
+
+def _register_accepted_before(con: duckdb.DuckDBPyConnection, lake: Lake, before: str) -> None:
+    """`accepted_events(event_id, _p)`: the event ids of `silver/events` on days before `before` (only the
+    column event_id of those Parquet files is read)."""
+    from recloop.data.schemas import EVENTS
+    from recloop.lake import local_partition_files, register_partitions
+
+    dataset = f"{SILVER}/events"
+    parts = [p for p in lake.partitions(dataset) if p < before]
+    register_partitions(con, "accepted_events", lake, dataset, parts, pa.schema([EVENTS.schema.field("event_id")]),
+                        local_partition_files(lake, dataset))
+
+
+def _accepted_join(keys: str) -> str:
+    """A LEFT JOIN naming `acc.first_day`, the first earlier day an event id of `keys` was accepted on."""
+    return (f"LEFT JOIN (SELECT event_id, min(_p) AS first_day FROM accepted_events "
+            f"WHERE event_id IN (SELECT event_id FROM {keys}) GROUP BY event_id) acc ON e.event_id = acc.event_id")
+
+
+def _accepted_reason() -> str:
+    return (f"CASE WHEN acc.first_day IS NOT NULL THEN '{_ACCEPTED_EARLIER_REASON}' || strftime(acc.first_day, '%Y-%m-%d') "
+            f"|| ' has the same event_id' END")
 
 
 def _accepted_files(lake: Lake, table_name: str, upto: str) -> list[str] | pa.Table | None:
@@ -273,14 +334,16 @@ def _typed_frame(con: duckdb.DuckDBPyConnection, lake: Lake, schema: TableSchema
     present = set(bronze.column_names)
     select, err_expr = _cast_sql(schema, present)
     con.register("b", bronze)
+    day = date_type.fromisoformat(partition).isoformat()
     base = (
         f"SELECT {select}, {err_expr} AS _type_errors, b._ingest_error AS _ingest_error, "
-        f"row_number() OVER () - 1 AS _row FROM b"
+        f"{_FEEDBACK_LAST} AS _feedback, row_number() OVER () - 1 AS _row FROM b"
     )
     key = schema.key
+    day_error = ", " + _day_error_sql(f"DATE '{day}'", f"'{day}'") + " AS _day_error" if schema.name == "events" else ""
     sql = (
-        f"WITH t AS ({base}) SELECT t.*, CASE WHEN t.{key} IS NULL THEN NULL ELSE "
-        f"row_number() OVER (PARTITION BY t.{key} ORDER BY t._row) END AS _occurrence FROM t"
+        f"WITH t AS ({base}) SELECT t.* EXCLUDE (_feedback), CASE WHEN t.{key} IS NULL THEN NULL ELSE "
+        f"row_number() OVER (PARTITION BY t.{key} ORDER BY t._feedback, t._row) END AS _occurrence{day_error} FROM t"
     )
     if schema.name == "events":
         joins = []
@@ -299,12 +362,14 @@ def _typed_frame(con: duckdb.DuckDBPyConnection, lake: Lake, schema: TableSchema
             f"WITH e AS ({sql}) SELECT e.*, "
             f"CASE WHEN e.user_id IS NULL THEN NULL ELSE ku.user_id IS NOT NULL END AS _user_known, "
             f"CASE WHEN e.video_id IS NULL THEN NULL ELSE kv.video_id IS NOT NULL END AS _video_known, "
-            f"kv.duration_s AS _video_duration_s "
+            f"kv.duration_s AS _video_duration_s, "
+            f"{_accepted_reason()} AS _duplicate_of "
             f"FROM e LEFT JOIN known_users ku ON e.user_id = ku.user_id "
-            f"LEFT JOIN known_videos kv ON e.video_id = kv.video_id"
+            f"LEFT JOIN known_videos kv ON e.video_id = kv.video_id "
+            f"{_accepted_join('e')}"
         )
-        # One partition cannot hold a key of an earlier day: only a range validation fills this in.
-        sql = f"SELECT *, NULL::VARCHAR AS _duplicate_of FROM ({sql})"
+        # An event id accepted on an earlier day (never the partition's own day: re-running it is idempotent).
+        _register_accepted_before(con, lake, day)
     return con.sql(f"{sql} ORDER BY _row").to_arrow_table()
 
 
@@ -428,10 +493,13 @@ def _root_causes(found: list[tuple[str, str | None, str, str]]) -> list[str]:
         if source == "_type_errors"
         for error in text.split("; ")
     }
+    future = any(" is in the future " in text for _, _, _, text in found)
     return [
         text
         for source, column, kind, text in found
         if not (kind == "expect_column_values_to_not_be_null" and column in uncast)
+        # an event later than the ingestion time is also off its partition's day: the future is the cause
+        and not (future and source == "_day_error")
     ]
 
 
@@ -441,6 +509,10 @@ def _reason_kind(text: str) -> str:
         return "malformed line"
     if text.startswith(_EARLIER_DAY_REASON):
         return "duplicate event_id: a row of an earlier day of the range has the same event_id"
+    if text.startswith(_ACCEPTED_EARLIER_REASON):
+        return "duplicate event_id: an event accepted on an earlier day has the same event_id"
+    if text.startswith("event_time ") and " is not on the partition's day " in text:
+        return "event_time is not on the partition's day"
     if "is not valid UTF-8" in text:
         return "not valid UTF-8"
     if " is not " in text and "=" in text.split(" is not ", 1)[0]:
@@ -589,17 +661,21 @@ def _range_typed_frame(
     con: duckdb.DuckDBPyConnection, schema: TableSchema, bronze: pa.Table, *, seen: bool
 ) -> pa.Table:
     """`_typed_frame` for the rows of several days (`_day`, `_row` = position in `bronze`): duplicates of
-    a key within a day (`_occurrence`); for events, a key already used on an earlier day of the range
-    (`_duplicate_of`, against this chunk and the `seen` table of earlier chunks), and the users and videos
+    a key within a day (`_occurrence`); for events, an event time off its day (`_day_error`), a key accepted
+    before the range (`accepted_events`) or already used on an earlier day of the range (`_duplicate_of`,
+    against this chunk and the `seen` table of earlier chunks), and the users and videos
     accepted on the event's day or before (`known_users(user_id, first_day)`, `known_videos`)."""
     present = set(bronze.column_names)
     select, err_expr = _cast_sql(schema, present)
     con.register("b", bronze)
     key = schema.key
     base = (f"SELECT {select}, {err_expr} AS _type_errors, b._ingest_error AS _ingest_error, "
-            f"b._day AS _day, b._row AS _row FROM b")
-    sql = (f"WITH t AS ({base}) SELECT t.*, CASE WHEN t.{key} IS NULL THEN NULL ELSE "
-           f"row_number() OVER (PARTITION BY t._day, t.{key} ORDER BY t._row) END AS _occurrence FROM t")
+            f"{_FEEDBACK_LAST} AS _feedback, b._day AS _day, b._row AS _row FROM b")
+    day_error = (", " + _day_error_sql("t._day", "strftime(t._day, '%Y-%m-%d')") + " AS _day_error"
+                 if schema.name == "events" else "")
+    sql = (f"WITH t AS ({base}) SELECT t.* EXCLUDE (_feedback), CASE WHEN t.{key} IS NULL THEN NULL ELSE "
+           f"row_number() OVER (PARTITION BY t._day, t.{key} ORDER BY t._feedback, t._row) END AS _occurrence"
+           f"{day_error} FROM t")
     if schema.name != "events":
         return con.sql(f"{sql} ORDER BY _row").to_arrow_table()
     first_seen = ("LEFT JOIN seen ON e.event_id = seen.event_id" if seen else
@@ -608,8 +684,9 @@ def _range_typed_frame(
 WITH e AS ({sql}),
 f AS (
   SELECT e.*, CASE WHEN e.event_id IS NULL THEN NULL
-                   ELSE least(seen.first_day, min(e._day) OVER (PARTITION BY e.event_id)) END AS _first_day
-  FROM e {first_seen}
+                   ELSE least(seen.first_day, min(e._day) OVER (PARTITION BY e.event_id)) END AS _first_day,
+         {_accepted_reason()} AS _accepted_before
+  FROM e {first_seen} {_accepted_join('e')}
 ),
 j AS (
   SELECT f.*,
@@ -621,9 +698,9 @@ j AS (
   LEFT JOIN known_videos kv ON f.video_id = kv.video_id AND kv._p <= f._day
   QUALIFY row_number() OVER (PARTITION BY f._row ORDER BY kv._p DESC NULLS LAST) = 1
 )
-SELECT j.* EXCLUDE (_first_day),
-       CASE WHEN j._first_day < j._day
-            THEN '{_EARLIER_DAY_REASON}' || strftime(j._first_day, '%Y-%m-%d') || ') has the same event_id' END
+SELECT j.* EXCLUDE (_first_day, _accepted_before),
+       coalesce(j._accepted_before, CASE WHEN j._first_day < j._day
+            THEN '{_EARLIER_DAY_REASON}' || strftime(j._first_day, '%Y-%m-%d') || ') has the same event_id' END)
             AS _duplicate_of
 FROM j ORDER BY _row
 """
@@ -704,6 +781,8 @@ def validate_range(
             con.execute("CREATE TEMP TABLE known_videos AS SELECT video_id, _p, any_value(duration_s) AS duration_s "
                         "FROM videos_src WHERE video_id IS NOT NULL GROUP BY video_id, _p")
             con.execute("CREATE TEMP TABLE seen (event_id VARCHAR, first_day DATE)")
+            # Event ids accepted before the range (the range's own days are being replaced).
+            _register_accepted_before(con, lake, first)
         with progress.stage(f"validate {table_name}", len(days), "day") as bar:
             for chunk_no, chunk in enumerate(c for c in chunks if c):
                 bronzes = [bronze[d] if bronze is not None and d in bronze else read_bronze(lake, table_name, d)
