@@ -170,6 +170,11 @@ class GateConfig:
     # catalogue of well-known movies), no more than the classical baselines evaluated on the same split
     # (`reference`: tuned ALS and EASE) plus `max_concentration_increase`.
     max_popularity_concentration: float = 0.5
+    # Both concentration guardrails judge the challenger's level less `concentration_z` standard errors
+    # over users (`<concentration_metric>_stderr` when the evaluation gives it; 1.645: one-sided 95 %):
+    # they refuse when the evidence says the ceiling is exceeded, not on the sampling noise of a
+    # held-out period with a few dozen users. 0 judges the level as measured.
+    concentration_z: float = 1.645
     # Sanity of the challenger itself.
     max_identical_list_share: float = 0.5
     require_finite_weights: bool = True
@@ -197,6 +202,17 @@ class GateDecision:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _concentration_margin(challenger: Mapping[str, Any], config: "GateConfig") -> tuple[float, str]:
+    """(z x the standard error of the challenger's concentration, the text that says so) -- (0, "") when
+    the evaluation gave no standard error."""
+    level = _num(challenger, config.concentration_metric)
+    se = _num(challenger, f"{config.concentration_metric}_stderr")
+    if level is None or se is None or not math.isfinite(se) or config.concentration_z <= 0:
+        return 0.0, ""
+    margin = config.concentration_z * se
+    return margin, f" (standard error {se:.4f} over users: judged at {level - margin:.4f})"
 
 
 def _num(metrics: Mapping[str, Any] | None, key: str) -> float | None:
@@ -299,15 +315,16 @@ def decide(
             )
         conc = config.concentration_metric
         ours, theirs = _num(challenger, conc), _num(champion, conc)
+        margin, noise = _concentration_margin(challenger, config)
         if theirs is None:
             reasons.append(f"SKIP concentration_increase_guardrail: champion v{version} has no {conc}")
         else:
             ceiling = theirs + config.max_concentration_increase
-            ok = ours is not None and math.isfinite(ours) and ours <= ceiling
+            ok = ours is not None and math.isfinite(ours) and ours - margin <= ceiling
             record(
                 "concentration_increase_guardrail",
                 ok,
-                f"challenger {conc} {_fmt(ours)} vs champion {theirs:.4f}; "
+                f"challenger {conc} {_fmt(ours)}{noise} vs champion {theirs:.4f}; "
                 f"needs <= {ceiling:.4f} (+{config.max_concentration_increase:.2f})",
             )
 
@@ -320,11 +337,12 @@ def decide(
         name = max(levels, key=levels.get)
         ceiling = levels[name] + config.max_concentration_increase
         why = f" ({name} {levels[name]:.4f} on this data +{config.max_concentration_increase:.2f})"
-    ok = ours is not None and math.isfinite(ours) and ours <= ceiling
+    margin, noise = _concentration_margin(challenger, config)
+    ok = ours is not None and math.isfinite(ours) and ours - margin <= ceiling
     record(
         "popularity_concentration_guardrail",
         ok,
-        f"challenger {config.concentration_metric} {_fmt(ours)}; needs <= {ceiling:.4f}{why}",
+        f"challenger {config.concentration_metric} {_fmt(ours)}{noise}; needs <= {ceiling:.4f}{why}",
     )
 
     # Sanity of the challenger's outputs and weights.

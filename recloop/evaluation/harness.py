@@ -29,6 +29,7 @@ from recloop.evaluation.metrics import (
     intra_list_diversity,
     novelty,
     popularity_concentration,
+    popularity_concentration_stderr,
 )
 
 log = logging.getLogger(__name__)
@@ -231,6 +232,7 @@ def evaluate(
                 intra_list_diversity=intra_list_diversity(main, category),
                 novelty=novelty(main, popularity) if popularity.sum() > 0 else float("nan"),
                 popularity_concentration=popularity_concentration(main, popularity),
+                popularity_concentration_stderr=popularity_concentration_stderr(main, popularity),
                 identical_list_share=identical_list_share(main),
             )
         metrics: dict[str, Any] = {

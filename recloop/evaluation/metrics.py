@@ -188,22 +188,47 @@ def novelty(recs: Sequence[Sequence[str]], item_popularity: Mapping[str, float])
     return _mean(per_list[ok] / n[ok])
 
 
+def _top_popular(item_popularity: Mapping[str, float], top_share: float) -> np.ndarray:
+    """Ids of the ceil(top_share x number of items) most popular items (at least 1; ties by item id)."""
+    if not 0 < top_share <= 1:
+        raise ValueError(f"top_share must be in (0, 1], got {top_share}")
+    pop = _popularity_series(item_popularity)
+    ids = pop.index.astype(str).to_numpy()
+    order = np.lexsort((ids, -pop.to_numpy()))
+    return ids[order[: max(1, math.ceil(top_share * len(pop) - 1e-9))]]
+
+
 def popularity_concentration(
     recs: Sequence[Sequence[str]], item_popularity: Mapping[str, float], top_share: float = 0.01
 ) -> float:
     """Share of all recommended slots that go to the top `top_share` most popular items of
     `item_popularity` (ceil(top_share x number of items), at least 1; ties broken by item id)."""
-    if not 0 < top_share <= 1:
-        raise ValueError(f"top_share must be in (0, 1], got {top_share}")
+    top = _top_popular(item_popularity, top_share)
     _, _, items = _flatten(recs)
     if not len(items):
         return float("nan")
-    pop = _popularity_series(item_popularity)
-    ids = pop.index.astype(str).to_numpy()
-    order = np.lexsort((ids, -pop.to_numpy()))
-    n_top = max(1, math.ceil(top_share * len(pop) - 1e-9))
-    top = ids[order[:n_top]]
     return float(np.isin(items.astype(str), top).mean())
+
+
+def popularity_concentration_stderr(
+    recs: Sequence[Sequence[str]], item_popularity: Mapping[str, float], top_share: float = 0.01
+) -> float:
+    """Standard error of `popularity_concentration` over users (the lists are the sample: the share of
+    each list's slots that go to the top items, its standard deviation over lists / sqrt(lists), weighted
+    by list length). NaN for fewer than two non-empty lists. The promotion gate reads it so that a
+    guardrail judged on a few dozen held-out users does not refuse on sampling noise."""
+    top = _top_popular(item_popularity, top_share)
+    rows, _, items = _flatten(recs)
+    n = np.bincount(rows, minlength=len(recs)).astype(np.float64)
+    ok = n > 0
+    if ok.sum() < 2:
+        return float("nan")
+    hits = np.bincount(rows, weights=np.isin(items.astype(str), top).astype(np.float64), minlength=len(recs))
+    share, w = hits[ok] / n[ok], n[ok]
+    mean = float((share * w).sum() / w.sum())
+    # Ratio-estimator variance of a mean of per-list shares weighted by list length.
+    var = float((w**2 * (share - mean) ** 2).sum() / (w.sum() ** 2) * ok.sum() / (ok.sum() - 1))
+    return math.sqrt(var)
 
 
 def identical_list_share(recs: Sequence[Sequence[str]]) -> float:

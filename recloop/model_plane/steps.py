@@ -275,7 +275,8 @@ def gate_metrics(flat: dict[str, float], k: int = 10) -> dict[str, float]:
     """Evaluation's flat names → the names the promotion gate reads."""
     out = dict(flat)
     for src, dst in ((f"catalog_coverage_at_{k}", "coverage"), (f"intra_list_diversity_at_{k}", "diversity"),
-                     (f"popularity_concentration_at_{k}", "popularity_concentration")):
+                     (f"popularity_concentration_at_{k}", "popularity_concentration"),
+                     (f"popularity_concentration_stderr_at_{k}", "popularity_concentration_stderr")):
         if src in flat:
             out[dst] = flat[src]
     return out

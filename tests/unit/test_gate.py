@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from recloop.registry import GateConfig, GateDecision, decide
@@ -218,3 +220,39 @@ def test_concentration_ceiling_follows_classical_cf_on_data_where_it_concentrate
     refused = decide(challenger=challenger(ndcg_at_10=0.150, popularity_concentration=0.55), champion=None,
                      popularity=POPULARITY, sanity=SANE, reference=low)
     assert not refused.promote and "needs <= 0.5000" in reason(refused, "popularity_concentration_guardrail")
+
+
+def test_concentration_guardrails_judge_the_level_less_its_sampling_noise() -> None:
+    """31 held-out users: 0.729 over a ceiling of 0.703 is within one standard error, not evidence of a
+    degenerate model; the same level measured on thousands of users (a small standard error) is refused,
+    as is a level far above the ceiling whatever the noise; `concentration_z=0` judges the level alone."""
+    reference = {"ease": {"popularity_concentration": 0.6032}}
+    kwargs = dict(champion=None, popularity=POPULARITY, sanity=SANE, reference=reference)
+    noisy = challenger(ndcg_at_10=0.150, popularity_concentration=0.729, popularity_concentration_stderr=0.04)
+    ok = decide(challenger=noisy, config=GateConfig(), **kwargs)
+    assert ok.promote, ok.reasons
+    assert "standard error 0.0400 over users: judged at 0.6632" in reason(ok, "popularity_concentration_guardrail")
+    precise = challenger(ndcg_at_10=0.150, popularity_concentration=0.729, popularity_concentration_stderr=0.004)
+    assert not decide(challenger=precise, config=GateConfig(), **kwargs).promote
+    far = challenger(ndcg_at_10=0.150, popularity_concentration=0.95, popularity_concentration_stderr=0.04)
+    assert not decide(challenger=far, config=GateConfig(), **kwargs).promote
+    assert not decide(challenger=noisy, config=GateConfig(concentration_z=0), **kwargs).promote
+    # Against a champion too.
+    champ = {**CHAMPION, "popularity_concentration": 0.40}
+    near = challenger(popularity_concentration=0.53, popularity_concentration_stderr=0.03)
+    assert gate(near, champ).checks["concentration_increase_guardrail"] is True
+    assert gate({**near, "popularity_concentration_stderr": 0.001}, champ).checks["concentration_increase_guardrail"] is False
+
+
+def test_popularity_concentration_stderr_is_the_spread_over_users() -> None:
+    from recloop.evaluation.metrics import popularity_concentration, popularity_concentration_stderr
+
+    pop = {f"v{i}": float(1000 - i) for i in range(200)}  # top 1 %: v0, v1
+    same = [["v0", "v5"], ["v1", "v6"], ["v0", "v7"], ["v1", "v8"]]
+    assert popularity_concentration(same, pop) == 0.5
+    assert popularity_concentration_stderr(same, pop) == 0.0
+    mixed = [["v0", "v1"], ["v5", "v6"], ["v0", "v1"], ["v5", "v6"]]
+    assert popularity_concentration(mixed, pop) == 0.5
+    # Shares 1, 0, 1, 0: sample variance 1/3 over 4 lists -> 0.5 / sqrt(3).
+    assert popularity_concentration_stderr(mixed, pop) == pytest.approx(0.5 / 3**0.5, rel=1e-9)
+    assert math.isnan(popularity_concentration_stderr([["v0"]], pop))
