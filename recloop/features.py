@@ -747,7 +747,8 @@ def _rehome_sources(message: Any, lake: str) -> list[str]:
     for field, value in message.ListFields():
         if field.type != FieldDescriptor.TYPE_MESSAGE or (field.message_type.GetOptions().map_entry):
             continue
-        for item in (value if field.label == FieldDescriptor.LABEL_REPEATED else [value]):
+        repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == FieldDescriptor.LABEL_REPEATED
+        for item in (value if repeated else [value]):
             changed += _rehome_sources(item, lake)
     return changed
 

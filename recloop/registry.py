@@ -1088,13 +1088,14 @@ class Registry:
 
 def _roll_back(stack: list[str], to_version: str | None) -> None:
     """The lineage after a rollback to `to_version`: back to its newest place in the lineage, or (a
-    version rolled back past earlier) the current champion replaced by it. Older logs: one step back."""
+    version rolled back past before) restored on top, so the next rollback returns to the champion it
+    replaced. Older logs: one step back."""
     if not to_version:
         stack.pop()
     elif to_version in stack:
         del stack[len(stack) - stack[::-1].index(to_version):]
     else:
-        stack[-1:] = [to_version]
+        stack.append(to_version)
 
 
 def _one_line(err: BaseException) -> str:
