@@ -932,9 +932,10 @@ def drift_report(lake: Lake, registry: Registry, partition: str, *, config_path:
     """Day `partition` against the champion's training window (`recloop.drift.detect_drift`, Evidently):
     the HTML report in the lake, the run in MLflow's `recloop-monitoring` experiment, the decision with
     its drift episode in the lake (`read_drift_record`), and the `drift.detected` alert when the day opens
-    a new episode. Without a champion there is nothing to compare with: not drifted, said so."""
+    a new episode. Without a champion there is nothing to compare with: not drifted, said so; with a
+    corrupt one neither, with its `model.corrupt` alert (the same event serving and training send)."""
     from recloop import drift
-    from recloop.model_plane.bundle import load_bundle
+    from recloop.model_plane.bundle import CorruptModelError, load_bundle, verify_bundle
 
     champion = registry.champion()
     if champion is None:
@@ -950,6 +951,15 @@ def drift_report(lake: Lake, registry: Registry, partition: str, *, config_path:
         return outcome
     version = str(champion.version)
     bundle = registry.bundle_path(version)
+    try:
+        verify_bundle(bundle)
+    except CorruptModelError as err:  # the day's data is fine: no report, and the model.corrupt alert
+        outcome = DriftOutcome(partition, False, None, None, [], {}, [], None, None,
+                               f"champion v{version} is corrupt ({err.summary}): no drift report until it is "
+                               "rolled back (recloop rollback) or replaced",
+                               corrupt_model_alert(version, err.problems, seen_by="drift"))
+        _write_record(lake, outcome)
+        return outcome
     reference = drift.champion_reference(bundle)
     result = drift.detect_drift(lake, partition, reference, config=drift.DriftConfig.load(config_path),
                                 champion=load_bundle(bundle))

@@ -3,7 +3,8 @@ real training job (Dagster, Feast, MLflow on SQLite), then its FAISS index repla
 ranker cut in half in MLflow's artifact store.
 
 Before: serving fell back (good), `recloop train` died at evaluation with a raw FAISS error, and
-`recloop rollback` said there was no previous champion. Now: serving falls back and alerts once,
+`recloop rollback` said there was no previous champion. Now: the data plane's drift step skips the
+corrupt champion and says so, serving falls back, and all of them alert once together,
 `recloop train` trains and evaluates against the newest champion that loads (none here: popularity, and
 says so), promotes, and the webhook receiver has exactly one `model.corrupt`; rollback says in one
 sentence why it cannot go back to the corrupt version; serving picks up the new champion.
@@ -39,7 +40,7 @@ def stored_bundle(registry, version: str) -> Path:
 
 
 def test_training_and_rollback_with_a_corrupt_champion(recloop_env, webhook_receiver, capsys, tmp_path):
-    from pipelines.run import run_data_plane
+    from pipelines.run import instance, run_data_plane, run_job
     from recloop.cli import main
     from recloop.registry import open_registry
     from recloop.serving import RecommendationService, ServingConfig
@@ -55,6 +56,11 @@ def test_training_and_rollback_with_a_corrupt_champion(recloop_env, webhook_rece
     (bundle / "sources/two_tower/index/index.faiss").write_bytes(os.urandom(4096))
     ranker = (bundle / "ranker/model.txt").read_bytes()
     (bundle / "ranker/model.txt").write_bytes(ranker[: len(ranker) // 2])
+
+    # The data plane still runs the day: no drift report against a corrupt champion, said so (and alerted).
+    day = run_job("data_plane_job", partition=DAYS[-1], inst=instance(settings))
+    assert day.success, day.error
+    assert "champion v1 is corrupt (ranker/model.txt does not match" in day.materialized["monitoring/drift"]["status"]
 
     safety = tmp_path / "safety.yaml"
     safety.write_text("blocked_videos: []\nblocked_tags: []\n")
@@ -77,7 +83,7 @@ def test_training_and_rollback_with_a_corrupt_champion(recloop_env, webhook_rece
         promoted = registry.history()[0]
         assert (promoted["version"], promoted["decision"], promoted["compared_to"]) == ("2", "promoted", "popularity")
 
-        # One alert for the corrupt champion: serving (twice) and training found the same damage.
+        # One alert for the corrupt champion: the drift step, serving (twice) and training found the same damage.
         corrupt = webhook_receiver.of_type("model.corrupt")
         assert len(corrupt) == 1 and corrupt[0]["data"]["model_version"] == "1"
         assert set(corrupt[0]["data"]["details"]["files"]) == {"ranker/model.txt", "sources/two_tower/index/index.faiss"}
