@@ -7,7 +7,12 @@ are not used.
 
 Every promotion decision is written twice: as tags on the model version (its current state) and as one
 run in the MLflow experiment `recloop-promotions` (the log). `history()` and `rollback()` read that log,
-so the champion lineage can be rebuilt from MLflow alone.
+so the champion lineage can be rebuilt from MLflow alone. A bundle is logged only if it matches the
+checksums it was saved with, and `verify()` checks a version the same way (download, checksums, load):
+`rollback()` skips earlier champions that fail it, `rollback(to=...)` refuses one.
+
+The embedded store (SQLite, artifacts beside it in RECLOOP_HOME) is relocatable: `rehome_artifacts`
+re-roots the absolute artifact locations MLflow keeps when a home was copied or moved.
 
 The gate (`GateConfig`, `decide`) is pure logic over metric dicts; it has no MLflow dependency.
 """
