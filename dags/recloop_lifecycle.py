@@ -308,7 +308,10 @@ def evaluation() -> dict[str, Any]:
     """Held-out days, full ranking, watched videos excluded: the candidate and its sources beside
     popularity, ALS, EASE and the current champion on the same split."""
     s = Settings.from_env()
-    return lifecycle.jsonable(lifecycle.evaluate_candidate(_lake(s.lake_uri), _registry(), _workdir(), settings=s))
+    out = lifecycle.evaluate_candidate(_lake(s.lake_uri), _registry(), _workdir(), settings=s)
+    for alert in lifecycle.corrupt_model_alerts(out):  # a corrupt champion: skipped, and said once
+        lifecycle.send_alert(alert, logger=log)
+    return lifecycle.jsonable(out)
 
 
 @task

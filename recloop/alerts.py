@@ -76,7 +76,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 EventType = Literal[
-    "drift.detected", "validation.failed", "model.promoted", "model.refused", "retraining.failed"
+    "drift.detected", "validation.failed", "model.promoted", "model.refused", "retraining.failed", "model.corrupt"
 ]
 EVENT_TYPES: tuple[EventType, ...] = get_args(EventType)
 

@@ -6,6 +6,9 @@ interaction history they read and the LambdaRank ranker travel as one artifact d
 (`artifacts["bundle"]`, written by `recloop.model_plane.bundle.save_bundle`) and are loaded together by
 `recloop.model_plane.bundle.load_bundle`, so one registered version is always a consistent whole.
 
+Every file of the bundle is checked against the sha256 it was saved with before the bundle is loaded
+(`recloop.model_plane.bundle.verify_bundle`): a damaged artifact is a `CorruptModelError` naming the file.
+
 Input: a DataFrame with a `user_id` column and an optional integer `k` column (default 10).
 Output: a DataFrame with `user_id`, `rank` (1 = best) and `video_id`, one row per recommendation.
 
@@ -62,6 +65,11 @@ class BundleModel(PythonModel):
 
     def load_context(self, context: PythonModelContext) -> None:
         bundle_dir = context.artifacts["bundle"]
+        if (os.environ.get(LOADER_ENV) or DEFAULT_LOADER) != DEFAULT_LOADER:
+            # The default loader verifies the checksums itself; another one gets verified files too.
+            from recloop.model_plane.bundle import verify_bundle
+
+            verify_bundle(bundle_dir)
         self.recommender = resolve_loader()(bundle_dir)
 
     def predict(

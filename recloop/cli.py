@@ -456,17 +456,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from recloop.registry import open_registry
-
-    from recloop.registry import RegistryError
+    from recloop.registry import RegistryError, open_registry
 
     registry = open_registry(Settings.from_env())
     try:
-        before, after = registry.rollback(reason=args.reason)
+        before, after = registry.rollback(to=args.to, reason=args.reason)
     except RegistryError as err:
         print(f"recloop rollback: {err}", file=sys.stderr)
         return 2
-    _print({"model": registry.model_name, "champion_was": before, "champion_now": after})
+    latest = registry.history()[0]
+    _print({"model": registry.model_name, "champion_was": before, "champion_now": after,
+            "why": latest.get("why", [])})
     return 0
 
 
@@ -631,7 +631,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the JSON result here as well")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("rollback", help="move the champion alias back to the previous champion")
+    p = sub.add_parser("rollback", help="move the champion alias back to the previous champion that loads, or to --to VERSION",
+                       description=("Move the champion alias back: to the newest earlier champion whose bundle downloads, "
+                                    "passes its checksums and loads (corrupt ones are skipped and named), or with --to "
+                                    "to any version the gate promoted before. Serving follows the alias."))
+    p.add_argument("--to", metavar="VERSION", help="the version to make champion (one the gate promoted before)")
     p.add_argument("--reason", default="manual rollback")
     p.set_defaults(func=cmd_rollback)
 

@@ -242,7 +242,7 @@ class Settings:
             s3_endpoint_url=_env("RECLOOP_S3_ENDPOINT_URL"),
             feature_repo=Path(_env("RECLOOP_FEAST_REPO", str(REPO_ROOT / "feature_repo"))),
             expectations_dir=Path(_env("RECLOOP_EXPECTATIONS_DIR", str(REPO_ROOT / "expectations"))),
-            feast_data_dir=Path(_env("RECLOOP_FEAST_DATA_DIR", str(home / "feast"))),
+            feast_data_dir=Path(_env("RECLOOP_FEAST_DATA_DIR", str(home / "feast"))).resolve(),
             feast_project=_env("RECLOOP_FEAST_PROJECT", "recloop"),
             redis_url=_env("RECLOOP_REDIS_URL"),
             feast_registry_url=_env("RECLOOP_FEAST_REGISTRY_URL"),

@@ -710,7 +710,83 @@ def feature_store(
         Path(settings.feast_data_dir).mkdir(parents=True, exist_ok=True)  # file registry / SQLite store
     with _FEAST_LOCK, _patched_environ(feast_environment(settings, project)):
         config = _repo_config(settings, project, online, redis_url)
+        rehome_registry(config, settings.lake_uri)
         return FeatureStore(repo_path=str(config.repo_path), config=config)
+
+
+def _file_registry_path(config: Any) -> Path | None:
+    """The local file of a `registry_type: file` registry (as Feast resolves it), else None."""
+    registry = config.registry
+    if getattr(registry, "registry_type", "file") != "file" or not registry.path or "://" in registry.path:
+        return None
+    path = Path(registry.path)
+    return path if path.is_absolute() else Path(config.repo_path) / path
+
+
+def _rehome_sources(message: Any, lake: str) -> list[str]:
+    """Every file data source inside `message` (data sources, feature views' batch sources, feature
+    services' projections, the serialized views of Feast's version history) pointed at `lake`."""
+    from google.protobuf.descriptor import FieldDescriptor
+
+    changed: list[str] = []
+    if message.DESCRIPTOR.full_name == "feast.core.DataSource" and message.HasField("file_options"):
+        uri = message.file_options.uri
+        _, sep, view = uri.rpartition("/features/")
+        if sep and view in FEATURE_VIEWS and uri != f"{lake}/features/{view}":
+            message.file_options.uri = f"{lake}/features/{view}"
+            changed.append(f"source {message.name or view}: {uri} -> {lake}/features/{view}")
+        return changed
+    if message.DESCRIPTOR.full_name == "feast.core.FeatureViewVersionRecord" and message.feature_view_proto \
+            and message.feature_view_type == "feature_view":
+        from feast.protos.feast.core.FeatureView_pb2 import FeatureView as FeatureViewProto
+
+        view = FeatureViewProto.FromString(message.feature_view_proto)
+        if inner := _rehome_sources(view, lake):
+            message.feature_view_proto = view.SerializeToString()
+            changed += [f"version history of {view.spec.name}: {c}" for c in inner]
+    for field, value in message.ListFields():
+        if field.type != FieldDescriptor.TYPE_MESSAGE or (field.message_type.GetOptions().map_entry):
+            continue
+        repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == FieldDescriptor.LABEL_REPEATED
+        for item in (value if repeated else [value]):
+            changed += _rehome_sources(item, lake)
+    return changed
+
+
+def rehome_registry(config: Any, lake_uri: str) -> list[str]:
+    """Point a file registry's stored paths at this home: the SQLite online store's file in its infra and
+    each feature view's lake folder (`<lake>/features/<view>`). Returns what was changed (nothing when the
+    registry already points here, which is every time but the first after a copy or a move).
+
+    Feast stores both as absolute paths. A copied home (`cp -a A B`) would otherwise read A's lake, and
+    its first `feast apply` would diff the stored infra (A's tables) against the planned one (B's) and
+    drop A's online tables: `RECLOOP_HOME=B recloop run` emptied A's online store. The registry is
+    rewritten (atomically) before Feast reads it, so no Feast call ever sees another home's paths."""
+    from feast.infra.online_stores.sqlite import SqliteOnlineStore
+    from feast.protos.feast.core.Registry_pb2 import Registry as RegistryProto
+
+    path = _file_registry_path(config)
+    if path is None or not path.is_file():
+        return []
+    proto = RegistryProto()
+    proto.ParseFromString(path.read_bytes())
+    changed: list[str] = []
+    if getattr(config.online_store, "type", None) == "sqlite":
+        db = SqliteOnlineStore._get_db_path(config)
+        for obj in proto.infra.infra_objects:
+            if obj.WhichOneof("infra_object") == "sqlite_table" and obj.sqlite_table.path != db:
+                changed.append(f"online table {obj.sqlite_table.name}: {obj.sqlite_table.path} -> {db}")
+                obj.sqlite_table.path = db
+    changed += _rehome_sources(proto, str(lake_uri).rstrip("/"))
+    if changed:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(proto.SerializeToString())
+        os.replace(tmp, path)
+        import logging
+
+        logging.getLogger(__name__).warning("Feast registry %s re-rooted to this home (%d stored paths): %s%s", path,
+                                            len(changed), "; ".join(changed[:3]), "; ..." if len(changed) > 3 else "")
+    return changed
 
 
 @contextlib.contextmanager

@@ -56,8 +56,11 @@ __all__ = [
     "check_gate",
     "check_schema",
     "check_schema_range",
+    "champion_candidates",
     "compute_features",
     "compute_features_range",
+    "corrupt_model_alert",
+    "corrupt_model_alerts",
     "drift_record_key",
     "drift_report",
     "episode_start",
@@ -667,11 +670,9 @@ def evaluate_candidate(lake: Lake, registry: Registry, workdir: Path, *, setting
     champion (when there is one), on the same split; returns the headline numbers and the table."""
     from recloop import model_plane
 
-    champion = registry.champion()
-    bundle = registry.bundle_path(champion.version) if champion is not None else None
     store = feature_store_columns(settings or Settings.from_env(), project=project)
-    ev = model_plane.evaluate_candidate(lake, Path(workdir), store=store, champion_bundle=bundle,
-                                        champion_version=str(champion.version) if champion else None)
+    ev = model_plane.evaluate_candidate(lake, Path(workdir), store=store, champions=champion_candidates(registry))
+    skipped = ev.extras.get("champions_skipped", [])
     table = {name: {m: round(v, 4) for m, v in values.items() if m in (
         "recall_at_10", "ndcg_at_10", "map_at_10", "hit_rate_at_10", "coverage", "diversity", "novelty_at_10",
         "popularity_concentration")} for name, values in ev.metrics.items()}
@@ -690,8 +691,51 @@ def evaluate_candidate(lake: Lake, registry: Registry, workdir: Path, *, setting
         "by_recommender": table,
         "sanity": ev.sanity,
         "champion_version": ev.champion_version,
-        "champion_compared": ev.champion_version or "none (first model: compared with popularity)",
+        "champion_compared": _champion_compared(ev.champion_version, skipped),
+        "champions_skipped": skipped,
     }
+
+
+def champion_candidates(registry: Registry) -> list[tuple[str, Callable[[], Path]]]:
+    """The champions a candidate may be compared with, newest first, each with its bundle download: the
+    current champion, then the earlier champions of the lineage (for when the newer cannot be loaded)."""
+    current = registry.champion()
+    if current is None:
+        return []
+    versions = dict.fromkeys([str(current.version), *reversed(registry.lineage())])
+    return [(v, lambda v=v: registry.bundle_path(v)) for v in versions]
+
+
+def _champion_compared(version: str | None, skipped: Sequence[Mapping[str, Any]]) -> str:
+    why = "; ".join(f"v{s['version']}: {s['reason']}" for s in skipped)
+    if version and skipped:
+        return f"{version} (the newest champion that loads; skipped {why})"
+    if skipped:
+        return f"none: no champion loads ({why}); compared with the popularity baseline"
+    return version or "none (first model: compared with popularity)"
+
+
+CORRUPT_ASSET = "model/champion"
+
+
+def corrupt_model_alert(version: str | int, problems: Mapping[str, str], *, seen_by: str = "training") -> Alert:
+    """The `model.corrupt` alert of a registered version whose bundle fails its checksums (`problems`:
+    damaged file -> what is wrong with it, as `CorruptModelError.problems`). Keyed by the version and the
+    first damaged file: training and serving finding the same damage send one alert."""
+    listed = "; ".join(f"{f} {p}" for f, p in problems.items()) or "its bundle does not load"
+    first = next(iter(problems), "bundle")
+    return Alert("model.corrupt", key=f"version-{version}/{first}",
+                 text=(f":rotating_light: recloop: model version {version} is corrupt and cannot be loaded: {listed}. "
+                       f"Serving answers with the popularity fallback until the champion loads; move it with "
+                       f"`recloop rollback` (or --to VERSION), or retrain"),
+                 fields={"asset": CORRUPT_ASSET, "model_version": str(version),
+                         "details": {"files": dict(problems), "seen_by": seen_by}})
+
+
+def corrupt_model_alerts(evaluation: Mapping[str, Any]) -> list[Alert]:
+    """The `model.corrupt` alerts of the champions an evaluation (`evaluate_candidate`) skipped as corrupt."""
+    return [corrupt_model_alert(s["version"], s.get("problems") or {}, seen_by="training")
+            for s in evaluation.get("champions_skipped", []) if s.get("corrupt")]
 
 
 VERSION_FILE = "version.txt"
@@ -802,7 +846,8 @@ def promote_candidate(registry: Registry, workdir: Path, *, config: GateConfig |
         raise GateRefused(f"version {version} did not pass the promotion gate: {decision.reasons[0]}")
     current = registry.champion()
     if current is None or str(current.version) != version:
-        registry.promote(version, decision)
+        skipped = model_plane.load_evaluation(Path(workdir)).extras.get("champions_skipped", [])
+        registry.promote(version, decision, unloadable=[s["version"] for s in skipped])
     return Promotion(version, decision, registry.lineage(), _decision_alert(
         "model.promoted", version, decision,
         f":white_check_mark: recloop: version {version} is the new champion: {decision.reasons[0]}", run_id))
@@ -887,9 +932,10 @@ def drift_report(lake: Lake, registry: Registry, partition: str, *, config_path:
     """Day `partition` against the champion's training window (`recloop.drift.detect_drift`, Evidently):
     the HTML report in the lake, the run in MLflow's `recloop-monitoring` experiment, the decision with
     its drift episode in the lake (`read_drift_record`), and the `drift.detected` alert when the day opens
-    a new episode. Without a champion there is nothing to compare with: not drifted, said so."""
+    a new episode. Without a champion there is nothing to compare with: not drifted, said so; with a
+    corrupt one neither, with its `model.corrupt` alert (the same event serving and training send)."""
     from recloop import drift
-    from recloop.model_plane.bundle import load_bundle
+    from recloop.model_plane.bundle import CorruptModelError, load_bundle, verify_bundle
 
     champion = registry.champion()
     if champion is None:
@@ -905,6 +951,15 @@ def drift_report(lake: Lake, registry: Registry, partition: str, *, config_path:
         return outcome
     version = str(champion.version)
     bundle = registry.bundle_path(version)
+    try:
+        verify_bundle(bundle)
+    except CorruptModelError as err:  # the day's data is fine: no report, and the model.corrupt alert
+        outcome = DriftOutcome(partition, False, None, None, [], {}, [], None, None,
+                               f"champion v{version} is corrupt ({err.summary}): no drift report until it is "
+                               "rolled back (recloop rollback) or replaced",
+                               corrupt_model_alert(version, err.problems, seen_by="drift"))
+        _write_record(lake, outcome)
+        return outcome
     reference = drift.champion_reference(bundle)
     result = drift.detect_drift(lake, partition, reference, config=drift.DriftConfig.load(config_path),
                                 champion=load_bundle(bundle))

@@ -7,7 +7,12 @@ are not used.
 
 Every promotion decision is written twice: as tags on the model version (its current state) and as one
 run in the MLflow experiment `recloop-promotions` (the log). `history()` and `rollback()` read that log,
-so the champion lineage can be rebuilt from MLflow alone.
+so the champion lineage can be rebuilt from MLflow alone. A bundle is logged only if it matches the
+checksums it was saved with, and `verify()` checks a version the same way (download, checksums, load):
+`rollback()` skips earlier champions that fail it, `rollback(to=...)` refuses one.
+
+The embedded store (SQLite, artifacts beside it in RECLOOP_HOME) is relocatable: `rehome_artifacts`
+re-roots the absolute artifact locations MLflow keeps when a home was copied or moved.
 
 The gate (`GateConfig`, `decide`) is pure logic over metric dicts; it has no MLflow dependency.
 """
@@ -20,7 +25,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -451,6 +456,60 @@ BUNDLE_SIGNATURE = ModelSignature(
 )
 
 
+# Where MLflow's SQL store keeps absolute artifact locations: (table, column).
+_ARTIFACT_COLUMNS = (("experiments", "artifact_location"), ("runs", "artifact_uri"),
+                     ("logged_models", "artifact_location"), ("model_versions", "storage_location"))
+
+
+def rehome_artifacts(db: Path, root: str) -> dict[str, int]:
+    """Re-root the artifact locations of an embedded (SQLite) MLflow store at `root`, its artifact folder
+    in this home; returns the rows changed per table (empty when nothing pointed elsewhere).
+
+    MLflow stores every artifact location as an absolute URI (per experiment, run, logged model and model
+    version). In a copied home they would still point into the original: a model loaded from the copy
+    would be the original's files, and a run logged in the copy would write its artifacts there. recloop
+    creates each experiment at `<root>/<name>`, so an experiment whose location is `<other>/<name>` names
+    the root the store was written under; every location under it is moved to `root` — when `root` holds
+    artifacts (a copied or moved home brings its `artifacts/` along; a database copied alone keeps
+    pointing at the files it was written with). Idempotent, and one read of the experiments table when
+    nothing moved."""
+    import sqlite3
+    from urllib.parse import urlsplit
+    from urllib.request import url2pathname
+
+    root = root.rstrip("/")
+    if not db.is_file() or not Path(url2pathname(urlsplit(root).path)).is_dir():
+        return {}
+    con = sqlite3.connect(db, timeout=60)
+    try:
+        try:
+            experiments = con.execute("SELECT name, artifact_location FROM experiments").fetchall()
+        except sqlite3.OperationalError:  # not (yet) an MLflow store
+            return {}
+        old_roots = {loc[: -len(name) - 1] for name, loc in experiments
+                     if loc and name and loc.startswith("file://") and loc.endswith(f"/{name}")} - {root}
+        changed: dict[str, int] = {}
+        with con:
+            for old in sorted(old_roots):
+                for table, column in _ARTIFACT_COLUMNS:
+                    try:
+                        cursor = con.execute(
+                            f"UPDATE {table} SET {column} = ? || substr({column}, ?) WHERE substr({column}, 1, ?) = ?",
+                            (root, len(old) + 1, len(old) + 1, f"{old}/"))
+                    except sqlite3.OperationalError:  # an older schema without this table
+                        continue
+                    if cursor.rowcount:
+                        changed[table] = changed.get(table, 0) + cursor.rowcount
+        if changed:
+            import logging
+
+            logging.getLogger(__name__).warning("MLflow store %s re-rooted from %s to %s: %s", db,
+                                                ", ".join(sorted(old_roots)), root, changed)
+        return changed
+    finally:
+        con.close()
+
+
 class Registry:
     """Thin, typed wrapper around `mlflow.MlflowClient` (and the fluent API where MLflow needs it).
 
@@ -466,7 +525,10 @@ class Registry:
         self.model_name = model_name
         self.artifact_location = artifact_location.rstrip("/") if artifact_location else None
         if tracking_uri.startswith("sqlite:///"):
-            Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            db = Path(tracking_uri.removeprefix("sqlite:///"))
+            db.parent.mkdir(parents=True, exist_ok=True)
+            if self.artifact_location and self.artifact_location.startswith("file://"):
+                rehome_artifacts(db, self.artifact_location)
         self.client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
     def __repr__(self) -> str:
@@ -576,6 +638,13 @@ class Registry:
         bundle_dir = Path(bundle_dir)
         if not bundle_dir.is_dir():
             raise RegistryError(f"bundle directory {bundle_dir} does not exist")
+        from recloop.model_plane.bundle import CHECKSUMS, verify_bundle, write_checksums
+
+        # What is logged is what was saved: a bundle damaged since is refused here, not found at serving.
+        if (bundle_dir / CHECKSUMS).is_file():
+            verify_bundle(bundle_dir)
+        else:  # a bundle written without checksums (by hand, by an older recloop): checksummed as it is
+            write_checksums(bundle_dir)
         flat_params = {k: _param_value(v) for k, v in _flatten(params).items()}
         flat_data = {f"data.{k}": _param_value(v) for k, v in _flatten(data).items()}
         clash = set(flat_params) & set(flat_data)
@@ -845,8 +914,11 @@ class Registry:
                 tags[f"{_TAG}gate.{key}"] = f"{decision.metrics[key]:.6g}"
         return tags
 
-    def promote(self, version: str | int, decision: GateDecision) -> None:
+    def promote(self, version: str | int, decision: GateDecision, *, unloadable: Sequence[str] = ()) -> None:
         """Move `champion` to `version` (clearing `challenger` if it pointed there) and record why.
+
+        `unloadable`: champion versions the evaluation could not load (corrupt); the decision's bar is
+        then the newest champion of the lineage not among them, or popularity when there is none.
 
         Raises RegistryError if the decision refuses, if the version is already champion, or if the
         decision was made against another champion than the current one (a stale decision).
@@ -859,6 +931,9 @@ class Registry:
         if current is not None and str(current.version) == version:
             raise RegistryError(f"version {version} is already the champion")
         expected = "popularity" if current is None else f"champion:{current.version}"
+        if current is not None and str(current.version) in set(map(str, unloadable)):
+            loadable = [v for v in reversed(self.lineage()) if v not in set(map(str, unloadable))]
+            expected = f"champion:{loadable[0]}" if loadable else "popularity"
         if decision.compared_to != expected:
             raise RegistryError(
                 f"stale decision: it compared version {version} with {decision.compared_to}, "
@@ -912,15 +987,51 @@ class Registry:
             if entry["decision"] == DECISION_PROMOTED:
                 stack.append(entry["version"])
             elif entry["decision"] == DECISION_ROLLED_BACK and stack:
-                stack.pop()
+                _roll_back(stack, entry.get("to_version"))
         return stack
 
-    def rollback(self, *, reason: str | None = None) -> tuple[str, str]:
-        """Move `champion` back to the champion before the current one; return (from_version, to_version).
+    def promoted_versions(self) -> list[str]:
+        """Every version the gate ever promoted (champion at some time), in order of first promotion."""
+        seen: list[str] = []
+        for entry in self._log_entries():
+            if entry["decision"] == DECISION_PROMOTED and entry["version"] not in seen:
+                seen.append(entry["version"])
+        return seen
 
-        Raises RegistryError if there is no champion, no previous champion, or if the alias no longer
-        matches the promotion log (it was moved outside this class).
+    def verify(self, alias_or_version: str | int) -> None:
+        """Download the version's bundle (to a temporary folder, removed after), check every file against
+        the checksums it was saved with and load it with the bundle loader
+        (`recloop.bundle_model.resolve_loader`). Raises `recloop.model_plane.bundle.CorruptModelError`
+        naming the damaged file (or the loader's error when the files match but cannot be loaded),
+        RegistryError for an unknown version."""
+        from recloop.bundle_model import resolve_loader
+        from recloop.model_plane.bundle import verify_bundle
+
+        with tempfile.TemporaryDirectory(prefix="recloop-verify-") as tmp:
+            bundle = self.bundle_path(alias_or_version, dst_dir=Path(tmp))
+            verify_bundle(bundle)
+            resolve_loader()(str(bundle))
+
+    def rollback(
+        self,
+        *,
+        to: str | int | None = None,
+        reason: str | None = None,
+        check: Callable[[str], Any] | None = None,
+    ) -> tuple[str, str]:
+        """Move `champion` back to an earlier champion; return (from_version, to_version).
+
+        Without `to`, the newest champion before the current one in the lineage that passes `check`
+        (versions that do not, e.g. corrupt ones, are skipped and named in the record). With `to`, that
+        version: it must exist, have been promoted by the gate at some time, not be the champion now, and
+        pass `check`. `check(version)` raises when the version cannot serve; the default downloads,
+        verifies the checksums and loads the bundle (`verify`).
+
+        Raises RegistryError, with a sentence saying why and what to do, if there is no champion, if the
+        alias no longer matches the promotion log (it was moved outside this class), or if no version
+        can be rolled back to.
         """
+        check = check or self.verify
         current = self.champion()
         if current is None:
             raise RegistryError(f"{self.model_name} has no champion to roll back")
@@ -930,14 +1041,50 @@ class Registry:
                 f"champion alias points at version {current.version} but the promotion log says "
                 f"{stack[-1] if stack else 'none'}; it was moved outside recloop, fix it by hand"
             )
-        if len(stack) < 2:
-            raise RegistryError(
-                f"no previous champion to roll back to: version {current.version} is the first champion "
-                f"of {self.model_name} still in the lineage"
-            )
-        from_version, to_version = stack[-1], stack[-2]
+        from_version = stack[-1]
+        skipped: list[str] = []
+        if to is not None:
+            to_version = str(to).strip().removeprefix("v")
+            self._version(to_version)  # exists
+            promoted = self.promoted_versions()
+            if to_version == from_version:
+                raise RegistryError(f"version {to_version} is the champion already: nothing to roll back")
+            if to_version not in promoted:
+                raise RegistryError(
+                    f"version {to_version} of {self.model_name} was never champion, so it cannot be rolled back "
+                    f"to (only a version the gate promoted can be); promoted versions: {', '.join(promoted)}"
+                )
+            try:
+                check(to_version)
+            except RegistryError:
+                raise
+            except Exception as err:  # noqa: BLE001 - corrupt or unloadable: said in one sentence
+                raise RegistryError(f"version {to_version} cannot be rolled back to because it does not load: "
+                                    f"{_one_line(err)}; pick another with --to (recloop models lists them)") from err
+        else:
+            earlier = list(dict.fromkeys(reversed(stack[:-1])))
+            if not earlier:
+                raise RegistryError(
+                    f"no previous champion to roll back to: version {current.version} is the first champion "
+                    f"of {self.model_name} still in the lineage; train a new one (recloop train) or name a "
+                    f"version with --to"
+                )
+            to_version = ""
+            for version in earlier:
+                try:
+                    check(version)
+                except Exception as err:  # noqa: BLE001 - skipped, and said so
+                    skipped.append(f"version {version} skipped: {_one_line(err)}")
+                    continue
+                to_version = version
+                break
+            if not to_version:
+                raise RegistryError(
+                    f"no previous champion of {self.model_name} loads ({'; '.join(skipped)}); train a new one "
+                    f"(recloop train)"
+                )
         when = _now()
-        why = [f"rolled back champion from version {from_version} to version {to_version}"]
+        why = [f"rolled back champion from version {from_version} to version {to_version}", *skipped]
         if reason:
             why.append(reason)
         self.client.set_registered_model_alias(self.model_name, CHAMPION, to_version)
@@ -960,3 +1107,22 @@ class Registry:
             extra_params={"from_version": from_version, "to_version": to_version},
         )
         return from_version, to_version
+
+
+def _roll_back(stack: list[str], to_version: str | None) -> None:
+    """The lineage after a rollback to `to_version`: back to its newest place in the lineage, or (a
+    version rolled back past before) restored on top, so the next rollback returns to the champion it
+    replaced. Older logs: one step back."""
+    if not to_version:
+        stack.pop()
+    elif to_version in stack:
+        del stack[len(stack) - stack[::-1].index(to_version):]
+    else:
+        stack.append(to_version)
+
+
+def _one_line(err: BaseException) -> str:
+    if summary := getattr(err, "summary", None):  # a CorruptModelError: the files, not a temporary folder
+        return f"corrupt: {summary}"
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__

@@ -127,10 +127,13 @@ def ranker(workspace: ModelWorkspaceResource, feast: FeastResource) -> dg.Materi
           description=("Offline evaluation on the held-out days, full ranking, watched videos excluded: the platform's "
                        "recommender and each candidate source alone, popularity, tuned ALS, tuned EASE and the current "
                        "champion on the same split."))
-def evaluation(lake: LakeResource, workspace: ModelWorkspaceResource, registry: MlflowRegistryResource,
-               feast: FeastResource) -> dg.MaterializeResult:
+def evaluation(context: dg.AssetExecutionContext, lake: LakeResource, workspace: ModelWorkspaceResource,
+               registry: MlflowRegistryResource, feast: FeastResource, alerts: AlertsResource) -> dg.MaterializeResult:
     out = lifecycle.evaluate_candidate(lake.open(), registry.open(), workspace.dir(), settings=feast.settings(),
                                        project=feast.project)
+    for alert in lifecycle.corrupt_model_alerts(out):  # a corrupt champion: skipped, and said once
+        context.log.warning(alert.text)
+        alerts.send(context.log, alert)
     return dg.MaterializeResult(metadata={
         "ndcg_at_10": out["ndcg_at_10"],
         "recall_at_10": out["recall_at_10"],
@@ -141,6 +144,7 @@ def evaluation(lake: LakeResource, workspace: ModelWorkspaceResource, registry: 
         "by_recommender": dg.MetadataValue.json(out["by_recommender"]),
         "sanity": dg.MetadataValue.json(out["sanity"]),
         "champion_compared": out["champion_compared"],
+        "champions_skipped": dg.MetadataValue.json(out["champions_skipped"]),
     })
 
 

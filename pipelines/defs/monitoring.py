@@ -56,6 +56,7 @@ def _drift_report(daily: dg.PartitionsDefinition) -> dg.AssetsDefinition:
         outcome = lifecycle.drift_report(lake.open(), registry.open(), context.partition_key, config_path=config.ConfigPath)
         if outcome.champion_version is None:
             context.log.info(outcome.status)
+            alerts.send(context.log, outcome.alert)  # a corrupt champion's model.corrupt (else None: nothing)
             return dg.MaterializeResult(
                 metadata={"drifted": False, "status": outcome.status},
                 check_results=[dg.AssetCheckResult(check_name=NO_DRIFT_CHECK, passed=True, description=outcome.status)],

@@ -9,10 +9,16 @@ registered version (one MLflow artifact) is always a consistent whole. Nothing i
     sources/two_tower/index/    its FAISS index
     sources/popular.json        the popular and fresh lists
     ranker/                     LightGBM model (text) + features, curves and settings
+    checksums.sha256            the sha256 of every other file, written last (`sha256sum -c` reads it)
+
+`load_bundle` verifies every checksum before it reads anything (`verify_bundle`): a damaged file (a
+FAISS index overwritten, a model cut short by a full disk) is a `CorruptModelError` naming the file,
+never a library's error from deep inside FAISS, LightGBM or torch.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from dataclasses import asdict
@@ -28,6 +34,91 @@ from recloop.model_plane.recommender import CandidateConfig, MultiStageRecommend
 from recloop.model_plane.sources import Fresh, ItemToItem, Popular, TwoTowerSource
 
 BUNDLE_FORMAT = 2
+CHECKSUMS = "checksums.sha256"
+_CHUNK = 1 << 20
+
+
+class CorruptModelError(RuntimeError):
+    """A model bundle whose files are not the ones saved: `file` (relative to `bundle`) is missing, cut
+    short or overwritten, or the checksum manifest itself is missing or unreadable. `problems` holds
+    every damaged file (file -> what is wrong), `file`/`problem` the first of them."""
+
+    def __init__(self, bundle: Path, file: str, problem: str, *, more: dict[str, str] | None = None) -> None:
+        self.bundle = Path(bundle)
+        self.problems = {file: problem, **(more or {})}
+        self.file, self.problem = file, problem
+        super().__init__(f"model bundle {bundle} is corrupt: {self.summary}")
+
+    @property
+    def summary(self) -> str:
+        """What is damaged, without the bundle's (often temporary) folder: `file problem; ...`."""
+        return "; ".join(f"{f} {p}" for f, p in self.problems.items())
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _bundle_files(d: Path) -> list[str]:
+    return sorted(p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+
+
+def write_checksums(directory: str | Path) -> Path:
+    """Writes `checksums.sha256` (the `sha256sum` format: `<hex>  <path>` per line) for every file of the
+    bundle directory; returns its path. Called last by `save_bundle`."""
+    d = Path(directory)
+    lines = [f"{_sha256(d / name)}  {name}\n" for name in _bundle_files(d)]
+    path = d / CHECKSUMS
+    path.write_text("".join(lines))
+    return path
+
+
+def read_checksums(directory: str | Path) -> dict[str, str]:
+    """The manifest of the bundle: relative path -> sha256. Raises `CorruptModelError` when it is missing
+    or malformed."""
+    d = Path(directory)
+    path = d / CHECKSUMS
+    if not path.is_file():
+        raise CorruptModelError(d, CHECKSUMS, "is missing: the bundle cannot be verified (saved by a recloop "
+                                              "without checksums, or damaged); retrain or roll back")
+    entries: dict[str, str] = {}
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise CorruptModelError(d, CHECKSUMS, f"is unreadable ({err})") from None
+    for number, line in enumerate(text.splitlines(), start=1):
+        digest, sep, name = line.partition("  ")
+        if not sep or len(digest) != 64 or not name or name.startswith("/") or ".." in Path(name).parts:
+            raise CorruptModelError(d, CHECKSUMS, f"is malformed at line {number}")
+        entries[name] = digest.lower()
+    if not entries:
+        raise CorruptModelError(d, CHECKSUMS, "lists no files")
+    return entries
+
+
+def verify_bundle(directory: str | Path) -> dict[str, str]:
+    """Checks every file of the bundle against `checksums.sha256`; returns the manifest. Raises
+    `CorruptModelError` naming the first file that is missing or whose content differs."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise CorruptModelError(d, ".", "does not exist")
+    expected = read_checksums(d)
+    problems: dict[str, str] = {}
+    for name, digest in expected.items():
+        path = d / name
+        if not path.is_file():
+            problems[name] = "is missing"
+        elif (actual := _sha256(path)) != digest:
+            problems[name] = (f"does not match its checksum (sha256 {actual[:12]}, saved {digest[:12]}; "
+                              f"{path.stat().st_size} bytes now)")
+    if problems:
+        (first, problem), *rest = problems.items()
+        raise CorruptModelError(d, first, problem, more=dict(rest))
+    return expected
 
 
 def save_history(history: History, directory: Path) -> None:
@@ -90,13 +181,16 @@ def save_bundle(directory: str | Path, recommender: MultiStageRecommender, *, me
         "metadata": dict(metadata or {}),
     }
     (d / "bundle.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+    write_checksums(d)
     return d
 
 
 def load_bundle(directory: str | Path, *, store: Any = None, mode: str | None = None) -> MultiStageRecommender:
     """The recommender saved by `save_bundle`. `store`: the feature-store columns' provider (Feast at
-    serving, `LakeSnapshots`/`FeastHistorical` offline); required when the ranker was trained with them."""
+    serving, `LakeSnapshots`/`FeastHistorical` offline); required when the ranker was trained with them.
+    Raises `CorruptModelError` when a file does not match the checksum it was saved with."""
     d = Path(directory)
+    verify_bundle(d)
     manifest = json.loads((d / "bundle.json").read_text())
     if manifest.get("format_version") != BUNDLE_FORMAT:
         raise ValueError(f"{d}: bundle format {manifest.get('format_version')} is not {BUNDLE_FORMAT}: "

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -295,13 +296,19 @@ def evaluate_candidate(
     store: Any = None,
     champion_bundle: Path | None = None,
     champion_version: str | None = None,
+    champions: Iterable[tuple[str, Callable[[], Path]]] = (),
     ks: tuple[int, ...] = (5, 10, 20, 50),
     als_grid: dict[str, Any] | None = None,
 ) -> Evaluation:
     """Evaluates, on the plan's held-out days with full ranking and every video a user watched in the
     window excluded: the platform's recommender (`recloop`) and each of its candidate sources alone,
     popularity, tuned ALS and tuned EASE — and the current champion on the very same split, so the
-    gate compares like with like."""
+    gate compares like with like.
+
+    The champion is the first of `champions` (version, bundle download), newest first, whose bundle
+    loads: `champion_bundle` first when given. One that does not (a corrupt file, an older bundle
+    format) is skipped and listed in `extras["champions_skipped"]` with the reason; when none loads, the
+    candidate is compared with popularity and the evaluation says so."""
     from recloop.evaluation import (
         PopularityRecommender,
         evaluate,
@@ -329,18 +336,14 @@ def evaluate_candidate(
     recommenders["popularity"] = PopularityRecommender().fit(split.train, catalog)
     recommenders["als"] = tuned_cf_factory("als", als_grid)(split.train, videos)
     recommenders["ease"] = tuned_ease_factory()(split.train, videos)
+    candidates = list(champions)
     if champion_bundle is not None:
-        try:
-            champion = load_bundle(champion_bundle, store=store)
-        except ValueError as err:  # a champion of an older bundle format: compared on its recorded metrics
-            champion = None
-            extras = {"champion_not_reevaluated": str(err)}
-        else:
-            champion.name = "champion"
-            recommenders["champion"] = champion
-            extras = {}
-    else:
-        extras = {}
+        candidates.insert(0, (str(champion_version), lambda: Path(champion_bundle)))
+    champion, champion_version, skipped = load_newest_champion(candidates, store=store)
+    if champion is not None:
+        champion.name = "champion"
+        recommenders["champion"] = champion
+    extras: dict[str, Any] = {"champions_skipped": skipped} if skipped else {}
     result = evaluate(recommenders, split.train, split.test, catalog=videos, ks=ks, split=split.description,
                       history=watched, platform=PRIMARY)
     test_users = sorted(set(split.test["user_id"].astype(str)))
@@ -354,6 +357,26 @@ def evaluate_candidate(
     (wd / EVALUATION).write_text(json.dumps({"result": result, "sanity": checks, "champion_version": champion_version,
                                              "extras": extras}, indent=2, default=str))
     return Evaluation(result=result, metrics=metrics, sanity=checks, champion_version=champion_version, extras=extras)
+
+
+def load_newest_champion(
+    champions: Iterable[tuple[str, Callable[[], Path]]], *, store: Any = None,
+) -> tuple[Any, str | None, list[dict[str, Any]]]:
+    """The first of `champions` (version, bundle download) whose bundle downloads, verifies and loads:
+    (recommender, version, skipped); (None, None, skipped) when none does. Each skipped version says
+    why (`corrupt`: files do not match their checksums, `problems`: which and how)."""
+    from recloop.model_plane.bundle import CorruptModelError, load_bundle
+
+    skipped: list[dict[str, Any]] = []
+    for version, bundle in champions:
+        try:
+            return load_bundle(bundle(), store=store), str(version), skipped
+        except Exception as err:  # noqa: BLE001 - any champion that cannot load is skipped, with why
+            reason = getattr(err, "summary", None) or (str(err).strip().splitlines() or [type(err).__name__])[0]
+            reason = f"corrupt: {reason}" if isinstance(err, CorruptModelError) else reason
+            skipped.append({"version": str(version), "corrupt": isinstance(err, CorruptModelError),
+                            "problems": dict(getattr(err, "problems", {})), "reason": reason})
+    return None, None, skipped
 
 
 def load_evaluation(workdir: Path) -> Evaluation:
@@ -455,7 +478,7 @@ def gate_decision(workdir: Path, *, config: Any = None) -> Any:
 
     ev = load_evaluation(workdir)
     champion = ev.metrics.get("champion")
-    return decide(
+    decision = decide(
         challenger=ev.metrics[PRIMARY],
         champion=champion,
         popularity=ev.metrics["popularity"],
@@ -464,3 +487,7 @@ def gate_decision(workdir: Path, *, config: Any = None) -> Any:
         champion_version=ev.champion_version if champion else None,
         reference={name: ev.metrics[name] for name in ("als", "ease") if name in ev.metrics},
     )
+    # A champion that could not be loaded is not the bar; the record says which and why.
+    decision.reasons += [f"NOTE champion v{s['version']} not compared (it does not load): {s['reason']}"
+                         for s in ev.extras.get("champions_skipped", [])]
+    return decision

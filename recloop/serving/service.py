@@ -40,6 +40,7 @@ import pandas as pd
 from recloop.config import Settings
 from recloop.data.engagement import positive_mask
 from recloop.lake import Lake, open_lake
+from recloop.model_plane.bundle import CorruptModelError
 from recloop.serving import lakeview
 from recloop.serving.batching import Batcher, Job
 from recloop.serving.config import ServingConfig
@@ -54,6 +55,8 @@ from recloop.serving.safety import SafetyList, SafetyRules
 
 log = logging.getLogger(__name__)
 
+# A champion found corrupt is tried again after this long (files restored by hand), not at every poll.
+CORRUPT_RETRY_S = 300.0
 FALLBACK_NO_MODEL = "no_model"
 FALLBACK_FEATURE_STORE = "feature_store_unavailable"
 FALLBACK_MODEL_ERROR = "model_error"
@@ -98,6 +101,16 @@ class _Sources:
 
     events_partition: str | None = None
     popularity: Popularity | None = None
+
+
+def _alert_corrupt(version: str, err: CorruptModelError) -> None:
+    """The `model.corrupt` alert (the same event training sends for the same damage: delivered once)."""
+    from recloop.lifecycle import corrupt_model_alert, send_alert
+
+    try:
+        send_alert(corrupt_model_alert(version, err.problems, seen_by="serving"), logger=log)
+    except Exception:  # noqa: BLE001 - a broken alert configuration must not stop the refresh
+        log.exception("could not send the model.corrupt alert of version %s", version)
 
 
 class RecommendationService:
@@ -151,6 +164,8 @@ class RecommendationService:
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
         self.last_error: str | None = None
+        # (version, when) of a champion whose bundle failed its checksums: alerted once, retried rarely.
+        self._corrupt: tuple[str, float] | None = None
 
     # --- state ------------------------------------------------------------------------------------
 
@@ -208,6 +223,8 @@ class RecommendationService:
                 self.last_error = f"no champion alias on {self.registry.model_name}: serving popularity"
             return False
         version = str(champion.version)
+        if self._corrupt and self._corrupt[0] == version and time.monotonic() - self._corrupt[1] < CORRUPT_RETRY_S:
+            return False  # still the corrupt champion: its error stays in last_error, no download per poll
         online = self._online()
         online.refresh_registry()
         if current is not None and current.version == version:
@@ -225,10 +242,14 @@ class RecommendationService:
                 raise
         try:
             model = ServingModel.load(bundle[1], version, online, self.lake, ef_search=self.config.ef_search)
-        except BaseException:
+        except BaseException as err:
             if bundle is not self._bundle:
                 shutil.rmtree(bundle[0], ignore_errors=True)
+            if isinstance(err, CorruptModelError):
+                self._corrupt = (version, time.monotonic())
+                _alert_corrupt(version, err)
             raise
+        self._corrupt = None
         previous, self._bundle = self._bundle, bundle
         self._model = model  # the swap: one reference assignment
         if previous is not None and previous is not bundle:
