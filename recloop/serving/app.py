@@ -3,7 +3,8 @@
     POST /v1/recommendations   {"user_id", "k"?, "context"?: {"country", "age_bucket", "device"}, "exclude"?}
     POST /v1/feedback          {"events": [{"user_id", "video_id", "watched_s", ...}]}  -> 202
     GET  /healthz              the process is up
-    GET  /readyz               503 until a model or the popularity fallback is loaded
+    GET  /readyz               503 until a model or the popularity fallback is loaded; 200 with
+                               "status": "degraded" while the online store is unavailable
     GET  /metrics              Prometheus text format
     GET  /docs, /openapi.json  the OpenAPI description
 
@@ -25,6 +26,7 @@ from pydantic import BaseModel, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from recloop.config import Settings
+from recloop.serving.admission import AdmissionControl, AdmissionLimits
 from recloop.serving.config import ServingConfig
 from recloop.serving.metrics import ServingMetrics
 from recloop.serving.service import Recommendation, RecommendationService
@@ -161,6 +163,8 @@ def create_app(
     app.state.service = service
 
     app.add_middleware(_CountRequests, metrics=metrics)
+    # Outermost: beyond capacity, 503 + Retry-After before anything else runs (recloop.serving.admission).
+    app.add_middleware(AdmissionControl, limits=AdmissionLimits.of(service.config), metrics=metrics)
 
     @app.post("/v1/recommendations", response_model=RecommendationResponse, tags=["recommendations"])
     def recommendations(body: RecommendationRequest) -> RecommendationResponse:
