@@ -66,7 +66,7 @@ async def open_loop(url: str, users: list[str], rate: float, seconds: float, see
 
     async def one(at: float, user: str) -> None:
         await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
-        record = {"t": at, "status": None, "ms": None, "reason": None}
+        record = {"t": at, "status": None, "ms": None, "reason": None, "server_ms": None}
         records.append(record)
         try:
             status, payload = await http.request("POST", "/v1/recommendations", json.dumps({"user_id": user}).encode())
@@ -76,7 +76,9 @@ async def open_loop(url: str, users: list[str], rate: float, seconds: float, see
         record["ms"] = (time.perf_counter() - start - at) * 1000
         record["status"] = status
         if status == 200:
-            record["reason"] = json.loads(payload)["fallback_reason"] or "model"
+            body = json.loads(payload)
+            record["reason"] = body["fallback_reason"] or "model"
+            record["server_ms"] = body["stage_ms"].get("total")
 
     async def fire(at: float, command: str) -> None:
         await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
@@ -95,6 +97,13 @@ async def open_loop(url: str, users: list[str], rate: float, seconds: float, see
     return records
 
 
+def _kinds(records: list[dict]) -> dict[str, int]:
+    kinds: dict[str, int] = {}
+    for r in records:
+        kinds[str(r["status"])] = kinds.get(str(r["status"]), 0) + 1
+    return kinds
+
+
 def summarize(records: list[dict], rate: float, seconds: float) -> dict:
     ok = [r["ms"] for r in records if r["status"] == 200]
     shed = [r for r in records if r["status"] == 503]
@@ -107,8 +116,11 @@ def summarize(records: list[dict], rate: float, seconds: float) -> dict:
         "shed": len(shed),
         "shed_share": round(len(shed) / max(len(records), 1), 3),
         "errors": len(errors),
+        "errors_by_kind": _kinds(errors),
         "admitted_latency_ms": percentiles(ok),
         "shed_latency_ms": percentiles([r["ms"] for r in shed]),
+        # the service's own time (`stage_ms.total`): the rest of the latency is HTTP, queueing, the loop
+        "admitted_server_ms": percentiles([r["server_ms"] for r in records if r["server_ms"] is not None]),
         "fallbacks": sum(1 for r in records if r["reason"] not in (None, "model")),
         "load_average_before": round(os.getloadavg()[0], 2),
     }
@@ -269,7 +281,7 @@ def fault_phase(workdir: Path, users: list[str], rate: float, args) -> dict:  # 
         "before_cut_latency_ms": percentiles([r["ms"] for r in normal if r["status"] == 200]),
         "during_cut": {
             "requests": len(during),
-            "errors": sum(1 for r in during if r["status"] != 200),
+            "errors_by_kind": _kinds([r for r in during if r["status"] != 200]),
             "fallback_share": round(len(refused) / max(len(during), 1), 3),
             "breaker_opened_after_s": round(opened - cut_at, 3) if opened is not None else None,
             "latency_before_open_ms": percentiles([r["ms"] for r in during if opened is None or r["t"] < opened
@@ -281,7 +293,7 @@ def fault_phase(workdir: Path, users: list[str], rate: float, args) -> dict:  # 
         "after_resume": {
             "model_ranks_again_after_s": round(back - resume_at, 3) if back is not None else None,
             "last_fallback_after_s": round(last_fallback - resume_at, 3) if last_fallback is not None else None,
-            "errors": sum(1 for r in after if r["status"] != 200),
+            "errors_by_kind": _kinds([r for r in after if r["status"] != 200]),
             "latency_ms": percentiles([r["ms"] for r in after if r["ms"] is not None]),
         },
     }
@@ -294,7 +306,7 @@ def main() -> int:
     parser.add_argument("--users", type=int, default=5_000)
     parser.add_argument("--days", type=int, default=4)
     parser.add_argument("--events-per-day", type=int, default=30_000)
-    parser.add_argument("--step", type=float, default=100.0, help="capacity search: requests/s per level")
+    parser.add_argument("--step", type=float, default=50.0, help="capacity search: requests/s per level")
     parser.add_argument("--max-rate", type=float, default=1500.0)
     parser.add_argument("--capacity", type=float, help="skip the search, use this capacity (requests/s)")
     parser.add_argument("--seconds", type=float, default=8.0, help="length of a capacity level")
@@ -303,6 +315,7 @@ def main() -> int:
     parser.add_argument("--max-in-flight", type=int, help="admission limit (default: ServingConfig's)")
     parser.add_argument("--max-wait", type=float, help="admission queue wait, seconds (default: ServingConfig's)")
     parser.add_argument("--redis-url", default=os.environ.get("RECLOOP_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"))
+    parser.add_argument("--fault-rate", type=float, help="requests/s of the fault phase (default: capacity / 2)")
     parser.add_argument("--cut-at", type=float, default=8.0)
     parser.add_argument("--cut-seconds", type=float, default=10.0)
     parser.add_argument("--after-seconds", type=float, default=8.0)
@@ -333,14 +346,15 @@ def main() -> int:
         result["capacity"] = capacity_phase(workdir, users, args)
         capacity = result["capacity"]["capacity_qps"]
     if not capacity:
-        raise SystemExit("no level met the budget: capacity not found")
+        print(json.dumps(result, indent=2))
+        raise SystemExit("no level met the budget: capacity not found (a busy machine? see load_average_before)")
     if not args.skip_overload:
         result["overload"] = overload_phase(workdir, users, capacity, args)
         at_2x = result["overload"]["at_2x_capacity"]
         result["overload"]["met"] = (at_2x["errors"] == 0
                                      and at_2x["admitted_latency_ms"].get("p99", 1e9) <= BUDGET_MS)
     if not args.skip_faults:
-        result["faults"] = fault_phase(workdir, users, capacity / 2, args)
+        result["faults"] = fault_phase(workdir, users, args.fault_rate or capacity / 2, args)
         after = result["faults"]["during_cut"]["fallback_latency_after_open_ms"]
         result["faults"]["met"] = bool(after) and after.get("p99", 1e9) <= BUDGET_MS
     out.parent.mkdir(parents=True, exist_ok=True)

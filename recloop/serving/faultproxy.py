@@ -128,11 +128,13 @@ def main(argv: list[str] | None = None) -> int:
             elif command == "resume":
                 proxy.resume()
             elif command == "close":
-                break
+                proxy.close()
             elif command:
-                print(f"unknown command {command!r} (cut, resume, close)", file=sys.stderr)
+                print(f"unknown command {command!r} (cut, resume, close)", flush=True)
                 continue
             print(f"ok {command}", flush=True)
+            if command == "close":
+                break
     finally:
         proxy.close()
     return 0

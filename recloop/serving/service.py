@@ -354,8 +354,8 @@ class RecommendationService:
         try:
             result = self._recommend(model, popularity, user_id, k, context, segment, watched, rules, started)
         except FeatureStoreUnavailable as err:
-            if not err.refused:  # a refused read (breaker open) was already logged once, when it opened
-                log.warning("online store unavailable, serving popularity: %s", err)
+            # Logged once per failed batch (`_rank_batch`), and once when the breaker opens.
+            log.debug("online store unavailable, serving popularity: %s", err)
             self.metrics.errors.labels("recommendations").inc()
             return self._fallback(user_id, k, segment, watched, rules, FALLBACK_FEATURE_STORE, started, model)
         except Exception:
@@ -427,6 +427,8 @@ class RecommendationService:
             try:
                 ranked, timings = model.rank([j.payload[1] for j in group], online)
             except FeatureStoreUnavailable as err:
+                if not err.refused:
+                    log.warning("online store read failed for %d requests, serving popularity: %s", len(group), err)
                 for job in group:
                     job.error = err
                 continue
