@@ -4,8 +4,8 @@ Without a bound, requests offered faster than the process serves them queue in t
 thread pool, and every request waits behind the backlog (at 500 requests/s offered to a process that
 serves ~300/s: p99 2.5 s). `AdmissionControl` is a plain ASGI middleware in front of the app:
 
-* at most `max_in_flight` requests are handled at once (a slot per request, from the moment the
-  middleware sees it until its answer is sent);
+* at most `limit` requests are handled at once (a slot per request, from the moment the middleware
+  admits it until its answer is sent);
 * a request that finds every slot taken waits, first come first served, in a queue of at most
   `max_queue` requests, for at most `max_wait_s`;
 * a request that finds the queue full, or that waited `max_wait_s` without a slot, is shed: answered at
@@ -13,6 +13,14 @@ serves ~300/s: p99 2.5 s). `AdmissionControl` is a plain ASGI middleware in fron
   body is never read and nothing of the app runs for it, so shedding stays cheap when the offered
   load is a multiple of the capacity. Shed requests are counted in
   `recloop_serving_shed_requests_total{reason}` (queue_full, queue_timeout).
+
+The `limit` adapts to what the machine delivers now (AIMD, as TCP congestion control and the
+concurrency limiters of service meshes do): every `window_s` the 95th percentile of the admitted
+requests' time in the app (over at least 10 requests) is compared with `target_s`; above it the limit shrinks by a quarter (at least
+1), below it and with requests having waited for a slot in the window it grows by one, never above
+`max_in_flight`. A fixed number of slots would be right for one machine only: on a slower or busier one
+the same number lets every admitted request wait behind the others (Little's law: time in the app is
+slots in use / throughput). `target_s = 0` keeps the limit fixed at `max_in_flight`.
 
 Shedding with 503 rather than answering with the popularity fallback is deliberate: a fallback answer
 still costs the thread pool, JSON encoding and the response, which is exactly the capacity that is
@@ -23,7 +31,8 @@ limit: an overloaded process must still be seen alive and scraped. The limit app
 path (recommendations and feedback).
 
 Everything runs on the event loop (no lock needed): the counter of slots in use and a deque of waiting
-futures. A finishing request hands its slot directly to the oldest waiter.
+futures. A finishing request hands its slot directly to the oldest waiter (unless the limit has just
+shrunk below the slots in use).
 """
 
 from __future__ import annotations
@@ -41,20 +50,25 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from recloop.serving.metrics import ServingMetrics
 
 NEVER_SHED = frozenset({"/healthz", "/readyz", "/metrics"})
+MIN_WINDOW = 10  # requests finished before a window's percentile counts (a few slow ones at low load do not)
 
 
 @dataclass(frozen=True)
 class AdmissionLimits:
-    """`max_in_flight` requests at once (0: no admission control), a queue of `max_queue` waiting at
-    most `max_wait_s` seconds, and the `Retry-After` seconds of a shed answer."""
+    """At most `max_in_flight` requests at once (0: no admission control), adapted down to keep the p95
+    time in the app under `target_s` (0: fixed) over windows of `window_s`; a queue of `max_queue`
+    waiting at most `max_wait_s` seconds; the `Retry-After` seconds of a shed answer."""
 
     max_in_flight: int = 24
     max_queue: int = 64
     max_wait_s: float = 0.02
     retry_after_s: int = 1
+    target_s: float = 0.025
+    window_s: float = 0.5
 
     def __post_init__(self) -> None:
-        if self.max_in_flight < 0 or self.max_queue < 0 or not self.max_wait_s >= 0 or self.retry_after_s < 1:
+        if (self.max_in_flight < 0 or self.max_queue < 0 or not self.max_wait_s >= 0 or self.retry_after_s < 1
+                or not self.target_s >= 0 or not self.window_s > 0):
             raise ValueError(f"invalid admission limits: {self}")
 
     @classmethod
@@ -65,6 +79,7 @@ class AdmissionLimits:
             max_queue=config.admission_queue,  # type: ignore[attr-defined]
             max_wait_s=config.admission_max_wait_seconds,  # type: ignore[attr-defined]
             retry_after_s=config.retry_after_seconds,  # type: ignore[attr-defined]
+            target_s=config.admission_target_seconds,  # type: ignore[attr-defined]
         )
 
 
@@ -91,7 +106,12 @@ class AdmissionControl:
         self.metrics = metrics
         self.never_shed = frozenset(never_shed)
         self.in_flight = 0
+        self.limit = limits.max_in_flight
         self._waiting: deque[asyncio.Future[bool]] = deque()
+        self._window: list[float] = []  # seconds in the app of the requests finished in this window
+        self._window_end = 0.0
+        self._contended = False  # a request waited or was shed in this window
+        metrics.admission_limit.set(self.limit)
         retry_after = str(int(math.ceil(limits.retry_after_s)))
         body = json.dumps({
             "detail": f"the server is at capacity; retry after {retry_after} s",
@@ -118,17 +138,41 @@ class AdmissionControl:
             await send(self._shed_start)
             await send(self._shed_body)
             return
+        started = time.perf_counter()
         try:
             await self.app(scope, receive, send)
         finally:
             self._release()
+            self._observe(time.perf_counter() - started)
+
+    def _observe(self, seconds: float) -> None:
+        """AIMD on `limit` (module docstring), once per window."""
+        limits = self.limits
+        if limits.target_s <= 0:
+            return
+        self._window.append(seconds)
+        now = time.perf_counter()
+        if now < self._window_end or len(self._window) < MIN_WINDOW:
+            return
+        window, self._window = sorted(self._window), []
+        contended, self._contended = self._contended, False
+        self._window_end = now + limits.window_s
+        p95 = window[min(len(window) - 1, int(0.95 * len(window)))]
+        if p95 > limits.target_s:
+            self.limit = max(1, min(self.limit - 1, int(self.limit * 0.75)))
+        elif contended and self.limit < limits.max_in_flight:
+            self.limit += 1
+        else:
+            return
+        self.metrics.admission_limit.set(self.limit)
 
     async def _acquire(self) -> str | None:
         """Takes a slot (None) or says why the request is shed ("queue_full", "queue_timeout")."""
         limits = self.limits
-        if self.in_flight < limits.max_in_flight and not self._waiting:
+        if self.in_flight < self.limit and not self._waiting:
             self._admitted(0.0)
             return None
+        self._contended = True
         if len(self._waiting) >= limits.max_queue or limits.max_wait_s <= 0:
             return "queue_full"
         loop = asyncio.get_running_loop()
@@ -160,7 +204,7 @@ class AdmissionControl:
 
     def _release(self) -> None:
         """A request finished: its slot goes to the oldest waiter still waiting, else back to the pool."""
-        while self._waiting:
+        while self._waiting and self.in_flight <= self.limit:
             waiter = self._waiting.popleft()
             if not waiter.done():
                 waiter.set_result(True)

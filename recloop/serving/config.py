@@ -57,12 +57,15 @@ class ServingConfig:
     breaker_failures: int = 2
     breaker_reset_seconds: float = 1.0
     # Admission control (recloop.serving.admission): at most `max_in_flight` requests handled at once
-    # (0: no limit); beyond, a request waits at most `admission_max_wait_seconds` in a queue of at most
-    # `admission_queue`, else it is answered 503 with `Retry-After: retry_after_seconds`.
+    # (0: no admission control); beyond, a request waits at most `admission_max_wait_seconds` in a queue
+    # of at most `admission_queue`, else it is answered 503 with `Retry-After: retry_after_seconds`.
     max_in_flight: int = 24
     admission_queue: int = 64
     admission_max_wait_seconds: float = 0.02
     retry_after_seconds: int = 1
+    # The limit adapts below `max_in_flight` to keep the admitted requests' p95 time in the app under
+    # this target (seconds; 0: the limit stays at max_in_flight).
+    admission_target_seconds: float = 0.025
     # The HNSW search breadth at serving time (None: the bundle's own setting). Lower is faster and
     # recalls less; measure with `recloop.index.recall_at_k` before lowering it.
     ef_search: int | None = None
@@ -79,7 +82,7 @@ class ServingConfig:
         for name in ("breaker_failures", "retry_after_seconds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_in_flight", "admission_queue", "admission_max_wait_seconds"):
+        for name in ("max_in_flight", "admission_queue", "admission_max_wait_seconds", "admission_target_seconds"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.default_k > self.max_k:

@@ -19,6 +19,7 @@ one process, as in tests, do not collide on prometheus_client's global registry)
                                                 queue_timeout (recloop.serving.admission)
     recloop_serving_in_flight_requests          requests admitted and not finished
     recloop_serving_admission_wait_seconds      histogram: time an admitted request waited for a slot
+    recloop_serving_admission_limit             requests admitted at once now (adapted to the latency)
 """
 
 from __future__ import annotations
@@ -86,6 +87,10 @@ class ServingMetrics:
         )
         self.in_flight = Gauge(
             "recloop_serving_in_flight_requests", "Requests admitted and not finished", registry=r,
+        )
+        self.admission_limit = Gauge(
+            "recloop_serving_admission_limit", "Requests admission control lets in at once now (adaptive)",
+            registry=r,
         )
         self.admission_wait = Histogram(
             "recloop_serving_admission_wait_seconds", "Time an admitted request waited for a slot",

@@ -72,7 +72,7 @@ async def _burst(url: str, n: int, path: str = "/v1/work") -> list[httpx.Respons
 
 
 def test_beyond_capacity_requests_are_shed_with_503_and_retry_after_and_counted():
-    limits = AdmissionLimits(max_in_flight=2, max_queue=3, max_wait_s=0.3, retry_after_s=2)
+    limits = AdmissionLimits(max_in_flight=2, max_queue=3, max_wait_s=0.3, retry_after_s=2, target_s=0)
     app, metrics, release, entered = held_app(limits)
     with serve(app) as url:
         result: list[list[httpx.Response]] = []
@@ -101,7 +101,7 @@ def test_beyond_capacity_requests_are_shed_with_503_and_retry_after_and_counted(
 
 
 def test_a_queued_request_takes_the_slot_freed_within_its_wait():
-    limits = AdmissionLimits(max_in_flight=1, max_queue=4, max_wait_s=5.0)
+    limits = AdmissionLimits(max_in_flight=1, max_queue=4, max_wait_s=5.0, target_s=0)
     app, metrics, release, entered = held_app(limits)
     with serve(app) as url:
         result: list[list[httpx.Response]] = []
@@ -120,6 +120,51 @@ def test_a_queued_request_takes_the_slot_freed_within_its_wait():
     assert metric(metrics, "recloop_serving_shed_requests_total", reason="queue_timeout") == 0
     assert metric(metrics, "recloop_serving_admission_wait_seconds_count") == 3
     assert metric(metrics, "recloop_serving_in_flight_requests") == 0
+
+
+def _timed_app(limits: AdmissionLimits, seconds: float) -> tuple[FastAPI, ServingMetrics]:
+    """An app whose POST /v1/work takes `seconds` of wall time (in the thread pool)."""
+    metrics = ServingMetrics()
+    app = FastAPI()
+
+    @app.post("/v1/work")
+    def work() -> dict[str, bool]:
+        time.sleep(seconds)
+        return {"ok": True}
+
+    app.add_middleware(AdmissionControl, limits=limits, metrics=metrics)
+    return app, metrics
+
+
+async def _sustained(url: str, concurrency: int, seconds: float) -> dict[int, int]:
+    """`concurrency` clients each sending requests back to back for `seconds`; statuses counted."""
+    statuses: dict[int, int] = {}
+    deadline = time.monotonic() + seconds
+    async with httpx.AsyncClient(base_url=url, timeout=30, limits=httpx.Limits(max_connections=concurrency)) as http:
+
+        async def client() -> None:
+            while time.monotonic() < deadline:
+                r = await http.post("/v1/work")
+                statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+                if r.status_code == 503:
+                    await asyncio.sleep(0.005)
+
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+    return statuses
+
+
+def test_the_limit_shrinks_when_admitted_requests_are_slow_and_stays_when_they_are_fast():
+    limits = AdmissionLimits(max_in_flight=8, max_queue=64, max_wait_s=0.5, target_s=0.02, window_s=0.2)
+    slow, slow_metrics = _timed_app(limits, 0.03)  # every request over the target: the limit falls to 1
+    with serve(slow) as url:
+        statuses = asyncio.run(_sustained(url, 16, 3.0))
+    assert statuses.get(200, 0) > 20
+    assert metric(slow_metrics, "recloop_serving_admission_limit") == 1
+    fast, fast_metrics = _timed_app(limits, 0.001)  # well under the target: the limit stays at the maximum
+    with serve(fast) as url:
+        statuses = asyncio.run(_sustained(url, 16, 2.0))
+    assert statuses.get(200, 0) > 100
+    assert metric(fast_metrics, "recloop_serving_admission_limit") >= 6
 
 
 def test_zero_in_flight_means_no_admission_control():
