@@ -149,6 +149,16 @@ class Proxy:
             self.proc.wait(timeout=10)
 
 
+def scrape(url: str, prefixes: tuple[str, ...]) -> dict[str, float]:
+    """The samples of /metrics whose names start with one of `prefixes`."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return {name: float(value) for name, _, value in (line.rpartition(" ") for line in text.splitlines())
+            if name.startswith(prefixes)}
+
+
 def server(workdir: Path, extra_env: dict[str, str]):  # noqa: ANN201
     """`bench/serving.py`'s server with extra `RECLOOP_*` variables; returns (url, process)."""
     saved = {k: os.environ.get(k) for k in extra_env}
@@ -225,7 +235,8 @@ def capacity_phase(workdir: Path, users: list[str], args) -> dict:  # noqa: ANN0
 
 def overload_phase(workdir: Path, users: list[str], capacity: float, args) -> dict:  # noqa: ANN001
     env = {k: str(v) for k, v in (("RECLOOP_SERVING_MAX_IN_FLIGHT", args.max_in_flight),
-                                   ("RECLOOP_SERVING_ADMISSION_MAX_WAIT_SECONDS", args.max_wait)) if v is not None}
+                                   ("RECLOOP_SERVING_ADMISSION_MAX_WAIT_SECONDS", args.max_wait),
+                                   ("RECLOOP_SERVING_ADMISSION_TARGET_SECONDS", args.target)) if v is not None}
     url, proc = server(workdir, env)
     try:
         base.run_async(open_loop(url, users, rate=50, seconds=args.warmup / 50, seed=0))
@@ -234,6 +245,9 @@ def overload_phase(workdir: Path, users: list[str], capacity: float, args) -> di
         time.sleep(2)
         at_2x = summarize(base.run_async(open_loop(url, users, 2 * capacity, args.overload_seconds, seed=202)),
                           2 * capacity, args.overload_seconds)
+        at_2x["server_metrics"] = scrape(url, ("recloop_serving_admission_limit", "recloop_serving_shed_requests_total",
+                                               "recloop_serving_admission_wait_seconds_sum",
+                                               "recloop_serving_admission_wait_seconds_count"))
     finally:
         stop(proc)
     return {"admission": env or "ServingConfig defaults", "at_capacity": at_capacity, "at_2x_capacity": at_2x}
@@ -313,6 +327,7 @@ def main() -> int:
     parser.add_argument("--overload-seconds", type=float, default=20.0, help="length of the 2x level")
     parser.add_argument("--warmup", type=int, default=300)
     parser.add_argument("--max-in-flight", type=int, help="admission limit (default: ServingConfig's)")
+    parser.add_argument("--target", type=float, help="admission latency target, seconds (default: ServingConfig's)")
     parser.add_argument("--max-wait", type=float, help="admission queue wait, seconds (default: ServingConfig's)")
     parser.add_argument("--redis-url", default=os.environ.get("RECLOOP_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"))
     parser.add_argument("--fault-rate", type=float, help="requests/s of the fault phase (default: capacity / 2)")

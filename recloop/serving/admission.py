@@ -15,12 +15,13 @@ serves ~300/s: p99 2.5 s). `AdmissionControl` is a plain ASGI middleware in fron
   `recloop_serving_shed_requests_total{reason}` (queue_full, queue_timeout).
 
 The `limit` adapts to what the machine delivers now (AIMD, as TCP congestion control and the
-concurrency limiters of service meshes do): every `window_s` the 95th percentile of the admitted
-requests' time in the app (over at least 10 requests) is compared with `target_s`; above it the limit shrinks by a quarter (at least
-1), below it and with requests having waited for a slot in the window it grows by one, never above
-`max_in_flight`. A fixed number of slots would be right for one machine only: on a slower or busier one
-the same number lets every admitted request wait behind the others (Little's law: time in the app is
-slots in use / throughput). `target_s = 0` keeps the limit fixed at `max_in_flight`.
+concurrency limiters of service meshes do): every `window_s` (and at least 10 requests) the 95th
+percentile of the admitted requests' time in the app is compared with `target_s`; above it the limit
+shrinks by the ratio target / p95 (by 10 % to 50 %, at least by one slot, never below 1); below it, and
+if requests waited for a slot in the window, it grows by one, never above `max_in_flight`. A fixed
+number of slots would be right for one machine only: on a slower or busier one the same number lets
+every admitted request wait behind the others (Little's law: time in the app is slots in use /
+throughput). `target_s = 0` keeps the limit fixed at `max_in_flight`.
 
 Shedding with 503 rather than answering with the popularity fallback is deliberate: a fallback answer
 still costs the thread pool, JSON encoding and the response, which is exactly the capacity that is
@@ -61,10 +62,10 @@ class AdmissionLimits:
 
     max_in_flight: int = 24
     max_queue: int = 64
-    max_wait_s: float = 0.02
+    max_wait_s: float = 0.01
     retry_after_s: int = 1
-    target_s: float = 0.025
-    window_s: float = 0.5
+    target_s: float = 0.02
+    window_s: float = 0.25
 
     def __post_init__(self) -> None:
         if (self.max_in_flight < 0 or self.max_queue < 0 or not self.max_wait_s >= 0 or self.retry_after_s < 1
@@ -158,13 +159,18 @@ class AdmissionControl:
         contended, self._contended = self._contended, False
         self._window_end = now + limits.window_s
         p95 = window[min(len(window) - 1, int(0.95 * len(window)))]
-        if p95 > limits.target_s:
-            self.limit = max(1, min(self.limit - 1, int(self.limit * 0.75)))
+        if p95 > limits.target_s:  # the further over the target, the harder the cut (at most by half)
+            cut = max(0.5, min(0.9, limits.target_s / p95))
+            self.set_limit(min(self.limit - 1, int(self.limit * cut)))
         elif contended and self.limit < limits.max_in_flight:
-            self.limit += 1
-        else:
-            return
+            self.set_limit(self.limit + 1)
+
+    def set_limit(self, limit: int) -> None:
+        """Requests let in at once from now on (clipped to 1..max_in_flight); slots it frees go to the
+        waiters at once; requests over a lowered limit finish and are not replaced."""
+        self.limit = max(1, min(self.limits.max_in_flight, int(limit)))
         self.metrics.admission_limit.set(self.limit)
+        self._dispatch()
 
     async def _acquire(self) -> str | None:
         """Takes a slot (None) or says why the request is shed ("queue_full", "queue_timeout")."""
@@ -178,6 +184,7 @@ class AdmissionControl:
         loop = asyncio.get_running_loop()
         granted: asyncio.Future[bool] = loop.create_future()
         self._waiting.append(granted)
+        self._dispatch()  # a slot may be free behind waiters that have just given up
         timer = loop.call_later(limits.max_wait_s, _expire, granted)
         started = time.perf_counter()
         try:
@@ -194,7 +201,6 @@ class AdmissionControl:
             self._forget(granted)
             return "queue_timeout"
         self.metrics.admission_wait.observe(time.perf_counter() - started)
-        self.metrics.in_flight.set(self.in_flight)  # the slot was handed over: the count is unchanged
         return None
 
     def _admitted(self, waited: float) -> None:
@@ -203,13 +209,18 @@ class AdmissionControl:
         self.metrics.admission_wait.observe(waited)
 
     def _release(self) -> None:
-        """A request finished: its slot goes to the oldest waiter still waiting, else back to the pool."""
-        while self._waiting and self.in_flight <= self.limit:
+        """A request finished: its slot goes back, to the oldest waiter still waiting if any."""
+        self.in_flight -= 1
+        self._dispatch()
+        self.metrics.in_flight.set(self.in_flight)
+
+    def _dispatch(self) -> None:
+        """Free slots (under the current limit) to the oldest waiters still waiting."""
+        while self._waiting and self.in_flight < self.limit:
             waiter = self._waiting.popleft()
             if not waiter.done():
                 waiter.set_result(True)
-                return
-        self.in_flight -= 1
+                self.in_flight += 1
         self.metrics.in_flight.set(self.in_flight)
 
     def _forget(self, waiter: asyncio.Future[bool]) -> None:

@@ -61,11 +61,11 @@ class ServingConfig:
     # of at most `admission_queue`, else it is answered 503 with `Retry-After: retry_after_seconds`.
     max_in_flight: int = 24
     admission_queue: int = 64
-    admission_max_wait_seconds: float = 0.02
+    admission_max_wait_seconds: float = 0.01
     retry_after_seconds: int = 1
     # The limit adapts below `max_in_flight` to keep the admitted requests' p95 time in the app under
     # this target (seconds; 0: the limit stays at max_in_flight).
-    admission_target_seconds: float = 0.025
+    admission_target_seconds: float = 0.02
     # The HNSW search breadth at serving time (None: the bundle's own setting). Lower is faster and
     # recalls less; measure with `recloop.index.recall_at_k` before lowering it.
     ef_search: int | None = None

@@ -167,6 +167,41 @@ def test_the_limit_shrinks_when_admitted_requests_are_slow_and_stays_when_they_a
     assert metric(fast_metrics, "recloop_serving_admission_limit") >= 6
 
 
+def test_a_raised_limit_or_a_freed_slot_admits_the_waiting_requests_at_once():
+    """Slots never sit idle while requests wait: after the limit shrank (a slow spell) and grew again,
+    the waiting requests fill every slot, not one at a time."""
+
+    async def scenario() -> None:
+        gate, entered = asyncio.Event(), []
+
+        async def app(scope, receive, send) -> None:  # noqa: ANN001
+            entered.append(1)
+            await gate.wait()
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+
+        statuses: list[int] = []
+
+        async def send(message) -> None:  # noqa: ANN001
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
+
+        middleware = AdmissionControl(app, limits=AdmissionLimits(max_in_flight=4, max_queue=10, max_wait_s=5,
+                                                                  target_s=0), metrics=ServingMetrics())
+        middleware.set_limit(1)
+        calls = [asyncio.create_task(middleware({"type": "http", "path": "/v1/x"}, None, send)) for _ in range(6)]
+        await asyncio.sleep(0.05)
+        assert (len(entered), middleware.in_flight) == (1, 1)
+        middleware.set_limit(4)
+        await asyncio.sleep(0.05)
+        assert (len(entered), middleware.in_flight) == (4, 4)
+        gate.set()
+        await asyncio.gather(*calls)
+        assert statuses == [200] * 6 and middleware.in_flight == 0
+
+    asyncio.run(scenario())
+
+
 def test_zero_in_flight_means_no_admission_control():
     app, metrics, release, entered = held_app(AdmissionLimits(max_in_flight=0))
     release.set()
