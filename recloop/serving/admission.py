@@ -17,7 +17,8 @@ serves ~300/s: p99 2.5 s). `AdmissionControl` is a plain ASGI middleware in fron
 The `limit` adapts to what the machine delivers now (AIMD, as TCP congestion control and the
 concurrency limiters of service meshes do): every `window_s` (and at least 10 requests) the 95th
 percentile of the admitted requests' time in the app is compared with `target_s`; above it the limit
-shrinks by the ratio target / p95 (by 10 % to 50 %, at least by one slot, never below 1); below it, and
+shrinks by the ratio target / p95 (by 10 % to 50 %, at least by one slot, never below `min_in_flight`:
+a few concurrent clients, or a slow spell such as a model swap, are not shed); below it, and
 if requests waited for a slot in the window, it grows by one, never above `max_in_flight`. A fixed
 number of slots would be right for one machine only: on a slower or busier one the same number lets
 every admitted request wait behind the others (Little's law: time in the app is slots in use /
@@ -56,8 +57,8 @@ MIN_WINDOW = 10  # requests finished before a window's percentile counts (a few 
 
 @dataclass(frozen=True)
 class AdmissionLimits:
-    """At most `max_in_flight` requests at once (0: no admission control), adapted down to keep the p95
-    time in the app under `target_s` (0: fixed) over windows of `window_s`; a queue of `max_queue`
+    """At most `max_in_flight` requests at once (0: no admission control), adapted down (not below
+    `min_in_flight`) to keep the p95 time in the app under `target_s` (0: fixed) over windows of `window_s`; a queue of `max_queue`
     waiting at most `max_wait_s` seconds; the `Retry-After` seconds of a shed answer."""
 
     max_in_flight: int = 24
@@ -66,10 +67,11 @@ class AdmissionLimits:
     retry_after_s: int = 1
     target_s: float = 0.02
     window_s: float = 0.25
+    min_in_flight: int = 4
 
     def __post_init__(self) -> None:
         if (self.max_in_flight < 0 or self.max_queue < 0 or not self.max_wait_s >= 0 or self.retry_after_s < 1
-                or not self.target_s >= 0 or not self.window_s > 0):
+                or not self.target_s >= 0 or not self.window_s > 0 or self.min_in_flight < 1):
             raise ValueError(f"invalid admission limits: {self}")
 
     @classmethod
@@ -81,6 +83,7 @@ class AdmissionLimits:
             max_wait_s=config.admission_max_wait_seconds,  # type: ignore[attr-defined]
             retry_after_s=config.retry_after_seconds,  # type: ignore[attr-defined]
             target_s=config.admission_target_seconds,  # type: ignore[attr-defined]
+            min_in_flight=config.admission_min_in_flight,  # type: ignore[attr-defined]
         )
 
 
@@ -166,9 +169,10 @@ class AdmissionControl:
             self.set_limit(self.limit + 1)
 
     def set_limit(self, limit: int) -> None:
-        """Requests let in at once from now on (clipped to 1..max_in_flight); slots it frees go to the
-        waiters at once; requests over a lowered limit finish and are not replaced."""
-        self.limit = max(1, min(self.limits.max_in_flight, int(limit)))
+        """Requests let in at once from now on (clipped to min_in_flight..max_in_flight); slots it frees
+        go to the waiters at once; requests over a lowered limit finish and are not replaced."""
+        limits = self.limits
+        self.limit = max(min(limits.min_in_flight, limits.max_in_flight), min(limits.max_in_flight, int(limit)))
         self.metrics.admission_limit.set(self.limit)
         self._dispatch()
 

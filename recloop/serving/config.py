@@ -66,6 +66,8 @@ class ServingConfig:
     # The limit adapts below `max_in_flight` to keep the admitted requests' p95 time in the app under
     # this target (seconds; 0: the limit stays at max_in_flight).
     admission_target_seconds: float = 0.02
+    # ... but never below this many (a few concurrent clients, or a slow spell, are not shed).
+    admission_min_in_flight: int = 4
     # The HNSW search breadth at serving time (None: the bundle's own setting). Lower is faster and
     # recalls less; measure with `recloop.index.recall_at_k` before lowering it.
     ef_search: int | None = None
@@ -79,7 +81,7 @@ class ServingConfig:
         for name in ("online_store_timeout_seconds", "breaker_reset_seconds"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("breaker_failures", "retry_after_seconds"):
+        for name in ("breaker_failures", "retry_after_seconds", "admission_min_in_flight"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_in_flight", "admission_queue", "admission_max_wait_seconds", "admission_target_seconds"):

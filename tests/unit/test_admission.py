@@ -154,7 +154,8 @@ async def _sustained(url: str, concurrency: int, seconds: float) -> dict[int, in
 
 
 def test_the_limit_shrinks_when_admitted_requests_are_slow_and_stays_when_they_are_fast():
-    limits = AdmissionLimits(max_in_flight=8, max_queue=64, max_wait_s=0.5, target_s=0.02, window_s=0.2)
+    limits = AdmissionLimits(max_in_flight=8, max_queue=64, max_wait_s=0.5, target_s=0.02, window_s=0.2,
+                             min_in_flight=1)
     slow, slow_metrics = _timed_app(limits, 0.03)  # every request over the target: the limit falls to 1
     with serve(slow) as url:
         statuses = asyncio.run(_sustained(url, 16, 3.0))
@@ -187,7 +188,8 @@ def test_a_raised_limit_or_a_freed_slot_admits_the_waiting_requests_at_once():
                 statuses.append(message["status"])
 
         middleware = AdmissionControl(app, limits=AdmissionLimits(max_in_flight=4, max_queue=10, max_wait_s=5,
-                                                                  target_s=0), metrics=ServingMetrics())
+                                                                  target_s=0, min_in_flight=1),
+                                      metrics=ServingMetrics())
         middleware.set_limit(1)
         calls = [asyncio.create_task(middleware({"type": "http", "path": "/v1/x"}, None, send)) for _ in range(6)]
         await asyncio.sleep(0.05)
