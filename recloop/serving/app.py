@@ -3,7 +3,8 @@
     POST /v1/recommendations   {"user_id", "k"?, "context"?: {"country", "age_bucket", "device"}, "exclude"?}
     POST /v1/feedback          {"events": [{"user_id", "video_id", "watched_s", ...}]}  -> 202 (API key)
     GET  /healthz              the process is up
-    GET  /readyz               503 until a model or the popularity fallback is loaded (error text: key)
+    GET  /readyz               503 until a model or the popularity fallback is loaded; 200 with
+                               "status": "degraded" while the online store is unavailable (error text: key)
     GET  /metrics              Prometheus text format
     GET  /docs, /openapi.json  the OpenAPI description
 
@@ -30,6 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from recloop.config import Settings
 from recloop.serving import auth
+from recloop.serving.admission import AdmissionControl, AdmissionLimits
 from recloop.serving.config import FEEDBACK_EVENTS_CEILING, ServingConfig
 from recloop.serving.history import HistoryCollector
 from recloop.serving.inputs import StrictJSONRoute, check_feedback, to_utc, validation_error_handler
@@ -200,6 +202,8 @@ def create_app(
     app.add_exception_handler(RequestValidationError, validation_error_handler)
 
     app.add_middleware(_CountRequests, metrics=metrics)
+    # Outermost: beyond capacity, 503 + Retry-After before anything else runs (recloop.serving.admission).
+    app.add_middleware(AdmissionControl, limits=AdmissionLimits.of(service.config), metrics=metrics)
 
     @app.post("/v1/recommendations", response_model=RecommendationResponse, tags=["recommendations"],
               dependencies=[Depends(key_for("recommendations"))] if recommendations_keyed else [],

@@ -71,6 +71,24 @@ class ServingConfig:
     feature_cache_users: int = 200_000
     # Most requests ranked in one batch (see recloop.serving.batching).
     max_ranking_batch: int = 64
+    # Online-store reads (recloop.serving.online): the Redis client's socket timeouts (no retries), and
+    # the circuit breaker that opens after `breaker_failures` failed reads in a row (requests then get
+    # the fallback at once) and probes the store every `breaker_reset_seconds` in the background.
+    online_store_timeout_seconds: float = 0.1
+    breaker_failures: int = 2
+    breaker_reset_seconds: float = 1.0
+    # Admission control (recloop.serving.admission): at most `max_in_flight` requests handled at once
+    # (0: no admission control); beyond, a request waits at most `admission_max_wait_seconds` in a queue
+    # of at most `admission_queue`, else it is answered 503 with `Retry-After: retry_after_seconds`.
+    max_in_flight: int = 24
+    admission_queue: int = 64
+    admission_max_wait_seconds: float = 0.01
+    retry_after_seconds: int = 1
+    # The limit adapts below `max_in_flight` to keep the admitted requests' p95 time in the app under
+    # this target (seconds; 0: the limit stays at max_in_flight).
+    admission_target_seconds: float = 0.02
+    # ... but never below this many (a few concurrent clients, or a slow spell, are not shed).
+    admission_min_in_flight: int = 4
     # The HNSW search breadth at serving time (None: the bundle's own setting). Lower is faster and
     # recalls less; measure with `recloop.index.recall_at_k` before lowering it.
     ef_search: int | None = None
@@ -81,6 +99,15 @@ class ServingConfig:
         for name in ("default_k", "max_k", "max_per_creator", "max_per_category"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("online_store_timeout_seconds", "breaker_reset_seconds"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("breaker_failures", "retry_after_seconds", "admission_min_in_flight"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_in_flight", "admission_queue", "admission_max_wait_seconds", "admission_target_seconds"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.default_k > self.max_k:
             raise ValueError(f"default_k ({self.default_k}) must be <= max_k ({self.max_k})")
         if self.recommendations_auth not in ("open", "key"):

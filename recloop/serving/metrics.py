@@ -13,6 +13,13 @@ one process, as in tests, do not collide on prometheus_client's global registry)
     recloop_serving_feedback_events_total{outcome}  accepted, flushed
     recloop_serving_feature_cache_total{outcome}    users' online rows: hit (cached for the current
                                                 snapshot), miss (read from Feast)
+    recloop_serving_online_store_breaker        the online store's circuit breaker: 0 closed, 1 half-open,
+                                                2 open (recloop.serving.online)
+    recloop_serving_shed_requests_total{reason} requests answered 503 by admission control: queue_full,
+                                                queue_timeout (recloop.serving.admission)
+    recloop_serving_in_flight_requests          requests admitted and not finished
+    recloop_serving_admission_wait_seconds      histogram: time an admitted request waited for a slot
+    recloop_serving_admission_limit             requests admitted at once now (adapted to the latency)
 """
 
 from __future__ import annotations
@@ -69,6 +76,28 @@ class ServingMetrics:
             "recloop_serving_feature_cache", "Users' online feature rows served from the per-snapshot cache "
             "(hit) or read from Feast (miss)", ["outcome"], registry=r,
         )
+        self.online_store_breaker = Gauge(
+            "recloop_serving_online_store_breaker",
+            "Circuit breaker of the online store: 0 closed, 1 half-open (probing), 2 open (reads refused)",
+            registry=r,
+        )
+        self.shed = Counter(
+            "recloop_serving_shed_requests", "Requests refused by admission control (503 + Retry-After), by reason",
+            ["reason"], registry=r,
+        )
+        self.in_flight = Gauge(
+            "recloop_serving_in_flight_requests", "Requests admitted and not finished", registry=r,
+        )
+        self.admission_limit = Gauge(
+            "recloop_serving_admission_limit", "Requests admission control lets in at once now (adaptive)",
+            registry=r,
+        )
+        self.admission_wait = Histogram(
+            "recloop_serving_admission_wait_seconds", "Time an admitted request waited for a slot",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        for reason in ("queue_full", "queue_timeout"):
+            self.shed.labels(reason)
         for stage in STAGES:  # expose every series from the start, at zero
             self.stage_seconds.labels(stage)
 

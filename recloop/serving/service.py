@@ -17,6 +17,10 @@ request takes the reference once at its start, so requests in flight finish on t
 with and none fails during a swap. Without a model (no champion yet, or it cannot be loaded), with the
 online store unreachable, or on any failure of the model path, the answer comes from the popularity of
 the user's segment, marked `fallback` with the reason, and counted.
+
+While the online store's circuit breaker is open (`recloop.serving.online`), a user whose rows are not
+cached gets the fallback at once, without queueing for the ranking worker; `status()` (what `/readyz`
+shows) then says `degraded`, with a reason and no internal error text.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ from recloop.serving.feedback import FeedbackWriter
 from recloop.serving.history import UserHistory
 from recloop.serving.metrics import ServingMetrics
 from recloop.serving.model import RankRequest, ServingModel
-from recloop.serving.online import FeatureStoreUnavailable, OnlineFeatures
+from recloop.serving.online import CLOSED, CircuitBreaker, FeatureStoreUnavailable, OnlineFeatures
 from recloop.serving.popularity import Popularity
 from recloop.serving.rerank import diversify, freshness_boost
 from recloop.serving.safety import SafetyList, SafetyRules
@@ -60,6 +64,9 @@ CORRUPT_RETRY_S = 300.0
 FALLBACK_NO_MODEL = "no_model"
 FALLBACK_FEATURE_STORE = "feature_store_unavailable"
 FALLBACK_MODEL_ERROR = "model_error"
+
+BREAKER_STATES = ("closed", "half_open", "open")  # the gauge's values 0, 1, 2
+DEGRADED_STORE = "online store unavailable"
 
 
 def _freeze_heap() -> None:
@@ -142,6 +149,9 @@ class RecommendationService:
             registry = open_registry(settings)
         self.registry = registry
         self.online = online
+        self._store_logged = CLOSED  # the breaker state last logged
+        if online is not None:
+            online.breaker.listeners.append(self._breaker_changed)
         self.lake: Lake = open_lake(settings.lake_uri, s3_endpoint_url=settings.s3_endpoint_url)
         self.safety = SafetyList(self.config.safety_file, self.config.safety_check_seconds)
         self.history = UserHistory(max_users=self.config.history_max_users, max_events=self.config.history_max_events,
@@ -182,10 +192,28 @@ class RecommendationService:
         """Ready when there is something to answer with: a model, or at least the popularity fallback."""
         return self._model is not None or self._sources.popularity is not None
 
+    @property
+    def online_store_state(self) -> str:
+        """The online store's circuit breaker: `closed` (reads go to the store), `open` or `half_open`."""
+        return self.online.breaker.state if self.online is not None else CLOSED
+
     def status(self) -> dict[str, Any]:
+        """What `/readyz` shows: `status` is `ready`, `degraded` (answering, but the online store is
+        unavailable: users not cached get the popularity fallback) or `not_ready`, and `reason` says why
+        in words meant for callers (no internal error text)."""
         model = self._model
+        ready, store = self.ready, self.online_store_state
+        if not ready:
+            state, reason = "not_ready", "no model or popularity fallback loaded yet"
+        elif store != CLOSED:
+            state, reason = "degraded", DEGRADED_STORE
+        else:
+            state, reason = "ready", None
         return {
-            "ready": self.ready,
+            "status": state,
+            "reason": reason,
+            "online_store": "up" if store == CLOSED else "unavailable",
+            "ready": ready,
             "model_version": model.version if model else None,
             "catalog_size": len(model.ids) if model else 0,
             "feature_snapshot": model.feature_snapshot if model else None,
@@ -198,9 +226,23 @@ class RecommendationService:
 
     def _online(self) -> OnlineFeatures:
         if self.online is None:
-            online = self.config.online_store or ("redis" if self.settings.is_production else "sqlite")
-            self.online = OnlineFeatures(self.settings, online=online, cache_users=self.config.feature_cache_users)
+            cfg = self.config
+            online = cfg.online_store or ("redis" if self.settings.is_production else "sqlite")
+            breaker = CircuitBreaker(cfg.breaker_failures, cfg.breaker_reset_seconds)
+            breaker.listeners.append(self._breaker_changed)
+            self.online = OnlineFeatures(self.settings, online=online, cache_users=cfg.feature_cache_users,
+                                         timeout_s=cfg.online_store_timeout_seconds, breaker=breaker)
         return self.online
+
+    def _breaker_changed(self, state: str) -> None:
+        """Gauge every change; log when the store goes down and comes back (not every failed probe)."""
+        self.metrics.online_store_breaker.set(BREAKER_STATES.index(state))
+        if state == "open" and self._store_logged == CLOSED:
+            log.warning("online store unavailable: circuit breaker open, users not cached get popularity")
+        elif state == CLOSED:
+            log.warning("online store available again: circuit breaker closed")
+        if state != "half_open":
+            self._store_logged = state
 
     def _refresh_sources(self) -> None:
         newest = lakeview.newest_partition(self.lake, "silver/events")
@@ -303,6 +345,8 @@ class RecommendationService:
         """Stop everything, including the ranking worker (the service cannot be restarted after)."""
         self.stop()
         self._ranking.close()
+        if self.online is not None:
+            self.online.close()
 
     # --- recommendations --------------------------------------------------------------------------
 
@@ -324,10 +368,16 @@ class RecommendationService:
         watched = self.history.watched(user_id).union(exclude)
         if model is None:
             return self._fallback(user_id, k, segment, watched, rules, FALLBACK_NO_MODEL, started)
+        online = self.online
+        if online is not None and not online.breaker.allow() and not online.has_user(user_id, model.feature_snapshot):
+            # The store is known to be down and this user's rows are not cached: no ranking can happen.
+            self.metrics.errors.labels("recommendations").inc()
+            return self._fallback(user_id, k, segment, watched, rules, FALLBACK_FEATURE_STORE, started, model)
         try:
             result = self._recommend(model, popularity, user_id, k, context, segment, watched, rules, started)
         except FeatureStoreUnavailable as err:
-            log.warning("online store unavailable, serving popularity: %s", err)
+            # Logged once per failed batch (`_rank_batch`), and once when the breaker opens.
+            log.debug("online store unavailable, serving popularity: %s", err)
             self.metrics.errors.labels("recommendations").inc()
             return self._fallback(user_id, k, segment, watched, rules, FALLBACK_FEATURE_STORE, started, model)
         except Exception:
@@ -399,6 +449,8 @@ class RecommendationService:
             try:
                 ranked, timings = model.rank([j.payload[1] for j in group], online)
             except FeatureStoreUnavailable as err:
+                if not err.refused:
+                    log.warning("online store read failed for %d requests, serving popularity: %s", len(group), err)
                 for job in group:
                     job.error = err
                 continue
