@@ -870,8 +870,8 @@ class WebhookReceiver:
     answers 204 to a delivery whose signature verifies with `secret` and 401 otherwise, records verified
     payloads once per `webhook-id` (a receiver's own deduplication), and calls `on_event` for each new one.
     A malformed request (missing, non-numeric or negative Content-Length, a body over `max_body` bytes, a
-    body that is not a JSON object) gets 400 with the reason as its text, never a crash; a client that sends
-    less than it announced is dropped after `timeout` seconds.
+    body that is not a JSON object, a body that stops short of its Content-Length or does not arrive within
+    `timeout` seconds) gets 400 with the reason as its text, never a crash.
 
     Use as a context manager; `url` is where endpoints should point.
     """
@@ -928,7 +928,11 @@ class WebhookReceiver:
                 if int(length) > max_body:
                     self._malformed(f"the body is larger than {max_body} bytes")
                     return
-                body = self.rfile.read(int(length))
+                try:
+                    body = self.rfile.read(int(length))
+                except TimeoutError:
+                    self._malformed(f"the body did not arrive within {timeout:g} s")
+                    return
                 if len(body) < int(length):
                     self._malformed("the body is shorter than its Content-Length")
                     return
