@@ -199,9 +199,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         try:
             first, last = lifecycle.history_range(_landing(settings))
         except ValueError:
-            print(f"no partitions to run: the landing zone {settings.landing_uri} has no events; run `recloop simulate` "
-                  "or `recloop import PATH` first", file=sys.stderr)
-            return 2
+            raise UserError(f"no partitions to run: the landing zone {settings.landing_uri} has no events; run "
+                            "`recloop simulate` or `recloop import PATH` first") from None
     return _run_history(settings, first, last, progress_bars=not args.no_progress)
 
 
@@ -584,11 +583,19 @@ def cmd_drift(args: argparse.Namespace) -> int:
     from pipelines.run import instance, run_job
 
     settings = Settings.from_env()
+    partitions = _partitions(args, settings)
+    if not partitions:
+        raise UserError(f"no partitions to report on: the landing zone {settings.landing_uri} has no events; give "
+                        "--partition D (or --start/--end), or land data first (recloop simulate, recloop import PATH)")
     inst = instance(settings)
-    runs = [run_job("drift_job", partition=p, inst=inst) for p in _partitions(args, settings)]
+    runs = [run_job("drift_job", partition=p, inst=inst) for p in partitions]
     _print({run.partition: {**_summarise([run])[run.partition].get("drift", {}), "success": run.success,
                             **({"error": run.error} if run.error else {})} for run in runs})
-    return 0 if runs and all(r.success for r in runs) else 1
+    for run in runs:
+        if not run.success:
+            print(f"recloop drift: partition {run.partition} failed: {run.error}. Details: the Dagster UI (make ui), "
+                  f"run {run.run_id}, or `recloop --debug drift ...`", file=sys.stderr)
+    return 0 if all(r.success for r in runs) else 1
 
 
 def _listen_secret(settings: Settings) -> tuple[str, str]:
@@ -828,8 +835,20 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     _quiet_library_warnings()
     args = build_parser().parse_args(argv)
+    before = os.environ.get(DEBUG_ENV)
     if getattr(args, "debug", False):
-        os.environ[DEBUG_ENV] = "1"
+        os.environ[DEBUG_ENV] = "1"  # for the whole command (pipelines.run reads it for Dagster's log)
+    try:
+        return _dispatch(args)
+    finally:
+        if before is None:
+            os.environ.pop(DEBUG_ENV, None)
+        else:
+            os.environ[DEBUG_ENV] = before
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    """Runs the command; errors become one line and an exit code (with the traceback when debugging)."""
     debug = _debugging()
     try:
         return args.func(args)

@@ -4,6 +4,8 @@ for real (`recloop.cli.main`) against an isolated RECLOOP_HOME; none of these re
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from recloop import cli
@@ -135,6 +137,7 @@ def test_debug_shows_the_traceback(recloop_env, monkeypatch, capsys, argv):
     monkeypatch.delenv("RECLOOP_DEBUG", raising=False)
     code, _, err = run(capsys, *argv)
     assert code == 1 and "Traceback" in err and "RuntimeError: the disk caught fire" in err
+    assert "RECLOOP_DEBUG" not in os.environ  # the flag lasts for the command only
 
 
 def test_debug_from_the_environment_shows_the_traceback_of_a_user_error(landed, monkeypatch, capsys):
@@ -142,3 +145,10 @@ def test_debug_from_the_environment_shows_the_traceback_of_a_user_error(landed, 
     code, _, err = run(capsys, "quarantine", "--table", "bogus", "--partition", "2025-03-01")
     assert code == 2 and "Traceback" in err and "UserError" in err
     assert err.strip().splitlines()[-1].startswith("recloop quarantine: --table 'bogus'")
+
+
+@pytest.mark.parametrize("command", ["run", "drift"])
+def test_nothing_landed_says_what_to_do(recloop_env, capsys, command):
+    code, out, err = run(capsys, command)
+    line = one_sentence(err, command)
+    assert code == 2 and out == "" and "has no events" in line and "recloop import PATH" in line
