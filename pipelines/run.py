@@ -54,6 +54,23 @@ def instance(settings: Settings) -> dg.DagsterInstance:
     return dg.DagsterInstance.get()
 
 
+DEBUG_ENV = "RECLOOP_DEBUG"
+
+
+def debugging() -> bool:
+    """Whether RECLOOP_DEBUG (or `recloop --debug`) asks for Dagster's own log and tracebacks."""
+    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def console_log_level(level: str | None = None) -> str:
+    """The console log level of runs started here: `level` when given, INFO when debugging, else CRITICAL.
+    Quiet by default: the caller summarises the run (with the reason of a failure), and Dagster's console
+    log would repeat each failure as a stack trace (the Dagster UI keeps the full log either way)."""
+    if level:
+        return level
+    return "INFO" if debugging() else "CRITICAL"
+
+
 @dataclass
 class PartitionRun:
     partition: str
@@ -80,59 +97,83 @@ def root_cause(error: Any) -> str:
     return error.message.strip()
 
 
+def _failed_check_reasons(run: "PartitionRun", stopping: set[str]) -> list[str]:
+    """One phrase per blocking check that failed with ERROR severity (the ones that stop a run), with its
+    reason: the check's description (the GX failures: missing column X, unreadable file F, ...)."""
+    return [f"{name} failed: {run.check_descriptions.get(name) or 'see the run in the Dagster UI'}"
+            for name, ok in run.checks.items() if not ok and name in stopping]
+
+
 def run_job(
     job_name: str,
     *,
     partition: str | None = None,
     inst: dg.DagsterInstance | None = None,
-    log_level: str = "WARNING",
+    log_level: str | None = None,
     run_config_ops: dict[str, Any] | None = None,
     tags: dict[str, str] | None = None,
     run_config_resources: dict[str, Any] | None = None,
 ) -> PartitionRun:
     """Executes `job_name` (for `partition`) in process and collects what it materialized and checked.
     A partition outside the deployment's daily partitions raises `recloop.partition_range.OutsideRange`
-    (one sentence) before anything runs."""
+    (one sentence) before anything runs. A failed run's `error` names the cause: the reasons of the checks
+    that stopped it (a GX schema failure says which column is missing or which file is unreadable), else
+    the failing step's own exception. The console log is quiet unless asked (`console_log_level`)."""
     from pipelines.definitions import defs
 
     job = defs().resolve_job_def(job_name)
+    rng = None
     if partition is not None and job.partitions_def is not None:
         from recloop import partition_range
 
-        partition_range.resolve().check(partition, what="partition")
-    run_config: dict[str, Any] = {"loggers": {"console": {"config": {"log_level": log_level}}}, "ops": run_config_ops or {}}
+        rng = partition_range.resolve()
+        rng.check(partition, what="partition")
+    run_config: dict[str, Any] = {"loggers": {"console": {"config": {"log_level": console_log_level(log_level)}}},
+                                  "ops": run_config_ops or {}}
     if run_config_resources:
         run_config["resources"] = run_config_resources
-    result = job.execute_in_process(
-        partition_key=partition,
-        instance=inst,
-        tags=tags,
-        raise_on_error=False,
-        run_config=run_config,
-    )
+    try:
+        result = job.execute_in_process(
+            partition_key=partition,
+            instance=inst,
+            tags=tags,
+            raise_on_error=False,
+            run_config=run_config,
+        )
+    except dg.DagsterUnknownPartitionError:
+        # The range changed between the check and the load (data landed or removed meanwhile).
+        from recloop.partition_range import OutsideRange
+
+        raise OutsideRange(f"partition {partition} is not one of the job's daily partitions"
+                           + (f" ({rng.describe()})" if rng else "") + "; give a day in that range") from None
     out = PartitionRun(partition=partition or "", run_id=result.run_id, success=result.success)
     for event in result.get_asset_materialization_events():
         mat = event.step_materialization_data.materialization
         out.materialized[mat.asset_key.to_user_string()] = metadata_values(mat.metadata)
+    stopping: set[str] = set()
     for evaluation in result.get_asset_check_evaluations():
         name = f"{evaluation.asset_key.to_user_string()}:{evaluation.check_name}"
         out.checks[name] = evaluation.passed
         out.check_metadata[name] = metadata_values(evaluation.metadata)
         out.check_descriptions[name] = evaluation.description or ""
+        if evaluation.blocking and evaluation.severity == dg.AssetCheckSeverity.ERROR:
+            stopping.add(name)
     if not result.success:
         failures = [e for e in result.all_events if e.is_step_failure]
         skipped = [e.step_key for e in result.all_events if e.is_step_skipped]
         out.skipped = sorted(k for k in skipped if k)
-        if failures:
-            data = failures[0].step_failure_data
-            out.error = f"{failures[0].step_key}: {root_cause(data.error) if data and data.error else 'failed'}"
-        else:
-            out.error = "; ".join(f"{k} failed" for k, ok in out.checks.items() if not ok) or "run failed"
+        checks_failed = _failed_check_reasons(out, stopping)
+        errors = [(e.step_key, e.step_failure_data.error) for e in failures
+                  if e.step_failure_data and e.step_failure_data.error]
+        # Dagster's "N blocking asset checks failed" names the checks, not why: their descriptions do.
+        own = [f"{step}: {root_cause(err)}" for step, err in errors if err.cls_name != "DagsterAssetCheckFailedError"]
+        out.error = "; ".join(checks_failed + own[:1]) or (
+            f"{failures[0].step_key}: failed" if failures else "run failed")
     return out
 
 
 def run_history(first: str | None = None, last: str | None = None, *, settings: Settings | None = None,
-                inst: dg.DagsterInstance | None = None, log_level: str = "CRITICAL") -> PartitionRun:
+                inst: dg.DagsterInstance | None = None, log_level: str | None = None) -> PartitionRun:
     """The history job over `[first, last]` (default: every day the landing zone holds events for) in ONE
     run: ingest → GX → silver/quarantine → features → `feast apply` → the newest snapshot online."""
     settings = settings or Settings.from_env()
@@ -167,7 +208,7 @@ def tick_sensor(
     inst: dg.DagsterInstance,
     cursor: str | None = None,
     run_config_ops: dict[str, Any] | None = None,
-    log_level: str = "WARNING",
+    log_level: str | None = None,
 ) -> SensorTick:
     """One evaluation of a sensor, the way the Dagster daemon does it, with its run requests executed in
     process: a request whose run key already has a run of this sensor is dropped (the daemon's rule that

@@ -869,9 +869,14 @@ class WebhookReceiver:
     """A Standard Webhooks receiver on loopback (`recloop alerts listen`, the demo, end-to-end tests):
     answers 204 to a delivery whose signature verifies with `secret` and 401 otherwise, records verified
     payloads once per `webhook-id` (a receiver's own deduplication), and calls `on_event` for each new one.
+    A malformed request (missing, non-numeric or negative Content-Length, a body over `max_body` bytes, a
+    body that is not a JSON object, a body that stops short of its Content-Length or does not arrive within
+    `timeout` seconds) gets 400 with the reason as its text, never a crash.
 
     Use as a context manager; `url` is where endpoints should point.
     """
+
+    MAX_BODY = 1 << 20  # 1 MiB: recloop's alerts are a few KB
 
     def __init__(
         self,
@@ -880,6 +885,8 @@ class WebhookReceiver:
         host: str = "127.0.0.1",
         port: int = 0,
         on_event: Callable[[dict[str, Any]], None] | None = None,
+        max_body: int = MAX_BODY,
+        timeout: float = 10.0,
     ) -> None:
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
         from threading import Lock, Thread
@@ -887,20 +894,60 @@ class WebhookReceiver:
         _check_secret("receiver", secret)
         self.events: list[dict[str, Any]] = []
         self.rejected = 0
+        self.malformed = 0
         self._seen: set[str] = set()
         self._lock = Lock()
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
+            def setup(self) -> None:
+                self.timeout = timeout  # applied to the socket by StreamRequestHandler.setup
+                super().setup()
+
+            def _answer(self, status: int, text: str = "") -> None:
+                body = text.encode()
+                self.send_response(status)
+                if body:
+                    self.send_header("content-type", "text/plain; charset=utf-8")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                if body:
+                    self.wfile.write(body)
+
+            def _malformed(self, reason: str) -> None:
+                with receiver._lock:
+                    receiver.malformed += 1
+                self.close_connection = True  # the unread rest of the body must not be taken as a request
+                self._answer(400, reason + "\n")
+
             def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
-                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                length = (self.headers.get("content-length") or "").strip()
+                if not length.isdigit():
+                    self._malformed("a Content-Length header with the body's size in bytes is required")
+                    return
+                if int(length) > max_body:
+                    self._malformed(f"the body is larger than {max_body} bytes")
+                    return
+                try:
+                    body = self.rfile.read(int(length))
+                except TimeoutError:
+                    self._malformed(f"the body did not arrive within {timeout:g} s")
+                    return
+                if len(body) < int(length):
+                    self._malformed("the body is shorter than its Content-Length")
+                    return
                 try:
                     payload = verify(secret, {k.lower(): v for k, v in self.headers.items()}, body)
                 except WebhookVerificationError:
                     with receiver._lock:
                         receiver.rejected += 1
-                    self.send_response(401)
-                    self.end_headers()
+                    self._answer(401)
+                    return
+                except (ValueError, UnicodeDecodeError):  # signed, but not JSON
+                    self._malformed("the body is not JSON")
+                    return
+                if not isinstance(payload, dict):
+                    self._malformed("the body is not a JSON object")
                     return
                 event_id = self.headers["webhook-id"]
                 with receiver._lock:
@@ -910,13 +957,21 @@ class WebhookReceiver:
                         receiver.events.append({"id": event_id, **payload})
                 if new and on_event is not None:
                     on_event({"id": event_id, **payload})
-                self.send_response(204)
-                self.end_headers()
+                self._answer(204)
 
             def log_message(self, *args: object) -> None:
                 pass
 
-        self._server = ThreadingHTTPServer((host, port), Handler)
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                # A client that vanished or stalled: one log line, not a traceback on the receiver's console.
+                import sys
+
+                log.warning("webhook receiver: request from %s dropped: %s", client_address[0], sys.exc_info()[1])
+
+        self._server = Server((host, port), Handler)
         self._thread = Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
         self._thread.start()
 

@@ -12,6 +12,11 @@
     recloop drift      (re)run the drift report of partitions against the champion's training window
     recloop alerts     alert webhooks: dead letters, re-send, or a local test receiver
     recloop quarantine show quarantined rows of a partition with their reasons
+
+Exit codes: 0 done (a promotion the gate refuses is a normal outcome: 0, and the JSON says "promoted": false,
+"decision": "refused" and why); 1 a run failed (the message names the failed step or check and why) or an
+unexpected error; 2 a mistake in the command or its input (one sentence naming the cause and the fix);
+130 interrupted. `recloop --debug COMMAND ...` (or RECLOOP_DEBUG=1) adds tracebacks and Dagster's own log.
 """
 
 from __future__ import annotations
@@ -20,8 +25,10 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import time
+import traceback
 from datetime import date
 from typing import Any
 
@@ -34,6 +41,18 @@ TELEMETRY_OPT_OUTS = {
     "DAGSTER_DISABLE_TELEMETRY": "true",
     "FEAST_USAGE": "False",
 }
+
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+# `recloop --debug` sets it for the whole process (pipelines.run reads it for Dagster's console log too).
+DEBUG_ENV = "RECLOOP_DEBUG"
+
+
+class UserError(ValueError):
+    """A mistake in the command or its input; the message is one sentence naming the cause and the fix."""
 
 
 def _print(obj: Any) -> None:
@@ -49,17 +68,25 @@ def _landing(settings: Settings):
 def _sim_config(args: argparse.Namespace, settings: Settings):
     from recloop.data.simulator import SimConfig
 
-    start = date.fromisoformat(args.start) if args.start else settings.partition_start
-    return SimConfig(
-        seed=args.seed,
-        start=start,
-        days=args.days,
-        initial_users=args.initial_users,
-        initial_videos=args.initial_videos,
-        events_per_day=args.events_per_day,
-        scenario=args.scenario,
-        drift_day=args.drift_day,
-    )
+    from recloop.partition_range import parse_day
+
+    start = parse_day(args.start, what="--start") if args.start else settings.partition_start
+    try:
+        return SimConfig(
+            seed=args.seed,
+            start=start,
+            days=args.days,
+            initial_users=args.initial_users,
+            initial_videos=args.initial_videos,
+            events_per_day=args.events_per_day,
+            scenario=args.scenario,
+            drift_day=args.drift_day,
+        )
+    except ValueError as err:
+        # The simulator names its fields (`days must be >= 1, got 0`): name the options instead.
+        text = re.sub(r"\b(seed|days|initial_users|initial_videos|events_per_day|drift_day)\b",
+                      lambda m: "--" + m.group(1).replace("_", "-"), str(err))
+        raise UserError(f"{text}: change that option") from None
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -157,6 +184,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         runs = run_data_plane(partitions, settings=settings)
         _print({"partitions": _summarise(runs), "seconds": round(time.perf_counter() - t0, 1)})
+        for run in runs:
+            if not run.success:
+                print(f"recloop run: {'partition ' + run.partition if run.partition else 'feast apply'} failed: "
+                      f"{run.error}. Details: the Dagster UI (make ui), run {run.run_id}, or `recloop --debug run ...`",
+                      file=sys.stderr)
         return 0 if all(r.success for r in runs) else 1
     from recloop import lifecycle
 
@@ -167,9 +199,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         try:
             first, last = lifecycle.history_range(_landing(settings))
         except ValueError:
-            print(f"no partitions to run: the landing zone {settings.landing_uri} has no events; run `recloop simulate` "
-                  "or `recloop import PATH` first", file=sys.stderr)
-            return 2
+            raise UserError(f"no partitions to run: the landing zone {settings.landing_uri} has no events; run "
+                            "`recloop simulate` or `recloop import PATH` first") from None
     return _run_history(settings, first, last, progress_bars=not args.no_progress)
 
 
@@ -217,10 +248,10 @@ def _history_summary(run, first: str, last: str) -> dict[str, Any]:
         out["online"] = {k: online.get(k) for k in ("snapshot", "rows_written", "skipped", "online_store")}
     if run.checks:
         out["checks"] = run.checks
-    failed = [f"{name} failed: {run.check_descriptions.get(name) or 'see the run'}" for name, ok in run.checks.items() if not ok]
-    if failed or run.error:
-        out["error"] = "; ".join(failed) or run.error
-        out["details"] = f"the run's log in the Dagster UI (make ui), run {run.run_id}"
+    if not run.success:
+        # pipelines.run names the cause: the failed checks' reasons (GX: missing column, unreadable file...)
+        out["error"] = run.error or "the run failed"
+        out["details"] = f"the run's log in the Dagster UI (make ui), run {run.run_id}, or `recloop --debug run ...`"
     return out
 
 
@@ -276,6 +307,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from recloop.data.simulator import simulate
     from recloop.lake import open_lake
 
+    if args.days < 1:
+        raise UserError(f"--days must be >= 1, got {args.days}: the demo needs at least one day to run")
     settings = Settings.from_env()
     # With a scenario, one more day than the first parts run: the drifted day the last part feeds the loop.
     drifted = args.scenario != "none"
@@ -406,8 +439,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     run = run_job("training_job", inst=instance(settings),
                   run_config_ops=_training_run_config(args.train_days, args.test_days, args.train_period,
                                                       args.test_period))
-    _print(_training_summary(run))
-    return 0 if run.success else 1
+    summary = _training_summary(run)
+    _print(summary)
+    if summary.get("decision") == "refused":
+        print(f"recloop train: version {summary.get('registered_version')} was not promoted: "
+              f"{(summary.get('reasons') or ['see the gate check'])[0]}; the champion stays "
+              f"{summary.get('champion') or '(none yet)'}", file=sys.stderr)
+    elif not run.success:
+        print(f"recloop train: the training run failed: {run.error}. Details: the Dagster UI (make ui), run "
+              f"{run.run_id}, or `recloop --debug train ...`", file=sys.stderr)
+    return EXIT_OK if run.success else EXIT_FAILED
 
 
 def _training_run_config(train_days: int, test_days: int, train_period: str | None = None,
@@ -420,7 +461,12 @@ def _training_run_config(train_days: int, test_days: int, train_period: str | No
     return {"model__training_set": {"config": config}}
 
 
+GATE = "model/registered_version:promotion_gate"
+
+
 def _training_summary(run) -> dict[str, Any]:
+    """What a training run did. A refusal by the promotion gate is a normal outcome: `success` stays true,
+    `promoted` is false, `decision` is "refused" and `reasons` says why (the champion is unchanged)."""
     m = run.materialized
     out: dict[str, Any] = {"success": run.success, "run_id": run.run_id}
     ev = m.get("model/evaluation", {})
@@ -429,15 +475,34 @@ def _training_summary(run) -> dict[str, Any]:
         out["recall_at_10_vs_popularity"] = ev.get("recall_at_10_vs_popularity")
     if "model/registered_version" in m:
         out["registered_version"] = m["model/registered_version"]["version"]
-    gate = "model/registered_version:promotion_gate"
-    out["gate_passed"] = run.checks.get(gate)
-    if gate in run.check_metadata:
-        out["gate"] = run.check_metadata[gate].get("reasons")
+    out["gate_passed"] = run.checks.get(GATE)
+    if GATE in run.check_metadata:
+        gate = run.check_metadata[GATE]
+        out["gate"] = gate.get("reasons")
+        promoted = "model/champion" in m
+        out["promoted"] = promoted
+        out["decision"] = "promoted" if promoted else ("refused" if run.checks.get(GATE) is False else "not promoted")
+        out["reasons"] = gate.get("reasons") or []
+        if gate.get("compared_to") is not None:
+            out["compared_to"] = gate.get("compared_to")
     if "model/champion" in m:
         out["champion"] = m["model/champion"]["champion"]
+    elif out.get("decision") == "refused":
+        out["champion"] = _current_champion()
     if run.error:
         out["error"] = run.error
     return out
+
+
+def _current_champion() -> str | None:
+    """The champion's version (after a refusal: the one that stays), or None when the registry has none."""
+    from recloop.registry import open_registry
+
+    try:
+        champion = open_registry(Settings.from_env()).champion()
+    except Exception:  # noqa: BLE001 (only informative: the refusal is reported either way)
+        return None
+    return str(champion.version) if champion else None
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -490,6 +555,12 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
     from recloop.lake import open_lake
     from recloop.validation import read_quarantine
 
+    from recloop.data.schemas import TABLE_ORDER
+
+    if args.table not in TABLE_ORDER:
+        raise UserError(f"--table {args.table!r} is not a table: use one of {', '.join(TABLE_ORDER)}")
+    if args.limit < 0:
+        raise UserError(f"--limit {args.limit} is negative: give how many rows to show (0 or more)")
     settings = Settings.from_env()
     day = _range(settings).check(args.partition, what="--partition")
     lake = open_lake(settings.lake_uri, s3_endpoint_url=settings.s3_endpoint_url)
@@ -512,25 +583,74 @@ def cmd_drift(args: argparse.Namespace) -> int:
     from pipelines.run import instance, run_job
 
     settings = Settings.from_env()
+    partitions = _partitions(args, settings)
+    if not partitions:
+        raise UserError(f"no partitions to report on: the landing zone {settings.landing_uri} has no events; give "
+                        "--partition D (or --start/--end), or land data first (recloop simulate, recloop import PATH)")
     inst = instance(settings)
-    runs = [run_job("drift_job", partition=p, inst=inst) for p in _partitions(args, settings)]
+    runs = [run_job("drift_job", partition=p, inst=inst) for p in partitions]
     _print({run.partition: {**_summarise([run])[run.partition].get("drift", {}), "success": run.success,
                             **({"error": run.error} if run.error else {})} for run in runs})
-    return 0 if runs and all(r.success for r in runs) else 1
+    for run in runs:
+        if not run.success:
+            print(f"recloop drift: partition {run.partition} failed: {run.error}. Details: the Dagster UI (make ui), "
+                  f"run {run.run_id}, or `recloop --debug drift ...`", file=sys.stderr)
+    return 0 if all(r.success for r in runs) else 1
+
+
+def _listen_secret(settings: Settings) -> tuple[str, str]:
+    """The test receiver's secret and how the user gets it into RECLOOP_ALERT_WEBHOOK_SECRET, without
+    printing it: the variable's own value, or a new secret written to a file only the user can read."""
+    from recloop.alerts import QUICK_SECRET_ENV, new_secret
+
+    if os.environ.get(QUICK_SECRET_ENV):
+        return os.environ[QUICK_SECRET_ENV], f"(the secret already in {QUICK_SECRET_ENV})"
+    path = settings.home / "alerts" / "listen-secret"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    secret = new_secret()
+    # Created 0600 before the secret is written: never readable by others, even for a moment.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret + "\n")
+    os.chmod(path, 0o600)
+    return secret, f"export {QUICK_SECRET_ENV}=$(cat {path})"
+
+
+def _check_endpoint(dispatcher, endpoint: str | None) -> None:
+    """`endpoint` must be configured (or still have dead letters in the store): otherwise one sentence
+    naming the configured endpoints."""
+    if endpoint is None or any(e.name == endpoint for e in dispatcher.endpoints):
+        return
+    if dispatcher.store.dead_letters(endpoint):
+        return  # an endpoint removed from the configuration whose dead letters are still listed
+    from recloop.alerts import CONFIG_PATH_ENV, DEFAULT_CONFIG_PATH, QUICK_URL_ENV
+
+    where = os.environ.get(CONFIG_PATH_ENV) or str(DEFAULT_CONFIG_PATH)
+    names = sorted(e.name for e in dispatcher.endpoints)
+    if names:
+        raise UserError(f"--endpoint {endpoint!r} is not an alert endpoint: the configured ones are "
+                        f"{', '.join(names)} ({where}; `env` is {QUICK_URL_ENV})")
+    raise UserError(f"--endpoint {endpoint!r} is not an alert endpoint: none is configured (add one to {where} or "
+                    f"set {QUICK_URL_ENV})")
 
 
 def cmd_alerts(args: argparse.Namespace) -> int:
-    from recloop.alerts import AlertDispatcher, WebhookReceiver, new_secret
+    from recloop.alerts import AlertDispatcher, WebhookReceiver
 
     if args.action == "listen":
-        secret = os.environ.get("RECLOOP_ALERT_WEBHOOK_SECRET") or new_secret()
+        secret, how = _listen_secret(Settings.from_env())
 
         def show(event: dict[str, Any]) -> None:
             print(json.dumps(event, default=str), flush=True)
 
-        with WebhookReceiver(secret, host=args.host, port=args.port, on_event=show) as receiver:
+        try:
+            receiver = WebhookReceiver(secret, host=args.host, port=args.port, on_event=show)
+        except OSError as err:
+            raise UserError(f"cannot listen on {args.host}:{args.port} ({err.strerror or err}): choose another "
+                            "--port or --host") from None
+        with receiver:
             print(f"listening on {receiver.url}; point recloop at it with\n"
-                  f"  export RECLOOP_ALERT_WEBHOOK_URL={receiver.url}\n  export RECLOOP_ALERT_WEBHOOK_SECRET={secret}",
+                  f"  export RECLOOP_ALERT_WEBHOOK_URL={receiver.url}\n  {how}",
                   file=sys.stderr, flush=True)
             try:
                 while True:
@@ -539,6 +659,7 @@ def cmd_alerts(args: argparse.Namespace) -> int:
                 return 0
     dispatcher = AlertDispatcher.from_settings()
     try:
+        _check_endpoint(dispatcher, args.endpoint)
         if args.action == "resend":
             results = dispatcher.resend_dead_letters(args.endpoint)
             _print([{"endpoint": r.endpoint, "event_id": r.event_id, "outcome": str(r.outcome), "attempts": r.attempts,
@@ -559,9 +680,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _port(text: str) -> int:
+    """A TCP port for argparse: 0 (any free port) to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port: give a number from 1 to 65535")
+    return port
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recloop", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+    debug_help = f"on failure, show the traceback and Dagster's own log (same as {DEBUG_ENV}=1)"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
+    # Also accepted after the command (`recloop run --debug ...`); SUPPRESS keeps the one given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+
+    class _Sub:
+        @staticmethod
+        def add_parser(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+            return subparsers.add_parser(name, parents=[common], **kwargs)
+
+    sub = _Sub()
 
     def sim_args(p: argparse.ArgumentParser, days: int, events: int, users: int, videos: int) -> None:
         from recloop.data.simulator import SCENARIOS
@@ -645,7 +789,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="the recommendation API: champion from MLflow, features from Feast (docs/serving.md)")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_port, default=8000)
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=cmd_serve)
 
@@ -657,7 +801,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=("dead-letters", "resend", "listen"))
     p.add_argument("--endpoint", help="only this endpoint's dead letters")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=9000)
+    p.add_argument("--port", type=_port, default=9000)
     p.set_defaults(func=cmd_alerts)
 
     p = sub.add_parser("quarantine", help="show quarantined rows and reasons")
@@ -674,6 +818,16 @@ def _quiet_library_warnings() -> None:
 
     warnings.filterwarnings("ignore", message=r".*(is currently in (preview|beta)|varying BackfillPolicies|Found multiple backfill).*")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    # Feast prepends its own `simplefilter("once", DeprecationWarning)` when imported, after ours: drop
+    # deprecation notices where they are shown instead (they concern the libraries, not the user's command).
+    shown = warnings.showwarning
+
+    def showwarning(message, category, *args: Any, **kwargs: Any) -> None:
+        if issubclass(category, DeprecationWarning) and not _debugging():
+            return
+        shown(message, category, *args, **kwargs)
+
+    warnings.showwarning = showwarning
     # Feast logs a warning for each offline source folder that does not exist yet (before the first run).
     logging.getLogger("feast").setLevel(logging.ERROR)
 
@@ -685,22 +839,69 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     _quiet_library_warnings()
     args = build_parser().parse_args(argv)
+    before = os.environ.get(DEBUG_ENV)
+    if getattr(args, "debug", False):
+        os.environ[DEBUG_ENV] = "1"  # for the whole command (pipelines.run reads it for Dagster's log)
+    try:
+        return _dispatch(args)
+    finally:
+        if before is None:
+            os.environ.pop(DEBUG_ENV, None)
+        else:
+            os.environ[DEBUG_ENV] = before
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    """Runs the command; errors become one line and an exit code (with the traceback when debugging)."""
+    debug = _debugging()
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        print(f"recloop {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except _user_errors() as err:
-        # The user's input (a day outside the partitions, a bad date or period, a history recloop cannot
-        # read, a setting): one sentence, exit code 2, no traceback.
-        print(f"recloop {args.command}: {err}", file=sys.stderr)
-        return 2
+        # The user's input (a day outside the partitions, a bad date or period, a file recloop cannot read,
+        # an unknown name, a setting): one sentence, exit code 2, no traceback unless asked for.
+        if debug:
+            traceback.print_exc()
+        print(f"recloop {args.command}: {_one_line(err)}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as err:  # noqa: BLE001 (the last resort: a short message, the traceback on request)
+        if debug:
+            traceback.print_exc()
+            print(f"recloop {args.command}: unexpected error: {type(err).__name__}: {_one_line(err)}", file=sys.stderr)
+        else:
+            print(f"recloop {args.command}: unexpected error: {type(err).__name__}: {_one_line(err)}. Run it again "
+                  f"with `recloop --debug {args.command} ...` (or RECLOOP_DEBUG=1) for the traceback, and report it "
+                  "if the cause is not yours", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _debugging() -> bool:
+    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _one_line(err: BaseException) -> str:
+    """An exception's message on one line (a FileNotFoundError's file named plainly)."""
+    if type(err) in (FileNotFoundError, NotADirectoryError) and getattr(err, "filename", None):
+        return f"{err.filename} does not exist or is not a folder: check the path"
+    text = str(err).strip() or type(err).__name__
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from recloop.alerts import AlertConfigError
     from recloop.config import SettingsError
+    from recloop.evaluation import EvaluationInputError
     from recloop.history import HistoryInputError
+    from recloop.model_plane.fit import NotEnoughData
     from recloop.partition_range import BadDay, OutsideRange
     from recloop.periods import BadPeriod
 
-    return (OutsideRange, BadDay, BadPeriod, HistoryInputError, SettingsError)
+    return (UserError, OutsideRange, BadDay, BadPeriod, HistoryInputError, SettingsError, AlertConfigError,
+            EvaluationInputError, NotEnoughData, FileNotFoundError, NotADirectoryError)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 RECORD_KEY = "_recloop/history.json"
 ENV_VAR = "RECLOOP_PARTITION_START"
 DEFAULT_FIRST = date(2025, 1, 1)
+# The earliest day a partition may be: the Unix epoch (event times are epoch-based; Dagster's daily
+# partitions do not reach year 1). A landed folder before it (a stray `date=0001-01-01`) is not a partition.
+MIN_DAY = date(1970, 1, 1)
 
 
 class OutsideRange(ValueError):
@@ -67,6 +70,10 @@ class PartitionRange:
     def check(self, day: str | date, *, what: str = "day") -> str:
         """`day` as YYYY-MM-DD when it is a partition, else `OutsideRange` (or `BadDay`) with one sentence."""
         d = day if isinstance(day, date) else parse_day(str(day), what=what)
+        if d < MIN_DAY:
+            raise OutsideRange(
+                f"{what} {d.isoformat()} is outside the daily partitions ({self.describe()}): no partition can be "
+                f"earlier than {MIN_DAY.isoformat()}; give a day in that range")
         if d < self.first:
             raise OutsideRange(
                 f"{what} {d.isoformat()} is outside the daily partitions ({self.describe()}), which start at "
@@ -125,12 +132,13 @@ def record_history(landing: Lake, first: str, last: str, *, source: str, days_wi
 
 def earliest_landed_day(landing: Lake) -> str | None:
     """The earliest `events/date=D` partition of the landing zone (one listing), or None."""
-    days = landing.partitions("events")
+    days = [d for d in landing.partitions("events") if d >= MIN_DAY.isoformat()]
     if days:
         return days[0]
     # CSV-only landing zones: `partitions` lists Parquet files; look for any file.
     found = sorted({part.removeprefix("date=") for key in landing.list_keys("events/")
                     for part in key.split("/") if part.startswith("date=")})
+    found = [d for d in found if d >= MIN_DAY.isoformat()]
     return found[0] if found else None
 
 
@@ -150,8 +158,11 @@ def resolve(settings: Settings | None = None, *, landing: Lake | None = None, to
     explicit = os.environ.get(ENV_VAR)
     if explicit:
         first = parse_day(explicit, what=ENV_VAR)
+        if first < MIN_DAY:
+            raise BadDay(f"{ENV_VAR} {first.isoformat()} is before {MIN_DAY.isoformat()}, the earliest day a partition "
+                         f"can be: set a later day or unset it")
         return PartitionRange(first, last, f"as {ENV_VAR} sets", imported)
-    candidates = [d for d in (record.get("first_day"), earliest_landed_day(landing)) if d]
+    candidates = [d for d in (record.get("first_day"), earliest_landed_day(landing)) if d and d >= MIN_DAY.isoformat()]
     if not candidates:
         return PartitionRange(DEFAULT_FIRST, last, "the default (the landing zone holds no events yet)", imported)
     first = min(candidates)

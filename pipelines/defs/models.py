@@ -1,5 +1,7 @@
 """The model plane: training set → two-tower → ANN index → ranker → evaluation → registered version →
-champion, with the promotion gate as a blocking check in front of promotion. Thin adapters over
+champion, with the promotion gate as a check in front of promotion. A refusal is a normal outcome, not a
+failed run: the gate check fails with WARN severity (its description and metadata say why) and the champion
+asset materializes nothing, so the run succeeds and the alias stays where it was. Thin adapters over
 `recloop.model_plane` and `recloop.lifecycle` (shared with the Airflow DAGs in dags/); every number worth
 plotting is asset metadata."""
 
@@ -173,37 +175,46 @@ def registered_version(context: dg.AssetExecutionContext, workspace: ModelWorksp
     blocking=True,
     description=("Beat popularity (first model) or the champion on NDCG@10 by the margin, without breaking the "
                  "coverage/diversity/concentration guardrails, with finite weights and non-identical lists. "
-                 "A refusal is recorded in the registry; promotion does not run."),
+                 "A refusal is recorded in the registry and fails this check with WARN severity (a normal "
+                 "outcome, not a failed run); the champion asset then promotes nothing."),
 )
 def promotion_gate(context: dg.AssetCheckExecutionContext, config: GateRunConfig, workspace: ModelWorkspaceResource,
                    registry: MlflowRegistryResource, alerts: AlertsResource) -> dg.AssetCheckResult:
     gate = lifecycle.check_gate(registry.open(), workspace.dir(), config=_gate_config(config), run_id=context.run.run_id)
     alerts.send(context.log, gate.alert)
     out = gate.summary()
+    # WARN, not ERROR: a refusal must not fail the run (Dagster blocks downstream steps only on ERROR);
+    # `champion` asks the gate again and promotes nothing for a refused version.
     return dg.AssetCheckResult(
         passed=gate.passed,
-        severity=dg.AssetCheckSeverity.ERROR,
+        severity=dg.AssetCheckSeverity.WARN,
         description=out["reasons"][0],
         metadata={"version": out["version"], "compared_to": out["compared_to"],
+                  "decision": "promoted" if gate.passed else "refused",
                   "reasons": dg.MetadataValue.json(out["reasons"]),
                   "checks": dg.MetadataValue.json(out["checks"]),
                   "metrics": dg.MetadataValue.json(out["metrics"])},
     )
 
 
-@dg.asset(key=CHAMPION, group_name="models", deps=[REGISTERED], kinds={"mlflow"},
-          description="Alias `champion` moved to the version that passed the gate; the decision recorded with when, why and the metrics.")
+@dg.asset(key=CHAMPION, group_name="models", deps=[REGISTERED], kinds={"mlflow"}, output_required=False,
+          description=("Alias `champion` moved to the version that passed the gate; the decision recorded with when, "
+                       "why and the metrics. Not materialized when the gate refused the version (the champion "
+                       "stays; the gate check says why)."))
 def champion(context: dg.AssetExecutionContext, config: GateRunConfig, workspace: ModelWorkspaceResource,
-             registry: MlflowRegistryResource, alerts: AlertsResource) -> dg.MaterializeResult:
+             registry: MlflowRegistryResource, alerts: AlertsResource):
     try:
         promotion = lifecycle.promote_candidate(registry.open(), workspace.dir(), config=_gate_config(config),
                                                 run_id=context.run.run_id)
     except lifecycle.GateRefused as refused:
-        raise dg.Failure(str(refused)) from refused
+        # A refusal: recorded and alerted by the gate check; nothing to materialize (a generator that yields
+        # nothing, so the step succeeds without a materialization).
+        context.log.info(f"{refused}; the champion stays")
+        return
     context.log.info(f"version {promotion.version} is now champion: {promotion.decision.reasons[0]}")
     alerts.send(context.log, promotion.alert)
     out = promotion.summary()
-    return dg.MaterializeResult(metadata={"champion": out["champion"], "compared_to": out["compared_to"],
+    yield dg.MaterializeResult(metadata={"champion": out["champion"], "compared_to": out["compared_to"],
                                           "lineage": dg.MetadataValue.json(out["lineage"]),
                                           "reasons": dg.MetadataValue.json(out["reasons"])})
 
