@@ -75,7 +75,7 @@ PUBLISHED = {"dagster-webserver": 3000, "mlflow": 5000, "serving": 8000, "grafan
 # Secrets compose must refuse to start without.
 SECRETS = {"POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD", "AWS_SECRET_ACCESS_KEY", "GRAFANA_PG_PASSWORD",
            "GF_SECURITY_ADMIN_PASSWORD", "AIRFLOW_ADMIN_PASSWORD", "AIRFLOW__CORE__FERNET_KEY",
-           "AIRFLOW__API_AUTH__JWT_SECRET", "AIRFLOW__API__SECRET_KEY"}
+           "AIRFLOW__API_AUTH__JWT_SECRET", "AIRFLOW__API__SECRET_KEY", "RECLOOP_API_KEYS"}
 # RECLOOP_* names the code mentions that are not deployment settings: recloop sets them itself, for Feast's
 # feature_store.yaml, from RECLOOP_FEAST_DATA_DIR (recloop.features.feast_environment).
 INTERNAL_VARIABLES = {"RECLOOP_FEAST_REGISTRY", "RECLOOP_FEAST_ONLINE_PATH"}
