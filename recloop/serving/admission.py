@@ -67,7 +67,7 @@ class AdmissionLimits:
     retry_after_s: int = 1
     target_s: float = 0.02
     window_s: float = 0.25
-    min_in_flight: int = 4
+    min_in_flight: int = 2
 
     def __post_init__(self) -> None:
         if (self.max_in_flight < 0 or self.max_queue < 0 or not self.max_wait_s >= 0 or self.retry_after_s < 1

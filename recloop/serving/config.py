@@ -88,7 +88,7 @@ class ServingConfig:
     # this target (seconds; 0: the limit stays at max_in_flight).
     admission_target_seconds: float = 0.02
     # ... but never below this many (a few concurrent clients, or a slow spell, are not shed).
-    admission_min_in_flight: int = 4
+    admission_min_in_flight: int = 2
     # The HNSW search breadth at serving time (None: the bundle's own setting). Lower is faster and
     # recalls less; measure with `recloop.index.recall_at_k` before lowering it.
     ef_search: int | None = None

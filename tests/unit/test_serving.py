@@ -325,7 +325,10 @@ def test_without_a_champion_the_service_is_ready_on_popularity(world, tmp_path):
 def test_hot_swap_under_concurrent_requests_has_no_failed_request(world, service):
     import uvicorn
 
-    app = create_app(service=RecommendationService(world["settings"], _config(world["root"]), registry=world["registry"]))
+    # Four closed-loop clients saturate one process by design; admission control (tests/unit/test_admission.py)
+    # would shed some of them during the swap's slow spell. This test is about the swap: all four admitted.
+    config = _config(world["root"], admission_min_in_flight=4)
+    app = create_app(service=RecommendationService(world["settings"], config, registry=world["registry"]))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
