@@ -36,8 +36,10 @@ from __future__ import annotations
 import atexit
 import contextlib
 import importlib
+import logging
 import os
 import sys
+import tempfile
 import threading
 import time
 from datetime import date, datetime, timedelta, timezone
@@ -58,6 +60,7 @@ if TYPE_CHECKING:  # feast takes ~10 s to import: only the Feast half of this mo
 
     from recloop.config import Settings
 
+log = logging.getLogger(__name__)
 TS = pa.timestamp("us", tz="UTC")
 WINDOW_DAYS = 28
 DEFAULT_PROJECT = "recloop"
@@ -156,7 +159,33 @@ def compute_feature_tables(lake: Lake, partition: str) -> dict[str, pa.Table]:
     """The snapshot of every feature view for day `partition`, as Arrow tables (nothing written): the
     range computation (`compute_feature_tables_range`) for one day, so a day computed alone and the same
     day of an imported history are the same query."""
-    return dict(compute_feature_tables_range(lake, [partition]))[partition]
+    limit_mb = _megabytes(os.environ.get("RECLOOP_DUCKDB_MEMORY_LIMIT") or DAY_MEMORY_LIMIT)
+    while True:
+        try:
+            return dict(compute_feature_tables_range(lake, [partition], memory_limit=f"{limit_mb}MB"))[partition]
+        except duckdb.OutOfMemoryException:
+            if limit_mb * 4 > DAY_MAX_MEMORY_LIMIT_MB:
+                raise
+            log.warning("DuckDB needed more than %d MB for the features of %s; trying again with %d MB",
+                        limit_mb, partition, limit_mb * 4)
+            limit_mb *= 4
+
+
+def _megabytes(setting: str) -> int:
+    """A memory size such as "64MB", "1GB" or "512MiB" in megabytes."""
+    text = setting.strip().upper().replace("IB", "B")
+    for unit, factor in (("TB", 1 << 20), ("GB", 1024), ("MB", 1), ("KB", 1 / 1024)):
+        if text.endswith(unit):
+            return max(1, int(float(text[: -len(unit)]) * factor))
+    return max(1, int(float(text) / (1 << 20)))  # bytes
+
+
+# DuckDB's memory for one day's snapshot (a daily run): beyond it, DuckDB spills to a temporary folder, so
+# a large day's events do not raise the run's peak memory (`RECLOOP_DUCKDB_MEMORY_LIMIT` overrides it;
+# bench/ingest_memory.py --day measures it).
+DAY_MEMORY_LIMIT = "64MB"
+# An operator that cannot spill within the limit: the day is computed again with 4x the memory, up to this.
+DAY_MAX_MEMORY_LIMIT_MB = 16384
 
 
 def compute_features(lake: Lake, partition: str) -> dict[str, WrittenPartition]:
@@ -359,11 +388,12 @@ def _split_by_day(table: pa.Table, days: Sequence[str], view: str, created: date
 
 def compute_feature_tables_range(
     lake: Lake, days: Sequence[str], *, chunk_events: int = RANGE_CHUNK_EVENTS,
-    chunk_video_rows: int = RANGE_CHUNK_VIDEO_ROWS,
+    chunk_video_rows: int = RANGE_CHUNK_VIDEO_ROWS, memory_limit: str | None = None,
 ) -> Iterable[tuple[str, dict[str, pa.Table]]]:
     """The snapshot of every feature view for each of `days`, exactly as `compute_feature_tables` computes
     them one day at a time, but in a few DuckDB queries per chunk of consecutive days: yields
-    `(day, {view: table})` in day order."""
+    `(day, {view: table})` in day order. With `memory_limit`, DuckDB spills beyond it to a temporary
+    folder (None: DuckDB's default, most of the machine's memory)."""
     days = sorted(set(days))
     if not days:
         return
@@ -390,7 +420,8 @@ def compute_feature_tables_range(
     created = datetime.now(timezone.utc)
     for chunk in chunks:
         first_event_day = window_start(chunk[0])
-        con = duckdb.connect()
+        spill = tempfile.TemporaryDirectory(prefix="recloop-duckdb-") if memory_limit else None
+        con = duckdb.connect(config={"memory_limit": memory_limit, "temp_directory": spill.name} if spill else {})
         try:
             con.execute("SET TimeZone = 'UTC'")
             con.execute("SET preserve_insertion_order = false")
@@ -418,6 +449,8 @@ def compute_feature_tables_range(
                     yield day, {USER_ACTIVITY: activity.pop(day), **tables}
         finally:
             con.close()
+            if spill:
+                spill.cleanup()
 
 
 def _partition_rows_or_zero(lake: Lake, dataset: str, partition: str) -> int:

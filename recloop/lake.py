@@ -104,6 +104,11 @@ class Lake(ABC):
         finally:
             tmp.unlink(missing_ok=True)
 
+    def partition_written(self, dataset: str, partition: str, rows: int) -> WrittenPartition:
+        """What a finished `partition_writer` block wrote: its file's URI and size, and `rows`."""
+        key = f"{partition_key(dataset, partition)}/{PART_FILE}"
+        return WrittenPartition(uri=self.uri(key), rows=rows, bytes=self.size(key))
+
     def _staging_file(self, prefix: str) -> Path:
         """A local temporary path for a partition file being written."""
         fd, name = tempfile.mkstemp(prefix="recloop-partition-", suffix=".parquet.tmp")

@@ -30,6 +30,7 @@ from typing import Any
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from recloop.data.schemas import TableSchema
 from recloop.data.schemas import table as table_schema
@@ -137,7 +138,9 @@ def _suite(name: str, expectations: list[dict[str, Any]]):
     return context.suites.add(suite)
 
 
-def _run_suite(name: str, expectations: list[dict[str, Any]], df, params: dict[str, Any], result_format: dict[str, Any]):
+def _validation_definition(name: str, expectations: list[dict[str, Any]]):
+    """A GX validation definition of `expectations` on one pandas batch definition (a dataframe passed at
+    run time): built once, then run on as many frames as needed (a large day batch by batch)."""
     gx = _gx()
     context = _context()
     suite = _suite(name, expectations)
@@ -158,7 +161,11 @@ def _run_suite(name: str, expectations: list[dict[str, Any]], df, params: dict[s
         context.validation_definitions.delete(name)
     except Exception:  # noqa: BLE001 - absent on first use
         pass
-    vd = context.validation_definitions.add(gx.ValidationDefinition(name=name, data=batch, suite=suite))
+    return context.validation_definitions.add(gx.ValidationDefinition(name=name, data=batch, suite=suite))
+
+
+def _run_suite(name: str, expectations: list[dict[str, Any]], df, params: dict[str, Any], result_format: dict[str, Any]):
+    vd = _validation_definition(name, expectations)
     return vd.run(batch_parameters={"dataframe": df}, expectation_parameters=params, result_format=result_format)
 
 
@@ -179,15 +186,39 @@ def _describe(result) -> dict[str, Any]:
 # --- schema level ----------------------------------------------------------------------------------
 
 
+def _bronze_footer(lake: Lake, table_name: str, partition: str) -> tuple[pa.Schema, Manifest, int]:
+    """The bronze partition's schema (with its manifest), manifest and row count, from the Parquet
+    footer only: no row is read."""
+    from recloop.ingestion import BRONZE, MANIFEST_KEY
+    from recloop.lake import PART_FILE, partition_key
+
+    key = f"{partition_key(f'{BRONZE}/{table_name}', partition)}/{PART_FILE}"
+    path = lake.local_path(key)
+    if path is not None:
+        if not path.is_file():
+            raise FileNotFoundError(f"no bronze partition {partition} of {table_name} at {path}")
+        meta = pq.read_metadata(path)
+    else:
+        import io
+
+        meta = pq.read_metadata(io.BytesIO(lake.read_bytes(key)))
+    schema = meta.schema.to_arrow_schema()
+    if MANIFEST_KEY not in (schema.metadata or {}):
+        raise ValueError(f"bronze partition {table_name}/{partition} has no manifest; re-ingest it")
+    return schema, Manifest.from_json(schema.metadata[MANIFEST_KEY]), meta.num_rows
+
+
 def check_schema(
     lake: Lake, table_name: str, partition: str, *, expectations_dir: Path
-) -> tuple[SchemaReport, pa.Table, Manifest]:
-    """Run the schema-level expectations on the bronze partition. Never raises for bad data."""
+) -> tuple[SchemaReport, pa.Schema, Manifest]:
+    """Run the schema-level expectations on the bronze partition: its columns and row count, read from
+    the Parquet footer (no row is loaded, whatever the day's size). Returns the report, the bronze schema
+    and the manifest. Never raises for bad data."""
     schema = table_schema(table_name)
-    bronze, manifest = read_bronze(lake, table_name, partition)
+    bronze, manifest, rows = _bronze_footer(lake, table_name, partition)
     suite = load_suite_file(expectations_dir, table_name)
     schema_exps = [e for e in suite["expectations"] if e.get("meta", {}).get("level") == "schema"]
-    report = SchemaReport(table=table_name, partition=partition, passed=True, rows=bronze.num_rows)
+    report = SchemaReport(table=table_name, partition=partition, passed=True, rows=rows)
 
     for rejected in manifest.rejected_files:
         report.failures.append(f"file {rejected.name} could not be read: {rejected.reason} (kept at {rejected.kept_at})")
@@ -196,20 +227,20 @@ def check_schema(
         missing = [c for c in schema.columns if c not in f.columns]
         if missing:
             report.missing_columns.extend(c for c in missing if c not in report.missing_columns)
-    report.extra_columns = [c for c in bronze.column_names if c not in expected]
+    report.extra_columns = [c for c in bronze.names if c not in expected]
 
-    # Column-set expectations only need the header: validate an empty frame with the bronze columns,
-    # plus the real row count for row-count expectations.
+    # Column-set expectations only need the header: validate an empty frame with the bronze columns;
+    # row-count expectations a one-byte column with the real row count (2 MB for 2 million rows).
     import pandas as pd
 
-    header_df = pd.DataFrame({c: pd.Series([], dtype="object") for c in bronze.column_names})
+    header_df = pd.DataFrame({c: pd.Series([], dtype="object") for c in bronze.names})
     count_exps = [e for e in schema_exps if e["type"].startswith("expect_table_row_count")]
     column_exps = [e for e in schema_exps if e not in count_exps]
     results = []
     if column_exps:
         results += list(_run_suite(f"{table_name}_schema", column_exps, header_df, {}, {"result_format": "SUMMARY"}).results)
     if count_exps:
-        count_df = bronze.select([bronze.column_names[0]]).to_pandas()
+        count_df = pd.DataFrame({"_rows": np.zeros(rows, dtype=np.int8)})
         results += list(_run_suite(f"{table_name}_rowcount", count_exps, count_df, {}, {"result_format": "SUMMARY"}).results)
     for r in results:
         d = _describe(r)
@@ -330,14 +361,14 @@ def _accepted_files(lake: Lake, table_name: str, upto: str) -> list[str] | pa.Ta
     return pa.concat_tables([lake.read_partition(f"{SILVER}/{table_name}", p) for p in parts])
 
 
-def _typed_frame(con: duckdb.DuckDBPyConnection, lake: Lake, schema: TableSchema, bronze: pa.Table, partition: str) -> pa.Table:
-    present = set(bronze.column_names)
+def _typed_query(con: duckdb.DuckDBPyConnection, lake: Lake, schema: TableSchema, present: set[str], partition: str) -> str:
+    """The DuckDB query typing the bronze view `b` (its columns `present`, and `_row`, the row's position
+    in bronze) with the context the row rules need, in bronze order. Registers the views it reads."""
     select, err_expr = _cast_sql(schema, present)
-    con.register("b", bronze)
     day = date_type.fromisoformat(partition).isoformat()
     base = (
         f"SELECT {select}, {err_expr} AS _type_errors, b._ingest_error AS _ingest_error, "
-        f"{_FEEDBACK_LAST} AS _feedback, row_number() OVER () - 1 AS _row FROM b"
+        f"{_FEEDBACK_LAST} AS _feedback, b._row AS _row FROM b"
     )
     key = schema.key
     day_error = ", " + _day_error_sql(f"DATE '{day}'", f"'{day}'") + " AS _day_error" if schema.name == "events" else ""
@@ -370,7 +401,139 @@ def _typed_frame(con: duckdb.DuckDBPyConnection, lake: Lake, schema: TableSchema
         )
         # An event id accepted on an earlier day (never the partition's own day: re-running it is idempotent).
         _register_accepted_before(con, lake, day)
-    return con.sql(f"{sql} ORDER BY _row").to_arrow_table()
+    return f"{sql} ORDER BY _row"
+
+
+# A day is validated this many rows at a time: DuckDB streams its typed rows in record batches of this
+# size through the GX suite (as a pandas frame) and into the silver and quarantine Parquet writers, so
+# memory does not grow with the day's size. Every row-level expectation judges a row alone; the rules
+# that need the whole day (a duplicated key, an id accepted on an earlier day, unknown users and videos)
+# are computed once in DuckDB as columns of the typed rows.
+VALIDATE_CHUNK_ROWS = 50_000
+
+# DuckDB's memory for typing a day (sorting it, finding duplicates): beyond this it spills to a temporary
+# folder. Settable through the environment (`RECLOOP_DUCKDB_MEMORY_LIMIT`, e.g. "1GB";
+# `RECLOOP_DUCKDB_THREADS`).
+DUCKDB_MEMORY_LIMIT = "128MB"
+DUCKDB_THREADS = 2
+
+
+def _duckdb(spill_dir: str, memory_limit: str | None = None) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection for validation: UTC, bounded memory, spilling to `spill_dir`."""
+    con = duckdb.connect(config={
+        "memory_limit": memory_limit or os.environ.get("RECLOOP_DUCKDB_MEMORY_LIMIT") or DUCKDB_MEMORY_LIMIT,
+        "threads": int(os.environ.get("RECLOOP_DUCKDB_THREADS") or DUCKDB_THREADS),
+        "temp_directory": spill_dir,
+    })
+    con.execute("SET TimeZone='UTC'")
+    return con
+
+
+# When an operator cannot spill within the limit, the typing is tried again with more memory, up to this.
+DUCKDB_MAX_MEMORY_LIMIT_MB = 8192
+
+
+def _copy_typed(spill: str, prepare: Any, target: Path) -> None:
+    """Run the typing query `prepare(con)` returns into the Parquet file `target`, in a memory-limited
+    DuckDB connection; when DuckDB runs out of memory, again with twice the limit (up to 8 GB)."""
+    limit = None
+    while True:
+        con = _duckdb(spill, limit)
+        try:
+            sql, row_group = prepare(con)
+            con.execute(f"COPY ({sql}) TO '{target}' (FORMAT parquet, COMPRESSION lz4_raw, ROW_GROUP_SIZE {row_group})")
+            return
+        except duckdb.OutOfMemoryException:
+            current = con.execute("SELECT current_setting('memory_limit')").fetchone()[0]
+            mb = _megabytes(current)
+            if mb * 2 > DUCKDB_MAX_MEMORY_LIMIT_MB:
+                raise
+            limit = f"{mb * 2}MiB"
+            log.warning("DuckDB needed more than %s to type the partition; trying again with %s", current, limit)
+        finally:
+            con.close()
+
+
+def _megabytes(setting: str) -> int:
+    """DuckDB's memory setting ('122.0 MiB', '1.8 GiB') in whole megabytes."""
+    number, unit = setting.split()
+    return int(float(number) * {"KiB": 1 / 1024, "MiB": 1, "GiB": 1024, "TiB": 1 << 20}.get(unit, 1)) or 1
+
+
+def _row_groups(path: Path, max_rows: int | None = None):
+    """The tables of a Parquet file's row groups, one at a time (pyarrow's batch reader buffers far more),
+    cut into pieces of at most `max_rows` rows."""
+    source = pq.ParquetFile(path)
+    for i in range(source.num_row_groups):
+        table = source.read_row_group(i, use_threads=False)
+        step = max_rows or table.num_rows or 1
+        for lo in range(0, table.num_rows, step):
+            yield table.slice(lo, step)
+
+
+class _RowSlicer:
+    """Consecutive slices of exactly the asked number of rows from a stream of record batches."""
+
+    def __init__(self, tables: Any, schema: pa.Schema) -> None:
+        self._batches = (b for t in tables for b in t.to_batches())
+        self._schema = schema
+        self._buffer: list[pa.RecordBatch] = []
+        self._rows = 0
+
+    def take(self, n: int) -> pa.Table:
+        while self._rows < n:
+            batch = next(self._batches, None)
+            if batch is None:
+                raise RuntimeError("the bronze partition has fewer rows than its typed rows; refusing to split")
+            self._buffer.append(batch)
+            self._rows += batch.num_rows
+        table = pa.Table.from_batches(self._buffer, schema=self._schema)
+        rest = table.slice(n)
+        self._buffer, self._rows = rest.to_batches(), rest.num_rows
+        return table.slice(0, n)
+
+    def exhausted(self) -> bool:
+        return self._rows == 0 and next(self._batches, None) is None
+
+
+def _merge_described(described: dict[tuple[str, str | None], dict[str, Any]], d: dict[str, Any]) -> None:
+    """One batch's result of an expectation added to the day's: failed if any batch failed, the
+    unexpected rows summed."""
+    key = (d["expectation"], d["column"])
+    if key not in described:
+        described[key] = d
+        return
+    prev = described[key]
+    prev["success"] = prev["success"] and d["success"]
+    if prev["unexpected_count"] is not None or d["unexpected_count"] is not None:
+        prev["unexpected_count"] = (prev["unexpected_count"] or 0) + (d["unexpected_count"] or 0)
+
+
+def _pandas_types(t: pa.DataType):
+    """Text columns stay Arrow-backed in the frame GX reads (no Python string per value)."""
+    import pandas as pd
+
+    return pd.StringDtype("pyarrow") if t == pa.string() else None
+
+
+def _gx_columns(expectations: list[dict[str, Any]]) -> set[str] | None:
+    """The columns the row-level expectations read (with `_row` and their reason columns), so a batch's
+    frame holds only those; None when one of them may read any column."""
+    columns = {"_row"}
+    for e in expectations:
+        kwargs, meta = e.get("kwargs", {}), e.get("meta", {})
+        named = [kwargs[k] for k in ("column", "column_A", "column_B") if k in kwargs]
+        named += list(kwargs.get("column_list", []))
+        if not named:
+            return None
+        columns.update(named)
+        if meta.get("reason_column"):
+            columns.add(meta["reason_column"])
+    return columns
+
+
+_ROW_RESULT_FORMAT = {"result_format": "COMPLETE", "unexpected_index_column_names": ["_row"],
+                      "return_unexpected_index_query": False}
 
 
 def validate_partition(
@@ -380,88 +543,130 @@ def validate_partition(
     *,
     expectations_dir: Path,
     waive_empty: bool = False,
+    chunk_rows: int = VALIDATE_CHUNK_ROWS,
 ) -> ValidationResult:
     """Validate one ingested partition: accepted rows to silver, broken rows to quarantine with reasons.
 
     Raises SchemaValidationError (and writes nothing) when a critical schema-level expectation fails;
     with `waive_empty`, a partition whose only failure is having no rows is validated (a day without data
     inside an imported history: zero rows accepted, zero quarantined).
+
+    The day is streamed: DuckDB reads the bronze Parquet, types it and computes the whole-day rules
+    (memory-limited, spilling to disk), then hands over `chunk_rows` rows at a time, in bronze order; each
+    batch goes through the GX row-level suite and its rows are appended to the silver or quarantine
+    Parquet file, which replace the partitions' earlier content only when the whole day is done.
     """
+    import contextlib
+    import shutil
+    import tempfile
+
+    from recloop.ingestion import BRONZE
+    from recloop.lake import PART_FILE, partition_key
+
     schema = table_schema(table_name)
-    report, bronze, manifest = check_schema(lake, table_name, partition, expectations_dir=expectations_dir)
-    if waive_empty and not report.passed and bronze.num_rows == 0 and not report.missing_columns \
+    report, bronze_schema, manifest = check_schema(lake, table_name, partition, expectations_dir=expectations_dir)
+    if waive_empty and not report.passed and report.rows == 0 and not report.missing_columns \
             and not manifest.rejected_files:
         report.failures.clear()
         report.passed = True
     if not report.passed:
         raise SchemaValidationError(table_name, partition, report.failures)
 
-    con = duckdb.connect()
-    try:
-        con.execute("SET TimeZone='UTC'")
-        typed = _typed_frame(con, lake, schema, bronze, partition)
-    finally:
-        con.close()
-
     suite = load_suite_file(expectations_dir, table_name)
     row_exps = [e for e in suite["expectations"] if e.get("meta", {}).get("level") != "schema"]
-    found: dict[int, list[tuple[str, str | None, str, str]]] = {}
-    described = []
-    if typed.num_rows:
-        df = typed.to_pandas(timestamp_as_object=False)
-        result = _run_suite(
-            f"{table_name}_rows",
-            row_exps,
-            df,
-            {"ingested_at": manifest.ingested_time},
-            {"result_format": "COMPLETE", "unexpected_index_column_names": ["_row"], "return_unexpected_index_query": False},
-        )
-        for r in result.results:
-            described.append(_describe(r))
-            _collect_failures(r, found)
-    reasons_by_row = {row: _root_causes(found_row) for row, found_row in found.items()}
-
-    if not typed.num_rows:
-        reasons_by_row = {}
-    bad = np.zeros(bronze.num_rows, dtype=bool)
-    if reasons_by_row:
-        bad[np.fromiter(reasons_by_row.keys(), dtype=np.int64)] = True
-    rows = typed.column("_row").to_numpy() if typed.num_rows else np.array([], dtype=np.int64)
-    if not np.array_equal(rows, np.arange(bronze.num_rows)):
-        raise RuntimeError("typed frame lost the bronze row order; refusing to split")
-
-    accepted = typed.filter(pa.array(~bad)).select(schema.columns).cast(schema.schema)
-    keep_cols = [c for c in bronze.column_names]
-    quarantined = bronze.filter(pa.array(bad)).select(keep_cols)
-    bad_rows = np.nonzero(bad)[0]
-    reason_texts = ["; ".join(dict.fromkeys(reasons_by_row[int(i)])) for i in bad_rows]
-    quarantined = quarantined.append_column("reason", pa.array(reason_texts, pa.string()))
-    quarantined = quarantined.append_column("partition", pa.array([partition] * len(bad_rows), pa.string()))
-    quarantined = quarantined.append_column(
-        "quarantined_at", pa.array([manifest.ingested_time] * len(bad_rows), pa.timestamp("us", tz="UTC"))
-    )
-    if accepted.num_rows + quarantined.num_rows != bronze.num_rows:
-        raise RuntimeError(
-            f"row conservation broken for {table_name}/{partition}: {accepted.num_rows} accepted + "
-            f"{quarantined.num_rows} quarantined != {bronze.num_rows} ingested"
-        )
-    accepted_written = lake.write_partition(f"{SILVER}/{table_name}", partition, accepted)
-    quarantine_written = lake.write_partition(f"{QUARANTINE}/{table_name}", partition, quarantined)
+    params = {"ingested_at": manifest.ingested_time}
+    q_schema = bronze_schema.append(pa.field("reason", pa.string())).append(pa.field("partition", pa.string())) \
+        .append(pa.field("quarantined_at", pa.timestamp("us", tz="UTC")))
     counts: Counter[str] = Counter()
-    for texts in reasons_by_row.values():
-        for t in dict.fromkeys(texts):
-            counts[_reason_kind(t)] += 1
+    described: dict[tuple[str, str | None], dict[str, Any]] = {}
+    vd = None
+    ingested = accepted_rows = quarantined_rows = 0
+
+    with contextlib.ExitStack() as stack:
+        spill = tempfile.mkdtemp(prefix="recloop-duckdb-")
+        stack.callback(shutil.rmtree, spill, True)
+        bronze_path = stack.enter_context(lake.local_file(f"{partition_key(f'{BRONZE}/{table_name}', partition)}/{PART_FILE}"))
+        listing = "'" + str(bronze_path).replace("'", "''") + "'"
+        if "file_row_number" in bronze_schema.names:
+            raise SchemaValidationError(table_name, partition, ["a file has a column named file_row_number, "
+                                                                "which recloop reserves; rename it"])
+
+        def prepare(con: duckdb.DuckDBPyConnection) -> tuple[str, int]:
+            con.execute(f"CREATE TEMP VIEW b AS SELECT * EXCLUDE (file_row_number), file_row_number AS _row "
+                        f"FROM read_parquet({listing}, file_row_number = true)")
+            return _typed_query(con, lake, schema, set(bronze_schema.names), partition), int(chunk_rows)
+
+        # DuckDB's work ends here: the typed day goes to a local Parquet file and the connection closes,
+        # so its memory is free before the batches go through GX.
+        typed_path = Path(spill) / "typed.parquet"
+        _copy_typed(spill, prepare, typed_path)
+        reader = _row_groups(typed_path, chunk_rows)
+        bronze_rows = _RowSlicer(_row_groups(bronze_path), bronze_schema)
+        # (entered quarantine first: the block's end commits silver first, then quarantine)
+        quarantine = stack.enter_context(lake.partition_writer(f"{QUARANTINE}/{table_name}", partition, q_schema))
+        silver = stack.enter_context(lake.partition_writer(f"{SILVER}/{table_name}", partition, schema.schema))
+        gx_columns = _gx_columns(row_exps)
+        for typed in reader:
+            n = typed.num_rows
+            if not n:
+                continue
+            if not np.array_equal(typed.column("_row").to_numpy(), np.arange(ingested, ingested + n)):
+                raise RuntimeError("typed frame lost the bronze row order; refusing to split")
+            bronze = bronze_rows.take(n)
+            if vd is None:
+                vd = _validation_definition(f"{table_name}_rows", row_exps)
+            df = (typed if gx_columns is None else typed.select([c for c in typed.column_names if c in gx_columns])
+                  ).to_pandas(timestamp_as_object=False, types_mapper=_pandas_types)
+            result = vd.run(batch_parameters={"dataframe": df}, expectation_parameters=params,
+                            result_format=_ROW_RESULT_FORMAT)
+            del df
+            found: dict[int, list[tuple[str, str | None, str, str]]] = {}
+            for r in result.results:
+                _merge_described(described, _describe(r))
+                _collect_failures(r, found)
+            del result
+            reasons_by_row = {row - ingested: _root_causes(f) for row, f in found.items()}
+            bad = np.zeros(n, dtype=bool)
+            if reasons_by_row:
+                bad[np.fromiter(reasons_by_row.keys(), dtype=np.int64)] = True
+            accepted = typed.filter(pa.array(~bad)).select(schema.columns).cast(schema.schema)
+            bad_rows = np.nonzero(bad)[0]
+            texts = ["; ".join(dict.fromkeys(reasons_by_row[int(i)])) for i in bad_rows]
+            quarantined = bronze.filter(pa.array(bad))
+            quarantined = quarantined.append_column("reason", pa.array(texts, pa.string()))
+            quarantined = quarantined.append_column("partition", pa.array([partition] * len(texts), pa.string()))
+            quarantined = quarantined.append_column(
+                "quarantined_at", pa.array([manifest.ingested_time] * len(texts), pa.timestamp("us", tz="UTC")))
+            if accepted.num_rows:
+                silver.write_table(accepted)
+            if quarantined.num_rows:
+                quarantine.write_table(quarantined)
+            for reasons in reasons_by_row.values():
+                for t in dict.fromkeys(reasons):
+                    counts[_reason_kind(t)] += 1
+            ingested += n
+            accepted_rows += accepted.num_rows
+            quarantined_rows += quarantined.num_rows
+        if not bronze_rows.exhausted() or ingested != report.rows:
+            raise RuntimeError("typed frame lost the bronze row order; refusing to split")
+        if accepted_rows + quarantined_rows != ingested:
+            raise RuntimeError(
+                f"row conservation broken for {table_name}/{partition}: {accepted_rows} accepted + "
+                f"{quarantined_rows} quarantined != {ingested} ingested"
+            )
+    # Arrow keeps freed buffers for reuse; give them back, so the next step of the day starts lower.
+    pa.default_memory_pool().release_unused()
     return ValidationResult(
         table=table_name,
         partition=partition,
-        ingested=bronze.num_rows,
-        accepted=accepted.num_rows,
-        quarantined=quarantined.num_rows,
+        ingested=ingested,
+        accepted=accepted_rows,
+        quarantined=quarantined_rows,
         reasons=dict(counts.most_common()),
-        expectations=described,
+        expectations=list(described.values()),
         schema=report,
-        accepted_written=accepted_written,
-        quarantine_written=quarantine_written,
+        accepted_written=lake.partition_written(f"{SILVER}/{table_name}", partition, accepted_rows),
+        quarantine_written=lake.partition_written(f"{QUARANTINE}/{table_name}", partition, quarantined_rows),
     )
 
 
@@ -857,34 +1062,31 @@ def _range_reasons(
     expectations' results into `described`."""
     if not typed.num_rows:
         return {}
-    df = typed.to_pandas(timestamp_as_object=False)
     groups: dict[str, list[int]] = {}
     for i, (_, manifest) in enumerate(bronzes):
         groups.setdefault(manifest.ingested_at, []).append(i)
+    columns = _gx_columns(row_exps)
+    frame_of = typed if columns is None else typed.select([c for c in typed.column_names if c in columns])
+    vd = _validation_definition(f"{table_name}_rows_range", row_exps)
     found: dict[int, list[tuple[str, str | None, str, str]]] = {}
     for ingested_at, members in groups.items():
-        if len(groups) == 1:
-            frame = df
-        else:
-            mask = np.zeros(len(df), dtype=bool)
-            for i in members:
-                mask[int(offsets[i]):int(offsets[i + 1])] = True
-            frame = df[mask]
-        result = _run_suite(
-            f"{table_name}_rows_range",
-            row_exps,
-            frame,
-            {"ingested_at": datetime.fromisoformat(ingested_at)},
-            {"result_format": "COMPLETE", "unexpected_index_column_names": ["_row"], "return_unexpected_index_query": False},
-        )
-        for r in result.results:
-            d = _describe(r)
-            key = (d["expectation"], d["column"])
-            if key in described:
-                prev = described[key]
-                prev["success"] = prev["success"] and d["success"]
-                prev["unexpected_count"] = (prev["unexpected_count"] or 0) + (d["unexpected_count"] or 0)
-            else:
-                described[key] = d
-            _collect_failures(r, found)
+        # The group's rows (whole days, consecutive in `typed`), VALIDATE_CHUNK_ROWS at a time.
+        spans: list[tuple[int, int]] = []
+        for i in members:
+            lo, hi = int(offsets[i]), int(offsets[i + 1])
+            if spans and spans[-1][1] == lo:
+                spans[-1] = (spans[-1][0], hi)
+            elif hi > lo:
+                spans.append((lo, hi))
+        pieces = [(lo, min(lo + VALIDATE_CHUNK_ROWS, hi) - lo) for start, hi in spans
+                  for lo in range(start, hi, VALIDATE_CHUNK_ROWS)]
+        for lo, n in pieces:
+            df = frame_of.slice(lo, n).to_pandas(timestamp_as_object=False, types_mapper=_pandas_types)
+            result = vd.run(batch_parameters={"dataframe": df},
+                            expectation_parameters={"ingested_at": datetime.fromisoformat(ingested_at)},
+                            result_format=_ROW_RESULT_FORMAT)
+            del df
+            for r in result.results:
+                _merge_described(described, _describe(r))
+                _collect_failures(r, found)
     return {row: _root_causes(f) for row, f in found.items()}
