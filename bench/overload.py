@@ -36,6 +36,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import serving as base  # noqa: E402 - bench/serving.py, beside this file
@@ -161,17 +162,9 @@ def scrape(url: str, prefixes: tuple[str, ...]) -> dict[str, float]:
 
 def server(workdir: Path, extra_env: dict[str, str]):  # noqa: ANN201
     """`bench/serving.py`'s server with extra `RECLOOP_*` variables; returns (url, process)."""
-    saved = {k: os.environ.get(k) for k in extra_env}
-    os.environ.update(extra_env)
-    try:
+    with mock.patch.dict(os.environ, extra_env):
         port = base.free_port()
         proc = base.start_server(workdir, port)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     url = f"http://127.0.0.1:{port}"
     asyncio.run(base.wait_ready(url, proc, timeout=600))
     return url, proc
