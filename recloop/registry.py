@@ -47,6 +47,9 @@ if TYPE_CHECKING:
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
+# The version under an online experiment against the champion (it passed the offline and latency gates);
+# serving splits traffic between `champion` and `experiment` while the alias exists.
+EXPERIMENT = "experiment"
 PROMOTIONS_EXPERIMENT = "recloop-promotions"
 DEFAULT_MODEL_NAME = "recloop-recommender"
 MODEL_ARTIFACT_NAME = "model"
@@ -778,6 +781,10 @@ class Registry:
 
     def challenger(self) -> ModelVersion | None:
         return self._alias(CHALLENGER)
+
+    def experiment(self) -> ModelVersion | None:
+        """The version the `experiment` alias points at (under an online experiment), or None."""
+        return self._alias(EXPERIMENT)
 
     def version_metrics(self, alias_or_version: str | int, *, prefix: str = "eval.full.") -> dict[str, float]:
         """The version's run metrics under `prefix`, prefix stripped: the flat dict `decide()` takes."""

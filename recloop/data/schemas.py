@@ -93,6 +93,36 @@ EVENTS = TableSchema(
     allow_empty=False,
 )
 
+# What the serving API showed: one row per recommended item of one answer of /v1/recommendations, logged
+# by the server (never delivered in batch files). Feedback events may carry the answer's `request_id`;
+# ingestion joins the two (an impression without feedback is a served negative). See docs/data_schema.md.
+IMPRESSIONS = TableSchema(
+    name="impressions",
+    key="impression_id",
+    time_column="served_at",
+    schema=pa.schema(
+        [
+            ("impression_id", pa.string()),  # f"{request_id}-{position}"
+            ("request_id", pa.string()),  # "rq-<32 hex>", returned to the caller
+            ("user_id", pa.string()),
+            ("video_id", pa.string()),
+            ("served_at", TIMESTAMP),
+            ("position", pa.int32()),  # 0-based slot in the answer
+            ("source", pa.string()),  # item_to_item | two_tower | popular | fresh | explore
+            ("score", pa.float64()),
+            ("model_version", pa.string()),  # the version that ranked the item (null: no model)
+            ("experiment", pa.string()),  # the experiment's id while one runs, else null
+            ("arm", pa.string()),  # champion | challenger (the interleaving team that placed the item)
+            ("propensity", pa.float64()),  # P(this item in this slot | logging policy); 1.0 when not explored
+            ("explored", pa.bool_()),
+            ("fallback", pa.bool_()),
+            ("surface", pa.string()),
+        ]
+    ),
+    required=("impression_id", "request_id", "user_id", "video_id", "served_at", "position"),
+    allow_empty=True,
+)
+
 TABLES: dict[str, TableSchema] = {t.name: t for t in (USERS, VIDEOS, EVENTS)}
 # Order in which a day's tables must be processed: events refer to users and videos.
 TABLE_ORDER: tuple[str, ...] = ("users", "videos", "events")
