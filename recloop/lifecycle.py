@@ -44,7 +44,9 @@ __all__ = [
     "Alert",
     "DriftOutcome",
     "GateOutcome",
+    "ExperimentOutcome",
     "GateRefused",
+    "ONLINE_EXPERIMENTS_ENV",
     "Promotion",
     "RetrainingPlan",
     "RetrainingRequest",
@@ -71,6 +73,8 @@ __all__ = [
     "ingest_range",
     "jsonable",
     "materialize_online",
+    "online_experiment_step",
+    "online_experiments_enabled",
     "online_summary",
     "plan_retraining",
     "promote_candidate",
@@ -81,6 +85,8 @@ __all__ = [
     "retraining_failed_alert",
     "retraining_key",
     "send_alert",
+    "served_traffic_step",
+    "TrafficOutcome",
     "validate",
     "validate_range",
 ]
@@ -92,6 +98,10 @@ log = logging.getLogger(__name__)
 COOLDOWN_ENV = "RECLOOP_RETRAIN_COOLDOWN_HOURS"
 CRON_ENV = "RECLOOP_RETRAIN_CRON"
 TIMEZONE_ENV = "RECLOOP_RETRAIN_TIMEZONE"
+
+# With online experiments on, a gate-passing candidate gets live traffic against the champion (alias
+# `experiment`) instead of being promoted (`promote_candidate`); off by default.
+ONLINE_EXPERIMENTS_ENV = "RECLOOP_ONLINE_EXPERIMENTS"
 
 # The gate's alerts name the asset the decision is about, whichever orchestrator ran it.
 REGISTERED_ASSET = "model/registered_version"
@@ -822,16 +832,25 @@ class GateRefused(RuntimeError):
 
 @dataclass(frozen=True)
 class Promotion:
-    """The candidate is champion; the decision recorded, the `model.promoted` alert to send."""
+    """The candidate is champion; the decision recorded, the `model.promoted` alert to send. With online
+    experiments on (`online_experiments_enabled`) and a champion present, the candidate is put under the
+    `experiment` alias instead: `experiment` holds the experiment id, `version` stays the candidate's,
+    the champion does not change and there is no alert (the experiment's conclusion alerts)."""
 
     version: str
     decision: GateDecision
     lineage: list[str]
-    alert: Alert
+    alert: Alert | None
+    experiment: str | None = None
+    note: str = ""
 
     def summary(self) -> dict[str, Any]:
-        return {"champion": self.version, "compared_to": self.decision.compared_to,
-                "lineage": list(self.lineage), "reasons": list(self.decision.reasons)}
+        out = {"champion": self.lineage[-1] if self.experiment and self.lineage else self.version,
+               "compared_to": self.decision.compared_to, "lineage": list(self.lineage),
+               "reasons": list(self.decision.reasons)}
+        if self.experiment or self.note:
+            out.update({"experiment": self.experiment or "", "candidate": self.version, "note": self.note})
+        return out
 
 
 def promote_candidate(registry: Registry, workdir: Path, *, config: GateConfig | None = None, run_id: str) -> Promotion:
@@ -845,12 +864,31 @@ def promote_candidate(registry: Registry, workdir: Path, *, config: GateConfig |
     if not decision.promote:
         raise GateRefused(f"version {version} did not pass the promotion gate: {decision.reasons[0]}")
     current = registry.champion()
+    if current is not None and str(current.version) != version and online_experiments_enabled():
+        # A champion to experiment against: live traffic decides (recloop.online), not this step.
+        return _start_experiment(registry, version, decision)
     if current is None or str(current.version) != version:
         skipped = model_plane.load_evaluation(Path(workdir)).extras.get("champions_skipped", [])
         registry.promote(version, decision, unloadable=[s["version"] for s in skipped])
     return Promotion(version, decision, registry.lineage(), _decision_alert(
         "model.promoted", version, decision,
         f":white_check_mark: recloop: version {version} is the new champion: {decision.reasons[0]}", run_id))
+
+
+def _start_experiment(registry: Registry, version: str, decision: GateDecision) -> Promotion:
+    """The gate-passing candidate under the `experiment` alias (`Registry.start_experiment`); while
+    another version's experiment runs the candidate waits, said in `note` (a retried step that finds its
+    own experiment running changes nothing)."""
+    from recloop.registry import RegistryError
+
+    try:
+        experiment = registry.start_experiment(version, decision)
+    except RegistryError as err:
+        log.info("%s", err)
+        return Promotion(version, decision, registry.lineage(), None, None, str(err))
+    return Promotion(version, decision, registry.lineage(), None, experiment,
+                     f"version {version} passed the gate and is under online experiment {experiment} against "
+                     f"champion v{registry.lineage()[-1] if registry.lineage() else '?'}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1073,3 +1111,96 @@ def retraining_failed_alert(*, job: str, run_id: str, trigger: str, failure: str
                  text=f":x: recloop: retraining run {run_label or run_id[:8]} ({trigger}) failed: {failure}",
                  fields={"asset": job, "partition": partition, "model_version": model_version,
                          "details": {"run_id": run_id, "trigger": trigger, "steps_failed": list(steps_failed)}})
+
+
+# --------------------------------------------------------------------------------------------------
+# Online experiments and the served-traffic monitor (recloop.online)
+# --------------------------------------------------------------------------------------------------
+
+EXPERIMENT_ASSET = "online/experiment"
+SERVED_TRAFFIC_ASSET = "online/served_traffic"
+
+
+def online_experiments_enabled() -> bool:
+    """Whether a gate-passing candidate goes to an online experiment ($RECLOOP_ONLINE_EXPERIMENTS = on /
+    off, default off). Raises ValueError on another value."""
+    raw = (os.environ.get(ONLINE_EXPERIMENTS_ENV) or "off").strip().lower()
+    if raw in ("on", "true", "1", "yes"):
+        return True
+    if raw in ("off", "false", "0", "no"):
+        return False
+    raise ValueError(f"{ONLINE_EXPERIMENTS_ENV} must be on or off, got {raw!r}")
+
+
+@dataclass(frozen=True)
+class ExperimentOutcome:
+    """A daily look at the running online experiment (`recloop.online.experiment.conclude`) and the alert
+    of a final outcome: `model.promoted` (the challenger became champion) or `model.refused` (stopped)."""
+
+    result: Any  # recloop.online.experiment.ExperimentResult
+    alert: Alert | None
+
+    @property
+    def outcome(self) -> str:
+        return self.result.outcome
+
+    def summary(self) -> dict[str, Any]:
+        return jsonable(self.result.summary())
+
+
+def online_experiment_step(lake: Lake, registry: Registry, *, as_of: str | None = None, mode: str | None = None,
+                           config: Any = None, run_id: str) -> ExperimentOutcome:
+    """The daily look at the online experiment: per-arm metrics, the sequential decision, the MLflow run in
+    `recloop-online-experiments`, and on a final outcome the registry changed (promote: champion := the
+    experiment's version; stop: alias removed) with its alert. No experiment running: nothing, said so."""
+    from recloop.online.experiment import conclude
+
+    result = conclude(lake, registry, as_of=as_of, config=config, mode=mode)
+    d = result.decision
+    if d is None or not result.applied:
+        return ExperimentOutcome(result, None)
+    numbers = {k: v for k, v in d.metrics().items() if isinstance(v, (int, float))}
+    fields = {"asset": EXPERIMENT_ASSET, "partition": d.as_of, "model_version": result.version, "numbers": numbers,
+              "details": {"experiment_id": result.experiment_id, "outcome": d.outcome, "mode": d.mode,
+                          "metric": d.metric, "reasons": d.reasons, "mlflow_run_id": result.mlflow_run_id,
+                          "champion_version": result.champion_version, "run_id": run_id}}
+    if d.promote:
+        alert = Alert("model.promoted", key=f"{result.experiment_id}/promote",
+                      text=(f":white_check_mark: recloop: version {result.version} is the new champion after online "
+                            f"experiment {result.experiment_id}: {d.reasons[0]}"), fields=fields)
+    else:
+        alert = Alert("model.refused", key=f"{result.experiment_id}/{d.outcome}",
+                      text=(f":no_entry: recloop: online experiment {result.experiment_id} stopped, champion "
+                            f"v{result.champion_version} stays: {d.reasons[0]}"), fields=fields)
+    return ExperimentOutcome(result, alert)
+
+
+@dataclass(frozen=True)
+class TrafficOutcome:
+    """One day's served-traffic report (`recloop.online.traffic.monitor`) and its `drift.detected` alert
+    when a threshold is breached."""
+
+    report: Any  # recloop.online.traffic.TrafficReport
+    alert: Alert | None
+
+    @property
+    def breached(self) -> bool:
+        return bool(self.report.breached)
+
+
+def served_traffic_step(lake: Lake, partition: str, *, thresholds: Any = None) -> TrafficOutcome:
+    """The served-traffic monitor of day `partition` against its reference window; a breach comes with a
+    `drift.detected` alert on asset online/served_traffic (keyed by the day: a re-run sends it once)."""
+    from recloop.online.traffic import monitor
+
+    report = monitor(lake, partition, thresholds=thresholds)
+    if not report.breached:
+        return TrafficOutcome(report, None)
+    failed = [r for r in report.reasons if r.startswith("FAIL")]
+    alert = Alert("drift.detected", key=f"served-traffic/{partition}",
+                  text=f":warning: recloop: {report.status}: " + "; ".join(failed[:3]),
+                  fields={"asset": SERVED_TRAFFIC_ASSET, "partition": partition, "numbers": report.summary(),
+                          "details": {"kind": "served_traffic", "reasons": report.reasons,
+                                      "reference_days": report.reference_days,
+                                      "category_share": report.stats.category_share}})
+    return TrafficOutcome(report, alert)

@@ -64,6 +64,11 @@ RUNTIME_PACKAGES = ("mlflow", "torch", "faiss-cpu", "lightgbm", "numpy", "pandas
 DECISION_PROMOTED = "promoted"
 DECISION_REFUSED = "refused"
 DECISION_ROLLED_BACK = "rolled_back"
+# Online experiments (`recloop.online`): a gate-passing candidate put under the `experiment` alias, and
+# one whose experiment ended without promotion (a promotion after one is recorded as DECISION_PROMOTED).
+DECISION_EXPERIMENT_STARTED = "experiment_started"
+DECISION_EXPERIMENT_STOPPED = "experiment_stopped"
+ONLINE_EXPERIMENTS = "recloop-online-experiments"
 
 _MAX_PARAM_VALUE = 6000
 _MAX_TAG_VALUE = 8000
@@ -1114,6 +1119,139 @@ class Registry:
             extra_params={"from_version": from_version, "to_version": to_version},
         )
         return from_version, to_version
+
+    # ---- online experiments (recloop.online) -----------------------------------------------------
+
+    def start_experiment(self, version: str | int, decision: GateDecision) -> str:
+        """Put `version`, which passed the gate against the current champion, under the `experiment`
+        alias (serving splits traffic between `champion` and `experiment`) and record it like a gate
+        decision (tags on the version, a run in `recloop-promotions`). Returns the experiment id,
+        f"exp-v{champion}-v{version}".
+
+        Raises RegistryError when the gate refused the version, when there is no champion (the first
+        model is promoted directly), when the version is the champion, when the decision was made against
+        another champion (stale), or when another version's experiment is still running."""
+        version = str(version)
+        self._version(version)
+        if not decision.promote:
+            raise RegistryError(f"the gate refused version {version}; use refuse(): {decision.reasons[0]}")
+        current = self.champion()
+        if current is None:
+            raise RegistryError(f"{self.model_name} has no champion to experiment against: promote the first "
+                                "model directly")
+        if str(current.version) == version:
+            raise RegistryError(f"version {version} is already the champion")
+        if decision.compared_to != f"champion:{current.version}":
+            raise RegistryError(f"stale decision: it compared version {version} with {decision.compared_to}, but "
+                                f"the champion is now version {current.version}; decide again")
+        running = self.experiment_info()
+        if running is not None:
+            if running["version"] == version:
+                return running["experiment_id"]
+            raise RegistryError(f"the online experiment {running['experiment_id']} is still running; version "
+                                f"{version} waits until it ends (recloop.online decides daily)")
+        experiment_id = f"exp-v{current.version}-v{version}"
+        when = _now()
+        self.client.set_registered_model_alias(self.model_name, EXPERIMENT, version)
+        self._record(version, DECISION_EXPERIMENT_STARTED, decision,
+                     extra_params={"experiment_id": experiment_id, "champion_version": str(current.version)})
+        self._tag_version(version, {f"{_TAG}experiment_id": experiment_id,
+                                    f"{_TAG}experiment_started_at": _iso(when),
+                                    f"{_TAG}experiment_champion": str(current.version)})
+        return experiment_id
+
+    def experiment_info(self) -> dict[str, Any] | None:
+        """The running online experiment: version, experiment_id, champion_version, started_at (UTC
+        datetime); None when the `experiment` alias is unset."""
+        mv = self.experiment()
+        if mv is None:
+            return None
+        tags = dict(mv.tags or {})
+        started = tags.get(f"{_TAG}experiment_started_at")
+        champion = tags.get(f"{_TAG}experiment_champion", "")
+        return {
+            "version": str(mv.version),
+            "experiment_id": tags.get(f"{_TAG}experiment_id") or f"exp-v{champion}-v{mv.version}",
+            "champion_version": champion,
+            "started_at": datetime.fromisoformat(started) if started
+            else datetime.fromtimestamp(mv.creation_timestamp / 1000, tz=UTC),
+        }
+
+    def end_experiment(
+        self,
+        *,
+        promote: bool,
+        outcome: str,
+        reasons: Sequence[str],
+        metrics: Mapping[str, float],
+        primary_metric: str = "online",
+    ) -> str:
+        """End the running online experiment and record the decision; returns the experiment's version.
+
+        `promote=True`: `champion` moves to the experiment's version and the decision is recorded as a
+        promotion (lineage, history and rollback see it like a gate promotion), with the online figures as
+        its metrics. Otherwise the champion stays and the version is tagged `experiment_stopped`. Either
+        way the `experiment` alias is removed. `outcome` (promote, stop_worse, stop_no_difference) is
+        kept as a param and a tag. Raises RegistryError when no experiment runs, or when a promotion is
+        asked but the champion is no longer the one the experiment ran against."""
+        info = self.experiment_info()
+        if info is None:
+            raise RegistryError(f"{self.model_name} has no online experiment running (no `{EXPERIMENT}` alias)")
+        version, experiment_id = info["version"], info["experiment_id"]
+        current = self.champion()
+        compared_to = f"champion:{current.version}" if current is not None else "popularity"
+        decision = GateDecision(promote=promote, reasons=list(reasons), checks={"online_experiment": promote},
+                                compared_to=compared_to, primary_metric=primary_metric, metrics=dict(metrics))
+        params = {"experiment_id": experiment_id, "outcome": outcome, "via": "online_experiment"}
+        if promote:
+            if current is None or str(current.version) != info["champion_version"]:
+                raise RegistryError(f"the experiment {experiment_id} ran against champion "
+                                    f"v{info['champion_version']}, but the champion is now "
+                                    f"{'none' if current is None else 'v' + str(current.version)}: not promoted")
+            self.client.set_registered_model_alias(self.model_name, CHAMPION, version)
+            self.client.delete_registered_model_alias(self.model_name, EXPERIMENT)
+            self._record(version, DECISION_PROMOTED, decision,
+                         extra_params={**params, "from_version": str(current.version)})
+        else:
+            self.client.delete_registered_model_alias(self.model_name, EXPERIMENT)
+            self._record(version, DECISION_EXPERIMENT_STOPPED, decision, extra_params=params)
+        self._tag_version(version, {f"{_TAG}experiment_outcome": outcome, f"{_TAG}experiment_ended_at": _iso(_now())})
+        return version
+
+    def log_online_experiment(
+        self,
+        *,
+        experiment_id: str,
+        version: str,
+        champion_version: str,
+        outcome: str,
+        params: Mapping[str, Any],
+        metrics: Mapping[str, float],
+        reasons: Sequence[str],
+        tables: Mapping[str, Any] | None = None,
+    ) -> str:
+        """One look at an online experiment as a run of `recloop-online-experiments` (params, the per-arm
+        figures as metrics, the reasons, JSON tables as artifacts), linked from the experiment's version
+        by `recloop.online.*` tags. Returns the run id."""
+        experiment = self._experiment_id(ONLINE_EXPERIMENTS)
+        tags = {f"{_TAG}kind": "online_experiment", f"{_TAG}experiment_id": experiment_id,
+                f"{_TAG}model_version": str(version), f"{_TAG}champion_version": str(champion_version),
+                f"{_TAG}outcome": outcome, f"{_TAG}reasons": _tag_value(list(reasons))}
+        run = self.client.create_run(experiment, run_name=f"{experiment_id} {outcome}", tags=tags)
+        run_id = run.info.run_id
+        now = _ms(_now())
+        self.client.log_batch(
+            run_id,
+            metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()
+                     if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))],
+            params=[Param(k, _param_value(v)) for k, v in params.items()],
+        )
+        for name, content in (tables or {}).items():
+            self.client.log_dict(run_id, json.loads(json.dumps(content, default=str)), name)
+        self.client.set_terminated(run_id)
+        self._tag_version(str(version), {f"{_TAG}online.last_run": run_id, f"{_TAG}online.outcome": outcome,
+                                         f"{_TAG}online.experiment_id": experiment_id})
+        return run_id
 
 
 def _roll_back(stack: list[str], to_version: str | None) -> None:
