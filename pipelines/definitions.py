@@ -5,7 +5,9 @@ from datetime import timedelta
 
 import dagster as dg
 
-from pipelines.defs import features, history, ingestion, jobs, models, monitoring, partitions, resources, validation
+from pipelines.defs import (
+    features, history, ingestion, jobs, models, monitoring, online, partitions, resources, validation,
+)
 
 # A day's data is due in the lake and the online store by 06:00 UTC the next day (the daily schedule
 # starts at 01:15); Dagster marks the assets stale in the UI when a deadline passes without a run.
@@ -24,6 +26,7 @@ def defs() -> dg.Definitions:
             history.defs(),
             models.defs(),
             monitoring.defs(),
+            online.defs(),
             jobs.defs(),
         )
     return merged.map_resolved_asset_specs(

@@ -1180,22 +1180,32 @@ class TrafficOutcome:
     """One day's served-traffic report (`recloop.online.traffic.monitor`) and its `drift.detected` alert
     when a threshold is breached."""
 
-    report: Any  # recloop.online.traffic.TrafficReport
+    report: Any  # recloop.online.traffic.TrafficReport; None on a day without impression outcomes
     alert: Alert | None
+    status: str = ""
 
     @property
     def breached(self) -> bool:
-        return bool(self.report.breached)
+        return bool(self.report is not None and self.report.breached)
+
+    def summary(self) -> dict[str, Any]:
+        if self.report is None:
+            return {"breached": False, "judged": False, "status": self.status}
+        return jsonable({**self.report.record(), "numbers": self.report.summary()})
 
 
 def served_traffic_step(lake: Lake, partition: str, *, thresholds: Any = None) -> TrafficOutcome:
     """The served-traffic monitor of day `partition` against its reference window; a breach comes with a
-    `drift.detected` alert on asset online/served_traffic (keyed by the day: a re-run sends it once)."""
+    `drift.detected` alert on asset online/served_traffic (keyed by the day: a re-run sends it once). A day
+    without impression outcomes is reported as such, not failed."""
     from recloop.online.traffic import monitor
 
-    report = monitor(lake, partition, thresholds=thresholds)
+    try:
+        report = monitor(lake, partition, thresholds=thresholds)
+    except FileNotFoundError as err:
+        return TrafficOutcome(None, None, str(err))
     if not report.breached:
-        return TrafficOutcome(report, None)
+        return TrafficOutcome(report, None, report.status)
     failed = [r for r in report.reasons if r.startswith("FAIL")]
     alert = Alert("drift.detected", key=f"served-traffic/{partition}",
                   text=f":warning: recloop: {report.status}: " + "; ".join(failed[:3]),
@@ -1203,4 +1213,4 @@ def served_traffic_step(lake: Lake, partition: str, *, thresholds: Any = None) -
                           "details": {"kind": "served_traffic", "reasons": report.reasons,
                                       "reference_days": report.reference_days,
                                       "category_share": report.stats.category_share}})
-    return TrafficOutcome(report, alert)
+    return TrafficOutcome(report, alert, report.status)
