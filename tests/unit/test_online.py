@@ -214,7 +214,7 @@ def test_ips_recovers_a_target_policys_ctr_from_epsilon_greedy_logs():
     clipped = ips_mod.ips(logged, target, clip=10.0)
     assert clipped.value < plain.value  # clipping trades bias for variance
     # The logging policy itself: weights 1, IPS = the logged CTR exactly.
-    same = ips_mod.ips(logged, 1.0 / 1.0 * (propensity > 0) * propensity)
+    same = ips_mod.ips(logged, propensity)
     assert same.value == pytest.approx(ips_mod.logged_ctr(logged))
     with pytest.raises(ValueError, match="propensity"):
         ips_mod.ips(logged.assign(propensity=0.0), target)
@@ -363,6 +363,7 @@ def test_promote_candidate_starts_an_experiment_when_online_experiments_are_on(r
     history = registry.history()
     assert history[0]["decision"] == "experiment_started" and history[0]["version"] == v2
     monkeypatch.setenv(lifecycle.ONLINE_EXPERIMENTS_ENV, "off")
+    assert not lifecycle.online_experiments_enabled()
     monkeypatch.setenv(lifecycle.ONLINE_EXPERIMENTS_ENV, "maybe")
     with pytest.raises(ValueError, match="RECLOOP_ONLINE_EXPERIMENTS"):
         lifecycle.online_experiments_enabled()
