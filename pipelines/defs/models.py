@@ -211,6 +211,9 @@ def champion(context: dg.AssetExecutionContext, config: GateRunConfig, workspace
         # nothing, so the step succeeds without a materialization).
         context.log.info(f"{refused}; the champion stays")
         return
+    if promotion.experiment or promotion.note:  # online experiments on: live traffic decides (online/experiment)
+        context.log.info(promotion.note)
+        return
     context.log.info(f"version {promotion.version} is now champion: {promotion.decision.reasons[0]}")
     alerts.send(context.log, promotion.alert)
     out = promotion.summary()

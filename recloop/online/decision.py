@@ -199,21 +199,48 @@ def _interleave_look(frame: pd.DataFrame, config: DecisionConfig) -> tuple[m.Est
     return effect, config.tau_share, result.challenger_wins + result.champion_wins >= config.min_decided_requests, result
 
 
+_NUMERATOR = {"ctr": "watched", "watch_time": "watched_s", "completion_rate": "completed"}
+
+
 def sequential_looks(frame: pd.DataFrame, days: Sequence[str], *, mode: str, metric: str, config: DecisionConfig,
                      catalog_size: int | None = None) -> list[Look]:
     """One look per day of `days` on the rows up to it; the p-value is always-valid (running minimum of
-    1/L over the looks that had enough data)."""
+    1/L over the looks that had enough data). The rows are aggregated once per (arm, unit, day) (A/B) or
+    credited once per request (interleaving), so a look costs a pass over units, not impressions."""
     looks, p = [], 1.0
+    if mode == "interleave":
+        credit = m.interleaving_credit(frame)
+        first_day = frame.groupby("request_id")["day"].min()
+        credit["day"] = credit["request_id"].map(first_day)
+        credit = credit[credit["credit"] != "tie"]
+    else:
+        rows = m.normalise(frame)
+        rows = rows[rows["arm"].isin(m.ARMS)]
+        agg = rows.groupby(["arm", config.unit, "day"], sort=False).agg(
+            n=("watched", "size"), y=(_NUMERATOR[metric], "sum")).reset_index()
     for day in sorted(days):
-        upto = frame[frame["day"] <= day]
         if mode == "interleave":
-            effect, tau, enough, _ = _interleave_look(upto, config)
+            decided = credit[credit["day"] <= day]
+            per_user = decided.assign(win=(decided["credit"] == m.CHALLENGER_ARM).astype("float64")).groupby(
+                "user_id").agg(n=("win", "size"), wins=("win", "sum"))
+            share = m.ratio_estimate(per_user["wins"].to_numpy(), per_user["n"].to_numpy())
+            effect, tau = m.Estimate(share.value - 0.5, share.se, share.units), config.tau_share
+            enough = len(decided) >= config.min_decided_requests
         else:
-            effect, tau, enough, _ = _ab_look(upto, metric, config, catalog_size)
+            upto = agg[agg["day"] <= day]
+            per_unit = upto.groupby(["arm", config.unit], sort=False)[["n", "y"]].sum().reset_index()
+            est, enough = {}, True
+            for arm in m.ARMS:
+                part = per_unit[per_unit["arm"] == arm]
+                est[arm] = m.ratio_estimate(part["y"].to_numpy(dtype="float64"), part["n"].to_numpy(dtype="float64"))
+                enough &= len(part) >= config.min_users_per_arm and float(part["n"].sum()) >= config.min_impressions_per_arm
+            effect = m.difference(est[m.CHALLENGER_ARM], est[m.CHAMPION_ARM])
+            level = est[m.CHAMPION_ARM].value
+            tau = config.tau_relative * abs(level) if math.isfinite(level) and level else math.nan
         lr = mixture_likelihood_ratio(effect.value, effect.se**2, tau)
         if enough:
             p = min(p, 1.0 / lr if lr > 0 else 1.0)
-        looks.append(Look(day, effect.value, effect.se, lr, min(p, 1.0), enough))
+        looks.append(Look(day, effect.value, effect.se, lr, min(p, 1.0), bool(enough)))
     return looks
 
 

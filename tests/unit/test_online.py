@@ -138,6 +138,10 @@ def test_a_better_challenger_is_promoted_and_a_worse_one_stopped():
     assert d.outcome == rule.PROMOTE, d.reasons
     assert d.p_value <= 0.05 and d.effect.value > 0 and d.mode == "ab"
     assert d.reasons[0].startswith("PROMOTE") and "guardrail" in d.reasons[1]
+    # the last look (aggregated per user and day) is the full-data estimate
+    assert d.looks[-1].effect == pytest.approx(d.effect.value) and d.looks[-1].se == pytest.approx(d.effect.se)
+    assert [x.day for x in d.looks] == [day(i) for i in range(4)]
+    assert all(a.p_value >= b.p_value for a, b in zip(d.looks, d.looks[1:]))  # running minimum
     worse = ab_frame(4, 400, ctr=(0.3, 0.2), seed=3)
     d = rule.decide_online(worse, started=day(0), as_of=day(3))
     assert d.outcome == rule.STOP_WORSE, d.reasons
@@ -176,6 +180,7 @@ def test_interleaving_decides_on_the_win_share():
     d = rule.decide_online(frame, started=day(0), as_of=day(2))
     assert d.mode == "interleave" and d.metric == "win_share"
     assert d.outcome == rule.PROMOTE and d.interleaving.share.value > 0.5, d.reasons
+    assert d.looks[-1].effect == pytest.approx(d.interleaving.share.value - 0.5)
 
 
 def test_decision_config_from_the_environment(monkeypatch):
