@@ -56,6 +56,14 @@ class RecommendationRequest(BaseModel):
     surface: str | None = Field(None, max_length=64, examples=["home"],
                                 description="Where the answer is shown; recorded with its impressions.")
 
+    @field_validator("k", mode="before")
+    @classmethod
+    def _not_a_boolean(cls, value: object) -> object:
+        # JSON true/false are not counts (lax integer parsing would read `true` as 1).
+        if isinstance(value, bool):
+            raise ValueError("k must be a JSON integer, not true or false")
+        return value
+
 
 class RecommendedItem(BaseModel):
     video_id: str
