@@ -94,11 +94,14 @@ class ServingConfig:
     # recalls less; measure with `recloop.index.recall_at_k` before lowering it.
     ef_search: int | None = None
     # The impressions log (recloop.serving.impressions): where answers are spooled, one line per request
-    # (default: <RECLOOP_HOME>/serving/impressions-spool), fsynced before the answer is returned (False:
-    # written to the kernel only, which survives kill -9 of the process but not a power loss), flushed
-    # to the landing zone every `impressions_flush_seconds` or `impressions_max_batch` impressions.
+    # (default: <RECLOOP_HOME>/serving/impressions-spool), written to the kernel before the answer is
+    # returned (survives kill -9 of the process) and fsynced in the background every
+    # `impressions_sync_seconds` (a machine crash loses at most that long); `impressions_fsync` fsyncs
+    # every line before its answer instead (an fsync per request). Flushed to the landing zone every
+    # `impressions_flush_seconds` or `impressions_max_batch` impressions.
     impressions_spool_dir: Path | None = None
-    impressions_fsync: bool = True
+    impressions_fsync: bool = False
+    impressions_sync_seconds: float = 1.0
     impressions_flush_seconds: float = 10.0
     impressions_max_batch: int = 20_000
     # Online experiments (recloop.serving.experiment), while the registry's `experiment` alias is set:
@@ -134,8 +137,9 @@ class ServingConfig:
         for name in ("explore_pool", "impressions_max_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.impressions_flush_seconds > 0:
-            raise ValueError(f"impressions_flush_seconds must be > 0, got {self.impressions_flush_seconds}")
+        for name in ("impressions_flush_seconds", "impressions_sync_seconds"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.default_k > self.max_k:
             raise ValueError(f"default_k ({self.default_k}) must be <= max_k ({self.max_k})")
         if self.recommendations_auth not in ("open", "key"):

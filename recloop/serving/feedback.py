@@ -40,6 +40,7 @@ import json
 import logging
 import os
 import threading
+import time
 import uuid
 from collections import defaultdict
 from datetime import datetime, timezone
@@ -95,8 +96,9 @@ class SpoolWriter:
 
     `_append(line, rows)` writes one line (one accepted request) to the open segment and, with `fsync`
     (the default), fsyncs it before returning: the caller answers only after that. Without `fsync` the
-    line is only handed to the kernel (`os.write`): it survives the process being killed (`kill -9`), not
-    a crash of the machine. A background thread (`flush`, every `flush_seconds` or `max_batch` rows)
+    line is only handed to the kernel (`os.write`) before returning: it survives the process being
+    killed (`kill -9`: the kernel still holds it), and the background thread fsyncs the open segment
+    every `sync_seconds`, so a crash of the machine loses at most that long of lines. A background thread (`flush`, every `flush_seconds` or `max_batch` rows)
     writes the rows kept in memory to the landing zone (`_write_landing`, named after the segment), then
     deletes the segment; segments a crash left behind are read back (`_decode`) and flushed at start.
     """
@@ -112,6 +114,7 @@ class SpoolWriter:
         max_batch: int = 5_000,
         on_flushed: Any = None,
         fsync: bool = True,
+        sync_seconds: float = 1.0,
     ) -> None:
         self.landing = landing
         self.spool_dir = Path(spool_dir)
@@ -119,6 +122,8 @@ class SpoolWriter:
         self.max_batch = max_batch
         self.on_flushed = on_flushed  # called with the number of rows written to the landing zone
         self.fsync = fsync
+        self.sync_seconds = sync_seconds
+        self._dirty = False  # lines written since the last fsync (only without `fsync`)
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
@@ -160,6 +165,8 @@ class SpoolWriter:
                 view = view[os.write(self._fd, view):]
             if self.fsync:
                 os.fsync(self._fd)
+            else:
+                self._dirty = True
             self._rows.extend(rows)
             self._pending += self._count(rows)
             full = self._pending >= self.max_batch
@@ -220,12 +227,32 @@ class SpoolWriter:
                 leftover.unlink(missing_ok=True)
             return written
 
+    def sync(self) -> None:
+        """fsync the open segment when lines were written since the last fsync (without `fsync`): on a
+        duplicate of its descriptor, outside the lock, so that writers do not wait for the disk."""
+        with self._lock:
+            if self._fd is None or not self._dirty:
+                return
+            fd, self._dirty = os.dup(self._fd), False
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
     def _run(self) -> None:
+        next_flush = time.monotonic() + self.flush_seconds
         while not self._stop.is_set():
-            self._wake.wait(self.flush_seconds)
+            timeout = max(0.0, next_flush - time.monotonic())
+            if not self.fsync:
+                timeout = min(timeout, self.sync_seconds)
+            woken = self._wake.wait(timeout)
             self._wake.clear()
             try:
-                self.flush()
+                if woken or time.monotonic() >= next_flush:
+                    next_flush = time.monotonic() + self.flush_seconds
+                    self.flush()
+                else:
+                    self.sync()
             except Exception:  # the rows stay spooled; log and retry at the next tick
                 log.exception("flushing %s to the landing zone failed; will retry", self.kind)
 

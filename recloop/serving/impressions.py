@@ -12,14 +12,18 @@ then deletes the segment; a crash between the two leaves the segment, which the 
 again under the same names (so the file is replaced, not doubled). A line torn by a crash during its
 write belongs to an answer that was never returned, and is skipped.
 
-Durability ("loses nothing on kill -9"): an answer is returned only after its line is in the spool.
-With `RECLOOP_SERVING_IMPRESSIONS_FSYNC=true` (the default) the line is fsynced first, so an answer a
-client received is in the landing zone after any crash, of the process or of the machine; with `false`
-the line is only handed to the kernel (`os.write`), which survives the process being killed but not
-the machine losing power before the next flush. The cost on the request path is one small JSON
-encoding, one `write` and (by default) one `fsync`: `bench/impression_logging.py` measures it. A failed
-write (disk full) does not fail the answer: it is logged and counted
-(`recloop_serving_impressions_total{outcome="failed"}`).
+Durability ("loses nothing on kill -9"): an answer is returned only after its line is in the spool
+file, handed to the kernel by `os.write`; a process killed with SIGKILL (or crashing) after that cannot
+lose it, since the kernel writes it out whatever happens to the process, and the next start flushes
+it. What the default does not cover is the machine itself failing (power loss, kernel crash) before
+the line reaches the disk: the background thread fsyncs the open segment every
+`RECLOOP_SERVING_IMPRESSIONS_SYNC_SECONDS` (1 s), which bounds that loss to about a second of answers.
+`RECLOOP_SERVING_IMPRESSIONS_FSYNC=true` fsyncs every line before its answer is returned instead (as
+feedback does), covering power loss too, at the price of an fsync per request: ~0.1 ms on a quiet
+virtual disk, several ms when other jobs use the disk (`bench/impression_logging.py`; docs/serving.md
+has the figures), over the 1 ms budget of the request path. So the default is the one that meets the
+budget and the kill -9 requirement. A failed write (disk full) does not fail the answer: it is
+logged and counted (`recloop_serving_impressions_total{outcome="failed"}`).
 
 One spool directory belongs to one serving process (`RECLOOP_SERVING_IMPRESSIONS_SPOOL_DIR`, default
 `$RECLOOP_HOME/serving/impressions-spool`).

@@ -19,8 +19,8 @@ online store unreachable, or on any failure of the model path, the answer comes 
 the user's segment, marked `fallback` with the reason, and counted.
 
 Every answer gets a request id (`rq-<32 hex>`) and is written to the impressions log before it is
-returned (`recloop.serving.impressions`: one spool line per request, fsynced; flushed to the landing zone
-in the background). While the registry's `experiment` alias names another version than the champion,
+returned (`recloop.serving.impressions`: one spool line per request, in the kernel before the answer
+leaves, so it survives kill -9; fsynced and flushed to the landing zone in the background). While the registry's `experiment` alias names another version than the champion,
 that version is loaded too (a second `ServingModel`, dropped when the alias goes away) and requests are
 split between them (`recloop.serving.experiment`: A/B by a stable hash of the user, or team-draft
 interleaving of both rankings); every answer and impression says which experiment and arm. With
@@ -203,6 +203,7 @@ class RecommendationService:
             flush_seconds=self.config.impressions_flush_seconds,
             max_batch=self.config.impressions_max_batch,
             fsync=self.config.impressions_fsync,
+            sync_seconds=self.config.impressions_sync_seconds,
             on_flushed=lambda n: self.metrics.impressions.labels("flushed").inc(n),
         )
         self._model: ServingModel | None = None

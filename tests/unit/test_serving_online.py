@@ -155,6 +155,14 @@ def test_impressions_spool_survives_a_crash_and_skips_a_torn_line(tmp_path):
         "explored": True, "fallback": False, "surface": "home"}
     assert rows[0]["served_at"] == datetime(2025, 1, 6, 23, 59, tzinfo=timezone.utc)
     assert not list((tmp_path / "spool").iterdir())
+    # Without fsync per line (the default), the line is in the file (the kernel) when `log` returns, which
+    # is what survives kill -9; the background fsync then clears the dirty flag.
+    quick = ImpressionWriter(landing, tmp_path / "spool2", fsync=False)
+    quick.log(rec, None, served)
+    (segment,) = (tmp_path / "spool2").glob("segment-*.jsonl")
+    assert rec.request_id in segment.read_text() and quick._dirty
+    quick.sync()
+    assert not quick._dirty
     assert request_seed("rq-" + "0" * 31 + "1") == 0 and request_seed("rq-" + "f" * 32) == 2**64 - 1
 
 
