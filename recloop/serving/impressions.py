@@ -75,7 +75,8 @@ def _record(rec: Recommendation, served_us: int, surface: str | None) -> dict[st
 
 
 def impression_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
-    """The IMPRESSIONS rows of one spooled answer (served_at as microseconds since the epoch, UTC)."""
+    """The IMPRESSIONS rows of one spooled answer (served_at as microseconds since the epoch, UTC), as
+    dicts (for readers of a spool; the flush builds columns directly: `impressions_table`)."""
     rid = record["request_id"]
     return [
         {"impression_id": f"{rid}-{pos}", "request_id": rid, "user_id": record["user_id"], "video_id": video,
@@ -86,10 +87,27 @@ def impression_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
-def impressions_table(rows: list[dict[str, Any]]) -> pa.Table:
-    """IMPRESSIONS rows (`served_at` in microseconds UTC) as a table with the IMPRESSIONS schema."""
-    columns = {name: [r[name] for r in rows] for name in IMPRESSIONS.columns}
-    return pa.table({f.name: pa.array(columns[f.name], f.type) for f in IMPRESSIONS.schema}, schema=IMPRESSIONS.schema)
+def impressions_table(records: list[dict[str, Any]]) -> pa.Table:
+    """The IMPRESSIONS table of spooled answers, built column by column (no dict per row: the flush
+    runs beside requests, and its Python work holds the GIL they need)."""
+    cols: dict[str, list[Any]] = {name: [] for name in IMPRESSIONS.columns}
+    per_request = ("request_id", "user_id", "experiment", "fallback", "surface")
+    for record in records:
+        items = record["items"]
+        n = len(items)
+        if not n:
+            continue
+        rid = record["request_id"]
+        cols["impression_id"].extend([f"{rid}-{pos}" for pos in range(n)])
+        cols["position"].extend(range(n))
+        cols["served_at"].extend([record["served_us"]] * n)
+        for name in per_request:
+            cols[name].extend([record[name]] * n)
+        video, source, score, version, arm, propensity, explored = zip(*items)
+        for name, values in (("video_id", video), ("source", source), ("score", score), ("model_version", version),
+                             ("arm", arm), ("propensity", propensity), ("explored", explored)):
+            cols[name].extend(values)
+    return pa.table({f.name: pa.array(cols[f.name], f.type) for f in IMPRESSIONS.schema}, schema=IMPRESSIONS.schema)
 
 
 class ImpressionWriter(SpoolWriter):
@@ -119,7 +137,7 @@ class ImpressionWriter(SpoolWriter):
         by_day: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for record in rows:
             day = datetime.fromtimestamp(record["served_us"] // _DAY_US * 86_400, timezone.utc).date().isoformat()
-            by_day[day].extend(impression_rows(record))
+            by_day[day].append(record)
         written = []
         for day, day_rows in sorted(by_day.items()):
             buf = io.BytesIO()
