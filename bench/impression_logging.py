@@ -8,8 +8,8 @@ bury a sub-millisecond cost in their own noise):
    items, `--requests` times from one thread and from `--threads` threads at once (the spool's lock and
    the fsyncs serialize them), with `fsync` off (the default: the line is in the kernel before the
    answer is returned, which survives kill -9 of the process; fsynced in the background every second)
-   and on (`RECLOOP_SERVING_IMPRESSIONS_FSYNC=true`: an fsync per answer, which survives power loss). The background flush runs
-   as in the server (every 10 s or 20,000 impressions), so its Parquet writes share the cores.
+   and on (`RECLOOP_SERVING_IMPRESSIONS_FSYNC=true`: an fsync per answer, which survives power
+   loss). The background flush runs as in the server (every 10 s or 20,000 impressions), so its Parquet writes share the cores.
 2. `service`: `RecommendationService.recommend` end to end on a small simulated lake without a
    champion (the popularity fallback, the cheapest answer, so the logging share is the largest), with
    the impressions log on and off (`log` replaced by a no-op): p50/p99 of each and their difference,

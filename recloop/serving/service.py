@@ -20,10 +20,11 @@ the user's segment, marked `fallback` with the reason, and counted.
 
 Every answer gets a request id (`rq-<32 hex>`) and is written to the impressions log before it is
 returned (`recloop.serving.impressions`: one spool line per request, in the kernel before the answer
-leaves, so it survives kill -9; fsynced and flushed to the landing zone in the background). While the registry's `experiment` alias names another version than the champion,
-that version is loaded too (a second `ServingModel`, dropped when the alias goes away) and requests are
-split between them (`recloop.serving.experiment`: A/B by a stable hash of the user, or team-draft
-interleaving of both rankings); every answer and impression says which experiment and arm. With
+leaves, so it survives kill -9; fsynced and flushed to the landing zone in the background). While
+the registry's `experiment` alias names another version than the champion, that version is loaded too
+(a second `ServingModel`, dropped when the alias goes away) and requests are split between them
+(`recloop.serving.experiment`: A/B by a stable hash of the user, or team-draft interleaving of both
+rankings); every answer and impression says which experiment and arm. With
 `explore_share` > 0, slots of model answers are given to videos of an exploration pool
 (`recloop.serving.explore`), with their propensities. With no experiment and no exploration, the
 request path is the single-model path, plus the impressions line.
@@ -328,6 +329,14 @@ class RecommendationService:
         if self._corrupt and self._corrupt[0] == version and time.monotonic() - self._corrupt[1] < CORRUPT_RETRY_S:
             return False  # still the corrupt champion: its error stays in last_error, no download per poll
         self._online().refresh_registry()
+        challenger = self._challenger
+        promoted = challenger is not None and challenger.version == version
+        if promoted and (current is None or current.version != version):
+            # The challenger was promoted: it is loaded and up to date already, so it becomes the champion
+            # as it is (its bundle is the champion's now; the experiment step finds no challenger to drop).
+            loaded = (challenger, self._challenger_bundle)
+            self._challenger, self._challenger_bundle = None, None
+            return self._swap(version, *loaded)
         try:
             loaded = self._load(version, current, self._bundle)
         except CorruptModelError as err:
@@ -336,7 +345,9 @@ class RecommendationService:
             raise
         if loaded is None:
             return False
-        model, bundle = loaded
+        return self._swap(version, *loaded)
+
+    def _swap(self, version: str, model: ServingModel, bundle: tuple[Path, Path]) -> bool:
         self._corrupt = None
         previous, self._bundle = self._bundle, bundle
         self._model = model  # the swap: one reference assignment
@@ -489,7 +500,8 @@ class RecommendationService:
         watched = self.history.watched(user_id).union(exclude)
         args = (user_id, k, context, segment, watched, rules, started, request_id)
         if model is None:
-            result = self._fallback(user_id, k, segment, watched, rules, FALLBACK_NO_MODEL, started, None, request_id)
+            result = self._fallback(user_id, k, segment, watched, rules, FALLBACK_NO_MODEL, started, None,
+                                    request_id)
         elif challenger is None or challenger.version == model.version:
             result = self._answer(model, *args)
         else:

@@ -326,6 +326,28 @@ def test_ab_experiment_splits_users_by_arm_and_ends_with_the_alias(world, client
     assert after["experiment"] is None and after["arm"] == "champion" and after["model_version"] == "1"
 
 
+def test_a_promoted_challenger_becomes_the_champion_without_a_reload(world, client, service):
+    registry = world["registry"]
+    registry.client.set_registered_model_alias(MODEL, EXPERIMENT, "2")
+    try:
+        service.refresh()
+        challenger = service.challenger
+        assert challenger is not None and challenger.version == "2"
+        # the online decision promotes: champion := the experiment's version, alias removed
+        registry.client.set_registered_model_alias(MODEL, CHAMPION, "2")
+        registry.client.delete_registered_model_alias(MODEL, EXPERIMENT)
+        assert service.refresh()
+        assert service.model is challenger and service.challenger is None and service.experiment is None
+        body = recommend(client, users(service, 1)[0])
+        assert body["model_version"] == "2" and body["experiment"] is None
+    finally:
+        registry.client.set_registered_model_alias(MODEL, CHAMPION, "1")
+        if registry.experiment() is not None:
+            registry.client.delete_registered_model_alias(MODEL, EXPERIMENT)
+        service.refresh()
+    assert service.model.version == "1"
+
+
 def test_interleaving_merges_both_rankings_and_credits_each_team(world, service, client, tmp_path):
     registry = world["registry"]
     registry.client.set_registered_model_alias(MODEL, EXPERIMENT, "2")
