@@ -1,7 +1,8 @@
 """The HTTP API (FastAPI): recommendations, feedback, health, readiness, Prometheus metrics, OpenAPI.
 
-    POST /v1/recommendations   {"user_id", "k"?, "context"?: {"country", "age_bucket", "device"}, "exclude"?}
-    POST /v1/feedback          {"events": [{"user_id", "video_id", "watched_s", ...}]}  -> 202 (API key)
+    POST /v1/recommendations   {"user_id", "k"?, "context"?: {"country", "age_bucket", "device"}, "exclude"?,
+                               "surface"?}  -> items + request_id, experiment, arm (impressions logged)
+    POST /v1/feedback          {"events": [{"user_id", "video_id", "watched_s", "request_id"?, ...}]}  -> 202 (API key)
     GET  /healthz              the process is up
     GET  /readyz               503 until a model or the popularity fallback is loaded; 200 with
                                "status": "degraded" while the online store is unavailable (error text: key)
@@ -52,16 +53,34 @@ class RecommendationRequest(BaseModel):
     k: int | None = Field(None, ge=1, le=1000, description="How many videos (default 20, capped by max_k).")
     context: Context | None = None
     exclude: list[str] = Field(default_factory=list, max_length=1000, description="Videos not to return.")
+    surface: str | None = Field(None, max_length=64, examples=["home"],
+                                description="Where the answer is shown; recorded with its impressions.")
+
+    @field_validator("k", mode="before")
+    @classmethod
+    def _not_a_boolean(cls, value: object) -> object:
+        # JSON true/false are not counts (lax integer parsing would read `true` as 1).
+        if isinstance(value, bool):
+            raise ValueError("k must be a JSON integer, not true or false")
+        return value
 
 
 class RecommendedItem(BaseModel):
     video_id: str
     score: float = Field(..., description="Final score (the LambdaRank ranker's score + freshness boost; popularity count in fallback).")
-    source: Literal["item_to_item", "two_tower", "popular", "fresh"] = Field(
-        ..., description="The candidate source that proposed the video.")
+    source: Literal["item_to_item", "two_tower", "popular", "fresh", "explore"] = Field(
+        ..., description="The candidate source that proposed the video (`explore`: an exploration slot).")
+    position: int = Field(..., ge=0, description="0-based slot in the answer.")
+    propensity: float = Field(
+        ..., ge=0.0, le=1.0,
+        description="Probability of this video in this slot under the logging policy: 1 - ε for a slot "
+                    "not explored, ε / pool size for an explored one, 1.0 without exploration (docs/serving.md).")
+    explored: bool = Field(..., description="True when an exploration slot put the video here.")
 
 
 class RecommendationResponse(BaseModel):
+    request_id: str = Field(..., pattern=r"^rq-[0-9a-f]{32}$", examples=["rq-3f2a9c0e8d7b4a1f9e6c5b4a3d2e1f0a"],
+                            description="Id of this answer: send it back with the feedback on its items.")
     user_id: str
     items: list[RecommendedItem]
     model_version: str | None = Field(..., description="The champion version that ranked (None: no model).")
@@ -70,18 +89,26 @@ class RecommendationResponse(BaseModel):
     cold_start: bool
     segment: dict[str, str]
     stage_ms: dict[str, float]
+    experiment: str | None = Field(..., examples=["exp-v3-v4"],
+                                   description="The online experiment this answer is part of (None: none).")
+    arm: Literal["champion", "challenger", "interleaved"] = Field(
+        ..., description="The experiment arm that answered (`interleaved`: both; `champion` without experiment).")
 
     @classmethod
     def of(cls, r: Recommendation) -> "RecommendationResponse":
         return cls(
+            request_id=r.request_id,
             user_id=r.user_id,
-            items=[RecommendedItem(video_id=i.video_id, score=i.score, source=i.source) for i in r.items],
+            items=[RecommendedItem(video_id=i.video_id, score=i.score, source=i.source, position=i.position,
+                                   propensity=i.propensity, explored=i.explored) for i in r.items],
             model_version=r.model_version,
             fallback=r.fallback,
             fallback_reason=r.fallback_reason,
             cold_start=r.cold_start,
             segment=r.segment,
             stage_ms={s: round(v * 1000, 3) for s, v in r.stage_seconds.items()},
+            experiment=r.experiment,
+            arm=r.arm,
         )
 
 
@@ -102,6 +129,9 @@ class FeedbackEvent(BaseModel):
     watched_s: float = Field(0.0, ge=0.0, le=86_400.0)
     completed: bool = Field(False, strict=True, description="JSON true or false.")
     liked: bool = Field(False, strict=True, description="JSON true or false.")
+    request_id: str | None = Field(
+        None, min_length=1, max_length=64, examples=["rq-3f2a9c0e8d7b4a1f9e6c5b4a3d2e1f0a"],
+        description="The `request_id` of the recommendations answer that showed the video, if any.")
 
     @field_validator("event_time")
     @classmethod
@@ -211,7 +241,7 @@ def create_app(
     def recommendations(body: RecommendationRequest) -> RecommendationResponse:
         """Top-k videos for a user, with scores, candidate sources and the model version."""
         context = body.context.model_dump() if body.context else None
-        return RecommendationResponse.of(service.recommend(body.user_id, body.k, context, body.exclude))
+        return RecommendationResponse.of(service.recommend(body.user_id, body.k, context, body.exclude, body.surface))
 
     @app.post("/v1/feedback", status_code=202, response_model=FeedbackResponse, tags=["feedback"],
               dependencies=[Depends(key_for("feedback"))], responses=auth.RESPONSES)

@@ -1,7 +1,8 @@
 """Settings of the serving API, read from `RECLOOP_SERVING_*` environment variables when asked for.
 
 They sit beside recloop's `Settings` (stores and locations) and only say how the service behaves:
-candidate counts, business rules, polling cadence and where feedback is spooled. Every field has a
+candidate counts, business rules, polling cadence, where feedback and impressions are spooled,
+online experiments and exploration. Every field has a
 default, so `ServingConfig.from_env()` works on a fresh checkout.
 """
 
@@ -92,6 +93,26 @@ class ServingConfig:
     # The HNSW search breadth at serving time (None: the bundle's own setting). Lower is faster and
     # recalls less; measure with `recloop.index.recall_at_k` before lowering it.
     ef_search: int | None = None
+    # The impressions log (recloop.serving.impressions): where answers are spooled, one line per request
+    # (default: <RECLOOP_HOME>/serving/impressions-spool), written to the kernel before the answer is
+    # returned (survives kill -9 of the process) and fsynced in the background every
+    # `impressions_sync_seconds` (a machine crash loses at most that long); `impressions_fsync` fsyncs
+    # every line before its answer instead (an fsync per request). Flushed to the landing zone every
+    # `impressions_flush_seconds` or `impressions_max_batch` impressions.
+    impressions_spool_dir: Path | None = None
+    impressions_fsync: bool = False
+    impressions_sync_seconds: float = 1.0
+    impressions_flush_seconds: float = 10.0
+    impressions_max_batch: int = 20_000
+    # Online experiments (recloop.serving.experiment), while the registry's `experiment` alias is set:
+    # "ab" (a stable share `experiment_share` of users gets the challenger) or "interleave" (team-draft
+    # interleaving of both models' rankings for every request).
+    experiment_mode: str = "ab"
+    experiment_share: float = 0.5
+    # Exploration (recloop.serving.explore): each slot of a model answer is, with probability
+    # `explore_share`, given to a video drawn uniformly from the next `explore_pool` ranked candidates.
+    explore_share: float = 0.0
+    explore_pool: int = 100
 
     def __post_init__(self) -> None:
         if self.online_store not in (None, "sqlite", "redis"):
@@ -108,6 +129,17 @@ class ServingConfig:
         for name in ("max_in_flight", "admission_queue", "admission_max_wait_seconds", "admission_target_seconds"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.experiment_mode not in ("ab", "interleave"):
+            raise ValueError(f"experiment_mode must be 'ab' or 'interleave', got {self.experiment_mode!r}")
+        for name in ("experiment_share", "explore_share"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
+        for name in ("explore_pool", "impressions_max_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("impressions_flush_seconds", "impressions_sync_seconds"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.default_k > self.max_k:
             raise ValueError(f"default_k ({self.default_k}) must be <= max_k ({self.max_k})")
         if self.recommendations_auth not in ("open", "key"):
@@ -138,7 +170,7 @@ class ServingConfig:
                 values[f.name] = int(raw)
             elif isinstance(default, float):
                 values[f.name] = float(raw)
-            elif f.name in ("safety_file", "feedback_spool_dir"):
+            elif f.name in ("safety_file", "feedback_spool_dir", "impressions_spool_dir"):
                 values[f.name] = Path(raw)
             elif f.name == "ef_search":
                 values[f.name] = int(raw)

@@ -20,6 +20,11 @@ one process, as in tests, do not collide on prometheus_client's global registry)
     recloop_serving_in_flight_requests          requests admitted and not finished
     recloop_serving_admission_wait_seconds      histogram: time an admitted request waited for a slot
     recloop_serving_admission_limit             requests admitted at once now (adapted to the latency)
+    recloop_serving_impressions_total{outcome}  impressions logged (spooled before the answer), flushed
+                                                (landing zone), failed (the spool write failed)
+    recloop_serving_experiment_requests_total{arm}  answers under an online experiment: champion,
+                                                challenger (A/B), interleaved
+    recloop_serving_explored_slots_total        slots given to the exploration pool
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # batch_wait: time a request waits for the ranking worker (see recloop.serving.batching); features and
 # ranking are the times of the batch the request was part of.
-STAGES = ("request", "batch_wait", "candidates", "features", "feature_store", "ranking", "rerank", "total")
+# log: writing the answer's impressions to the spool (after `total`, before the answer is returned).
+STAGES = ("request", "batch_wait", "candidates", "features", "feature_store", "ranking", "rerank", "total", "log")
 # Sub-millisecond to a second: the stages take from ~0.1 ms to the tens of ms a slow request needs.
 LATENCY_BUCKETS = (
     0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.035, 0.05, 0.075, 0.1,
@@ -96,6 +102,19 @@ class ServingMetrics:
             "recloop_serving_admission_wait_seconds", "Time an admitted request waited for a slot",
             buckets=LATENCY_BUCKETS, registry=r,
         )
+        self.impressions = Counter(
+            "recloop_serving_impressions", "Impressions logged (spooled before the answer), flushed to the "
+            "landing zone, or failed to spool", ["outcome"], registry=r,
+        )
+        self.experiment_requests = Counter(
+            "recloop_serving_experiment_requests", "Answers under an online experiment, by arm "
+            "(champion, challenger; interleaved)", ["arm"], registry=r,
+        )
+        self.explored_slots = Counter(
+            "recloop_serving_explored_slots", "Answer slots given to a video of the exploration pool", registry=r,
+        )
+        for outcome in ("logged", "flushed", "failed"):
+            self.impressions.labels(outcome)
         for reason in ("queue_full", "queue_timeout"):
             self.shed.labels(reason)
         for stage in STAGES:  # expose every series from the start, at zero

@@ -18,6 +18,17 @@ with and none fails during a swap. Without a model (no champion yet, or it canno
 online store unreachable, or on any failure of the model path, the answer comes from the popularity of
 the user's segment, marked `fallback` with the reason, and counted.
 
+Every answer gets a request id (`rq-<32 hex>`) and is written to the impressions log before it is
+returned (`recloop.serving.impressions`: one spool line per request, in the kernel before the answer
+leaves, so it survives kill -9; fsynced and flushed to the landing zone in the background). While
+the registry's `experiment` alias names another version than the champion, that version is loaded too
+(a second `ServingModel`, dropped when the alias goes away) and requests are split between them
+(`recloop.serving.experiment`: A/B by a stable hash of the user, or team-draft interleaving of both
+rankings); every answer and impression says which experiment and arm. With
+`explore_share` > 0, slots of model answers are given to videos of an exploration pool
+(`recloop.serving.explore`), with their propensities. With no experiment and no exploration, the
+request path is the single-model path, plus the impressions line.
+
 While the online store's circuit breaker is open (`recloop.serving.online`), a user whose rows are not
 cached gets the fallback at once, without queueing for the ranking worker; `status()` (what `/readyz`
 shows) then says `degraded`, with a reason and no internal error text.
@@ -33,7 +44,7 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -48,7 +59,17 @@ from recloop.model_plane.bundle import CorruptModelError
 from recloop.serving import lakeview
 from recloop.serving.batching import Batcher, Job
 from recloop.serving.config import ServingConfig
+from recloop.serving.experiment import (
+    CHALLENGER_ARM,
+    CHAMPION_ARM,
+    INTERLEAVED,
+    ab_arm,
+    experiment_id,
+    team_draft_interleave,
+)
+from recloop.serving.explore import apply_exploration
 from recloop.serving.feedback import FeedbackWriter
+from recloop.serving.impressions import ImpressionWriter, new_request_id, request_seed
 from recloop.serving.history import UserHistory
 from recloop.serving.metrics import ServingMetrics
 from recloop.serving.model import RankRequest, ServingModel
@@ -85,9 +106,17 @@ def _freeze_heap() -> None:
 
 @dataclass(frozen=True)
 class Item:
+    """One slot of an answer. `arm` is the experiment arm (interleaving: the team) that placed it;
+    `propensity` the probability of this video in this slot under exploration (`recloop.serving.explore`)."""
+
     video_id: str
     score: float
     source: str
+    position: int = 0
+    propensity: float = 1.0
+    explored: bool = False
+    arm: str = CHAMPION_ARM
+    model_version: str | None = None
 
 
 @dataclass(frozen=True)
@@ -100,6 +129,11 @@ class Recommendation:
     cold_start: bool
     segment: dict[str, str]
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    request_id: str = ""
+    experiment: str | None = None  # `exp-v<champion>-v<challenger>` while an experiment runs
+    arm: str = CHAMPION_ARM  # champion | challenger (A/B) | interleaved
+    # The exploration pool (candidates ranked below the answer), filled only when exploring.
+    pool: list[Item] = field(default_factory=list, repr=False, compare=False)
 
 
 @dataclass
@@ -164,7 +198,20 @@ class RecommendationService:
             max_batch=self.config.feedback_max_batch,
             on_flushed=lambda n: self.metrics.feedback_events.labels("flushed").inc(n),
         )
+        self.impressions = ImpressionWriter(
+            open_lake(settings.landing_uri, s3_endpoint_url=settings.s3_endpoint_url),
+            self.config.impressions_spool_dir or settings.home / "serving" / "impressions-spool",
+            flush_seconds=self.config.impressions_flush_seconds,
+            max_batch=self.config.impressions_max_batch,
+            fsync=self.config.impressions_fsync,
+            sync_seconds=self.config.impressions_sync_seconds,
+            on_flushed=lambda n: self.metrics.impressions.labels("flushed").inc(n),
+        )
         self._model: ServingModel | None = None
+        # The `experiment` alias's version while it differs from the champion's (and its bundle).
+        self._challenger: ServingModel | None = None
+        self._challenger_bundle: tuple[Path, Path] | None = None
+        self._corrupt_challenger: tuple[str, float] | None = None
         # (download folder, bundle folder in it) of the model being served: kept to reload the same
         # version when new uploads or a new feature snapshot arrive, removed when the version changes.
         self._bundle: tuple[Path, Path] | None = None
@@ -182,6 +229,19 @@ class RecommendationService:
     @property
     def model(self) -> ServingModel | None:
         return self._model
+
+    @property
+    def challenger(self) -> ServingModel | None:
+        """The `experiment` alias's model while an experiment runs (None otherwise)."""
+        return self._challenger
+
+    @property
+    def experiment(self) -> str | None:
+        """The running experiment's id (`exp-v<champion>-v<challenger>`), or None."""
+        model, challenger = self._model, self._challenger
+        if model is None or challenger is None or challenger.version == model.version:
+            return None
+        return experiment_id(model.version, challenger.version)
 
     @property
     def popularity(self) -> Popularity | None:
@@ -218,6 +278,7 @@ class RecommendationService:
             "catalog_size": len(model.ids) if model else 0,
             "feature_snapshot": model.feature_snapshot if model else None,
             "events_partition": self._sources.events_partition,
+            "experiment": self.experiment,
             "popularity_ready": self._sources.popularity is not None,
             "last_error": self.last_error,
         }
@@ -267,30 +328,26 @@ class RecommendationService:
         version = str(champion.version)
         if self._corrupt and self._corrupt[0] == version and time.monotonic() - self._corrupt[1] < CORRUPT_RETRY_S:
             return False  # still the corrupt champion: its error stays in last_error, no download per poll
-        online = self._online()
-        online.refresh_registry()
-        if current is not None and current.version == version:
-            stale_videos = lakeview.newest_partition(self.lake, "silver/videos") != current.lake_videos
-            if not stale_videos and online.snapshot() == current.feature_snapshot:
-                return False
-            assert self._bundle is not None
-            bundle = self._bundle
-        else:
-            root = Path(tempfile.mkdtemp(prefix=f"recloop-serving-v{version}-"))
-            try:
-                bundle = (root, self.registry.bundle_path(version, dst_dir=root))
-            except BaseException:
-                shutil.rmtree(root, ignore_errors=True)
-                raise
+        self._online().refresh_registry()
+        challenger = self._challenger
+        promoted = challenger is not None and challenger.version == version
+        if promoted and (current is None or current.version != version):
+            # The challenger was promoted: it is loaded and up to date already, so it becomes the champion
+            # as it is (its bundle is the champion's now; the experiment step finds no challenger to drop).
+            loaded = (challenger, self._challenger_bundle)
+            self._challenger, self._challenger_bundle = None, None
+            return self._swap(version, *loaded)
         try:
-            model = ServingModel.load(bundle[1], version, online, self.lake, ef_search=self.config.ef_search)
-        except BaseException as err:
-            if bundle is not self._bundle:
-                shutil.rmtree(bundle[0], ignore_errors=True)
-            if isinstance(err, CorruptModelError):
-                self._corrupt = (version, time.monotonic())
-                _alert_corrupt(version, err)
+            loaded = self._load(version, current, self._bundle)
+        except CorruptModelError as err:
+            self._corrupt = (version, time.monotonic())
+            _alert_corrupt(version, err)
             raise
+        if loaded is None:
+            return False
+        return self._swap(version, *loaded)
+
+    def _swap(self, version: str, model: ServingModel, bundle: tuple[Path, Path]) -> bool:
         self._corrupt = None
         previous, self._bundle = self._bundle, bundle
         self._model = model  # the swap: one reference assignment
@@ -302,6 +359,74 @@ class RecommendationService:
         log.info("serving champion version %s (%d videos)", version, len(model.ids))
         return True
 
+    def _load(
+        self, version: str, current: ServingModel | None, current_bundle: tuple[Path, Path] | None,
+    ) -> tuple[ServingModel, tuple[Path, Path]] | None:
+        """`version` loaded as a `ServingModel` with its (download folder, bundle folder); None when
+        `current` is that version and still matches the lake's uploads and Feast's snapshot."""
+        online = self._online()
+        if current is not None and current.version == version:
+            stale_videos = lakeview.newest_partition(self.lake, "silver/videos") != current.lake_videos
+            if not stale_videos and online.snapshot() == current.feature_snapshot:
+                return None
+            assert current_bundle is not None
+            bundle = current_bundle
+        else:
+            root = Path(tempfile.mkdtemp(prefix=f"recloop-serving-v{version}-"))
+            try:
+                bundle = (root, self.registry.bundle_path(version, dst_dir=root))
+            except BaseException:
+                shutil.rmtree(root, ignore_errors=True)
+                raise
+        try:
+            model = ServingModel.load(bundle[1], version, online, self.lake, ef_search=self.config.ef_search)
+        except BaseException:
+            if bundle is not current_bundle:
+                shutil.rmtree(bundle[0], ignore_errors=True)
+            raise
+        return model, bundle
+
+    def _drop_challenger(self) -> None:
+        if self._challenger is None and self._challenger_bundle is None:
+            return
+        version = self._challenger.version if self._challenger else None
+        bundle, self._challenger, self._challenger_bundle = self._challenger_bundle, None, None
+        if bundle is not None:
+            shutil.rmtree(bundle[0], ignore_errors=True)
+        log.info("online experiment with version %s ended: serving the champion only", version)
+
+    def _refresh_experiment(self) -> bool:
+        """Load the `experiment` alias's version as the challenger while it differs from the champion;
+        drop it when the alias goes away (or now names the champion)."""
+        experiment = self.registry.experiment()
+        champion = self._model
+        version = str(experiment.version) if experiment is not None else None
+        if version is None or champion is None or version == champion.version:
+            self._drop_challenger()
+            return False
+        corrupt = self._corrupt_challenger
+        if corrupt and corrupt[0] == version and time.monotonic() - corrupt[1] < CORRUPT_RETRY_S:
+            return False
+        try:
+            loaded = self._load(version, self._challenger, self._challenger_bundle)
+        except CorruptModelError as err:
+            self._drop_challenger()
+            self._corrupt_challenger = (version, time.monotonic())
+            _alert_corrupt(version, err)
+            raise
+        if loaded is None:
+            return False
+        model, bundle = loaded
+        self._corrupt_challenger = None
+        previous, self._challenger_bundle = self._challenger_bundle, bundle
+        self._challenger = model  # one reference assignment, as for the champion
+        if previous is not None and previous is not bundle:
+            shutil.rmtree(previous[0], ignore_errors=True)
+        _freeze_heap()
+        log.info("online experiment %s: challenger version %s loaded (%s)", self.experiment, version,
+                 self.config.experiment_mode)
+        return True
+
     def refresh(self) -> bool:
         """One round of the background thread: lake data, then the model. Never raises: a failure is
         logged, kept in `last_error`, and the current model (or the fallback) keeps serving. Returns
@@ -309,7 +434,7 @@ class RecommendationService:
         with self._refresh_lock:
             swapped = False
             errors = []
-            for step in (self._refresh_sources, self._refresh_model):
+            for step in (self._refresh_sources, self._refresh_model, self._refresh_experiment):
                 try:
                     swapped = bool(step()) or swapped
                 except Exception as err:
@@ -327,8 +452,9 @@ class RecommendationService:
             self._stop.wait(self.config.poll_seconds)
 
     def start(self) -> None:
-        """Recover spooled feedback, then refresh in the background every `poll_seconds`."""
+        """Recover spooled feedback and impressions, then refresh in the background every `poll_seconds`."""
         self.feedback.start()
+        self.impressions.start()
         self._stop.clear()
         self._poller = threading.Thread(target=self._poll, name="recloop-serving-refresh", daemon=True)
         self._poller.start()
@@ -339,6 +465,7 @@ class RecommendationService:
             self._poller.join()
             self._poller = None
         self.feedback.stop()
+        self.impressions.stop()
         gc.unfreeze()  # what `_freeze_heap` set aside is collectable again (and finalized at exit)
 
     def close(self) -> None:
@@ -347,6 +474,7 @@ class RecommendationService:
         self._ranking.close()
         if self.online is not None:
             self.online.close()
+        self._drop_challenger()
 
     # --- recommendations --------------------------------------------------------------------------
 
@@ -356,35 +484,134 @@ class RecommendationService:
         k: int | None = None,
         context: Mapping[str, str | None] | None = None,
         exclude: Sequence[str] = (),
+        surface: str | None = None,
     ) -> Recommendation:
         """Top-k videos for `user_id` (see the module docstring). `context` may give the user's
-        `country`, `age_bucket` and `device`; `exclude` adds videos not to show (e.g. on screen now)."""
+        `country`, `age_bucket` and `device`; `exclude` adds videos not to show (e.g. on screen now);
+        `surface` is recorded with the impressions. The answer is in the impressions spool on return."""
         started = time.perf_counter()
-        k = min(int(k or self.config.default_k), self.config.max_k)
+        request_id = new_request_id()
+        cfg = self.config
+        k = min(int(k or cfg.default_k), cfg.max_k)
         context = {key: value for key, value in (context or {}).items() if value}
-        model, popularity = self._model, self._sources.popularity
+        model, challenger, popularity = self._model, self._challenger, self._sources.popularity
         segment = popularity.segment_of(user_id, context) if popularity else dict(context)
         rules = self.safety.rules()
         watched = self.history.watched(user_id).union(exclude)
+        args = (user_id, k, context, segment, watched, rules, started, request_id)
         if model is None:
-            return self._fallback(user_id, k, segment, watched, rules, FALLBACK_NO_MODEL, started)
+            result = self._fallback(user_id, k, segment, watched, rules, FALLBACK_NO_MODEL, started, None,
+                                    request_id)
+        elif challenger is None or challenger.version == model.version:
+            result = self._answer(model, *args)
+        else:
+            experiment = experiment_id(model.version, challenger.version)
+            if cfg.experiment_mode == "interleave":
+                result = self._interleave(model, challenger, experiment, *args)
+            else:
+                arm = ab_arm(experiment, user_id, cfg.experiment_share)
+                result = self._answer(challenger if arm == CHALLENGER_ARM else model, *args)
+                items = result.items if arm == CHAMPION_ARM else [replace(i, arm=arm) for i in result.items]
+                result = replace(result, items=items, experiment=experiment, arm=arm)
+            if result.experiment is not None:
+                self.metrics.experiment_requests.labels(result.arm).inc()
+        if cfg.explore_share > 0 and result.pool:
+            result = self._explore(result)
+        self._log(result, surface)
+        return result
+
+    def _answer(
+        self,
+        model: ServingModel,
+        user_id: str,
+        k: int,
+        context: Mapping[str, str],
+        segment: dict[str, str],
+        watched: set[str],
+        rules: SafetyRules,
+        started: float,
+        request_id: str,
+    ) -> Recommendation:
+        """`model`'s answer, or the popularity fallback when the model path cannot answer."""
         online = self.online
         if online is not None and not online.breaker.allow() and not online.has_user(user_id, model.feature_snapshot):
             # The store is known to be down and this user's rows are not cached: no ranking can happen.
             self.metrics.errors.labels("recommendations").inc()
-            return self._fallback(user_id, k, segment, watched, rules, FALLBACK_FEATURE_STORE, started, model)
+            return self._fallback(user_id, k, segment, watched, rules, FALLBACK_FEATURE_STORE, started, model, request_id)
         try:
-            result = self._recommend(model, popularity, user_id, k, context, segment, watched, rules, started)
+            return self._recommend(model, self._sources.popularity, user_id, k, context, segment, watched, rules,
+                                   started, request_id)
         except FeatureStoreUnavailable as err:
             # Logged once per failed batch (`_rank_batch`), and once when the breaker opens.
             log.debug("online store unavailable, serving popularity: %s", err)
             self.metrics.errors.labels("recommendations").inc()
-            return self._fallback(user_id, k, segment, watched, rules, FALLBACK_FEATURE_STORE, started, model)
+            return self._fallback(user_id, k, segment, watched, rules, FALLBACK_FEATURE_STORE, started, model, request_id)
         except Exception:
             log.exception("model path failed for user %s, serving popularity", user_id)
             self.metrics.errors.labels("recommendations").inc()
-            return self._fallback(user_id, k, segment, watched, rules, FALLBACK_MODEL_ERROR, started, model)
-        return result
+            return self._fallback(user_id, k, segment, watched, rules, FALLBACK_MODEL_ERROR, started, model, request_id)
+
+    def _interleave(
+        self,
+        model: ServingModel,
+        challenger: ServingModel,
+        experiment: str,
+        user_id: str,
+        k: int,
+        context: Mapping[str, str],
+        segment: dict[str, str],
+        watched: set[str],
+        rules: SafetyRules,
+        started: float,
+        request_id: str,
+    ) -> Recommendation:
+        """Both models rank; team-draft interleaving merges their lists (seeded by the request id).
+        When either model path falls back, the champion's answer is returned outside the experiment
+        (`experiment` null): an answer one team could not rank would bias the credit."""
+        args = (user_id, k, context, segment, watched, rules, started, request_id)
+        a = self._answer(model, *args)
+        b = self._answer(challenger, *args)
+        if a.fallback or b.fallback:
+            return a
+        merged = team_draft_interleave(a.items, b.items, k, request_seed(request_id), key=lambda i: i.video_id)
+        items = [replace(item, position=pos, arm=CHAMPION_ARM if team == 0 else CHALLENGER_ARM)
+                 for pos, (item, team) in enumerate(merged)]
+        placed = {i.video_id for i in items}
+        pool = [i for i in a.pool if i.video_id not in placed]
+        timings = {**a.stage_seconds, "total": time.perf_counter() - started}
+        return Recommendation(user_id, items, model.version, False, None, a.cold_start, segment, timings,
+                              request_id, experiment, INTERLEAVED, pool)
+
+    def _explore(self, result: Recommendation) -> Recommendation:
+        """Exploration of the answer's slots from its pool (`recloop.serving.explore`)."""
+        share = self.config.explore_share
+        slots = apply_exploration(result.items, result.pool, share, request_seed(result.request_id))
+        items = []
+        for pos, ((item, explored, propensity), kept) in enumerate(zip(slots, result.items)):
+            if explored:
+                item = replace(item, source="explore", arm=kept.arm)
+            items.append(replace(item, position=pos, propensity=propensity, explored=explored))
+        explored_n = sum(1 for i in items if i.explored)
+        if explored_n:
+            self.metrics.explored_slots.inc(explored_n)
+        return replace(result, items=items, pool=[])
+
+    def _log(self, result: Recommendation, surface: str | None) -> None:
+        """The answer into the impressions spool (before it is returned); a failure is logged and
+        counted, never the request's failure."""
+        if not result.items:
+            return
+        t = time.perf_counter()
+        try:
+            self.impressions.log(result, surface)
+        except Exception:
+            log.exception("could not spool the impressions of request %s", result.request_id)
+            self.metrics.impressions.labels("failed").inc(len(result.items))
+        else:
+            self.metrics.impressions.labels("logged").inc(len(result.items))
+        seconds = time.perf_counter() - t
+        result.stage_seconds["log"] = seconds
+        self.metrics.stage_seconds.labels("log").observe(seconds)
 
     def _recommend(
         self,
@@ -397,6 +624,7 @@ class RecommendationService:
         watched: set[str],
         rules: SafetyRules,
         started: float,
+        request_id: str = "",
     ) -> Recommendation:
         cfg = self.config
         timings: dict[str, float] = {}
@@ -429,12 +657,19 @@ class RecommendationService:
         )
         order = np.argsort(-scores, kind="stable")
         picked = diversify(order, model.creator[rows], model.category[rows], k, cfg.max_per_creator, cfg.max_per_category)
-        items = [Item(model.ids[rows[i]], float(scores[i]), ranked.sources[i]) for i in picked]
+        version = model.version
+        items = [Item(model.ids[rows[i]], float(scores[i]), ranked.sources[i], pos, model_version=version)
+                 for pos, i in enumerate(picked)]
+        pool: list[Item] = []
+        if cfg.explore_share > 0:  # the next-ranked candidates not in the answer (recloop.serving.explore)
+            taken = set(int(i) for i in picked)
+            below = [int(i) for i in order if int(i) not in taken][: cfg.explore_pool]
+            pool = [Item(model.ids[rows[i]], float(scores[i]), ranked.sources[i], model_version=version) for i in below]
         lap("rerank")
         timings["total"] = time.perf_counter() - started
         self._observe(timings)
         self.metrics.batch_size.observe(batch_size)
-        return Recommendation(user_id, items, model.version, False, None, cold, segment, timings)
+        return Recommendation(user_id, items, version, False, None, cold, segment, timings, request_id, pool=pool)
 
     def _rank_batch(self, jobs: Sequence[Job]) -> None:
         """The batcher's work: one pass of the model plane (candidates, one Feast read, one ranker call)
@@ -471,6 +706,7 @@ class RecommendationService:
         reason: str,
         started: float,
         model: ServingModel | None = None,
+        request_id: str = "",
     ) -> Recommendation:
         """Popularity of the user's segment, with the same safety, no-repeat and diversity rules."""
         self.metrics.fallbacks.labels(reason).inc()
@@ -485,12 +721,14 @@ class RecommendationService:
         categories = [meta[v][0] for v, _ in videos]
         cfg = self.config
         picked = diversify(np.arange(len(videos)), creators, categories, k, cfg.max_per_creator, cfg.max_per_category)
-        items = [Item(videos[i][0], float(videos[i][1]), "popular") for i in picked]
+        version = model.version if model else None
+        items = [Item(videos[i][0], float(videos[i][1]), "popular", pos, model_version=version)
+                 for pos, i in enumerate(picked)]
         total = time.perf_counter() - started
         self._observe({"total": total})
         return Recommendation(
-            user_id, items, model.version if model else None, True, reason,
-            model is None or not model.knows(user_id), segment, {"total": total},
+            user_id, items, version, True, reason,
+            model is None or not model.knows(user_id), segment, {"total": total}, request_id,
         )
 
     def _observe(self, timings: Mapping[str, float]) -> None:
@@ -500,8 +738,8 @@ class RecommendationService:
     # --- feedback ---------------------------------------------------------------------------------
 
     def record_feedback(self, events: Sequence[Mapping[str, Any]]) -> list[str]:
-        """Accept impressions and watches (events-table fields; `event_id` and `event_time` are filled
-        in when missing). Durable on return; the history sees them at once. Returns the event ids."""
+        """Accept impressions and watches (events-table fields and an optional `request_id`, the answer
+        reacted to; `event_id` and `event_time` are filled in when missing). Durable on return; the history sees them at once. Returns the event ids."""
         now = datetime.now(timezone.utc)
         model = self._model
         rows = []
@@ -519,6 +757,7 @@ class RecommendationService:
                     "watched_s": float(e.get("watched_s") or 0.0),
                     "completed": bool(e.get("completed") or False),
                     "liked": bool(e.get("liked") or False),
+                    "request_id": e.get("request_id"),
                 }
             )
         self.feedback.submit(rows)

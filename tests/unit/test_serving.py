@@ -160,6 +160,7 @@ def test_response_contract_health_readiness_docs_and_metrics(client, service):
     body = recommend(client, user)
     assert set(body) == {
         "user_id", "items", "model_version", "fallback", "fallback_reason", "cold_start", "segment", "stage_ms",
+        "request_id", "experiment", "arm",
     }
     assert body["user_id"] == user and body["model_version"] == "1"
     assert body["fallback"] is False and body["fallback_reason"] is None and body["cold_start"] is False
