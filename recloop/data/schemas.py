@@ -113,7 +113,7 @@ IMPRESSIONS = TableSchema(
             ("model_version", pa.string()),  # the version that ranked the item (null: no model)
             ("experiment", pa.string()),  # the experiment's id while one runs, else null
             ("arm", pa.string()),  # champion | challenger (the interleaving team that placed the item)
-            ("propensity", pa.float64()),  # P(this item in this slot | logging policy); 1.0 when not explored
+            ("propensity", pa.float64()),  # P(slot filled this way): 1-ε kept, ε/pool explored, 1.0 without exploration
             ("explored", pa.bool_()),
             ("fallback", pa.bool_()),
             ("surface", pa.string()),

@@ -229,9 +229,12 @@ class InterleavingResult:
 
 def interleaving_credit(frame: pd.DataFrame) -> pd.DataFrame:
     """One row per request: `user_id`, watches of the items each team placed, and `credit` = the arm
-    whose items got more watches ("champion" / "challenger"), or "tie" (equal, including none)."""
+    whose items got more watches ("champion" / "challenger"), or "tie" (equal, including none).
+    Explored slots are left out: their video was drawn at random, not placed by either team's ranking."""
     rows = normalise(frame)
     rows = rows[rows["arm"].isin(ARMS)]
+    if "explored" in rows:
+        rows = rows[~rows["explored"].fillna(False).astype(bool)]
     watches = rows.pivot_table(index=["request_id", "user_id"], columns="arm", values="watched", aggfunc="sum",
                                fill_value=0.0)
     for arm in ARMS:

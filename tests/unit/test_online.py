@@ -105,6 +105,12 @@ def test_interleaving_credits_the_right_arm_on_a_hand_made_example():
     # u1: 1 of 2 decided, u3: 1 of 1 -> 2 / 3
     assert result.share.value == pytest.approx(2 / 3)
     assert m.detect_mode(frame) == "interleave"
+    # An explored slot (a random video in the champion's slot) is no team's placement: its watch does not
+    # turn r3 into a champion win.
+    explored = pd.concat([frame.assign(explored=False), pd.DataFrame(
+        [{"request_id": "r3", "user_id": "u2", "arm": "champion", "watched_s": 9.0, "video_id": "x",
+          "completed": False, "liked": False, "explored": True}])], ignore_index=True)
+    assert m.interleaving_credit(explored).set_index("request_id")["credit"]["r3"] == "tie"
 
 
 # --- the decision rule -----------------------------------------------------------------------------
