@@ -67,7 +67,9 @@ __all__ = [
     "evaluate_candidate",
     "gate_config",
     "history_range",
+    "impression_outcomes",
     "ingest",
+    "join_served",
     "ingest_range",
     "jsonable",
     "materialize_online",
@@ -337,6 +339,23 @@ def validate(lake: Lake, table: str, partition: str, *, expectations_dir: Path |
                           "details": {"quarantine_reasons": result.reasons,
                                       "failed_expectations": outcome.failed_expectations}})
     return Validation(table, partition, result, max_quarantine_rate, alert)
+
+
+def join_served(lake: Lake, partition: str) -> dict[str, Any]:
+    """The day's served negatives (accepted impressions without feedback) appended to `silver/events`
+    (`recloop.served.append_served_negatives`); runs right after the events are validated, which rewrites
+    the partition without them. Returns what was joined: impressions, feedback events, served negatives."""
+    from recloop import served
+
+    return served.append_served_negatives(lake, partition).summary()
+
+
+def impression_outcomes(lake: Lake, partition: str) -> dict[str, Any]:
+    """`silver/impression_outcomes` of the day: every accepted impression with the outcome its feedback
+    reported (`recloop.served.write_outcomes`), what online metrics read."""
+    from recloop import served
+
+    return served.write_outcomes(lake, partition).summary()
 
 
 # --------------------------------------------------------------------------------------------------
