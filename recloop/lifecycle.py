@@ -70,6 +70,7 @@ __all__ = [
     "impression_outcomes",
     "ingest",
     "join_served",
+    "join_served_range",
     "ingest_range",
     "jsonable",
     "materialize_online",
@@ -635,6 +636,20 @@ def validate_range(lake: Lake, ingestion: RangeIngestion, *, expectations_dir: P
                                       for k in ("ingested", "accepted", "quarantined")},
                           "details": {t: dict(r.reasons) for t, r in results.items()}})
     return RangeValidation(outcome.first, outcome.last, results, max_quarantine_rate, alert)
+
+
+def join_served_range(lake: Lake, first: str, last: str) -> dict[str, Any]:
+    """The served join again on every day of `[first, last]` that has validated impressions, after a range
+    validation rewrote those days' `silver/events` without their served negatives (the range run does not
+    ingest impressions: serving writes them day by day, and the daily data plane validates them)."""
+    from recloop import served
+
+    days = [d for d in lake.partitions(served.IMPRESSIONS_DATASET) if first <= d <= last]
+    negatives = 0
+    for day in days:
+        negatives += served.append_served_negatives(lake, day).served_negatives
+        served.write_outcomes(lake, day)
+    return {"days": len(days), "served_negatives": negatives}
 
 
 def compute_features_range(lake: Lake, first: str, last: str) -> dict[str, Any]:

@@ -229,3 +229,21 @@ def test_training_set_contains_the_served_negatives(lakes, tmp_path, monkeypatch
     assert negatives <= ids
     assert (window[window["event_id"].isin(negatives)]["watched_s"] == 0).all()
     assert len(ids) == len(window) == 6 + 2 + 1 + 1  # day 0: 6 events + 2 negatives; day 1: 1 event + 1 negative
+
+
+def test_range_validation_keeps_request_id_and_the_range_join_restores_the_negatives(lakes):
+    """A history range run over days with served impressions (`history_job`): the range validation rewrites
+    silver/events without the served negatives, `join_served_range` puts them back, once."""
+    landing, lake = lakes
+    _day0(landing)
+    _run_day(landing, lake, DAY0)
+    joined = lake.read_partition("silver/events", DAY0)
+    ingestion = lifecycle.ingest_range(landing, lake, DAY0, DAY0)
+    outcome = lifecycle.validate_range(lake, ingestion, expectations_dir=EXPECTATIONS, max_quarantine_rate=1.0,
+                                       run_id="t")
+    assert outcome.passed and outcome.results["events"].extra_columns == []
+    events = lake.read_partition("silver/events", DAY0)
+    assert events.schema == EVENTS.silver_schema and events.num_rows == 6
+    assert dict(zip(events["event_id"].to_pylist(), events["request_id"].to_pylist()))["fb-3"] == _rid(1)
+    assert lifecycle.join_served_range(lake, DAY0, DAY0) == {"days": 1, "served_negatives": 2}
+    assert lake.read_partition("silver/events", DAY0).sort_by("event_id").equals(joined.sort_by("event_id"))
