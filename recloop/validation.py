@@ -10,7 +10,13 @@ Two levels, both from one suite file per table:
 
 Before the row-level suite runs, DuckDB types the text columns (`_type_errors` names each value that
 does not convert) and adds the context row rules need: `_occurrence` (duplicates of a key),
-`_user_known`, `_video_known` and `_video_duration_s` (events against the accepted users and videos).
+`_user_known`, `_video_known` and `_video_duration_s` (events against the accepted users and videos),
+`_day_error` (an event's or impression's time off its day), `_duplicate_of` (a key accepted on an earlier
+day: events, impressions).
+
+A table's optional columns (`TableSchema.optional`: the events' `request_id`, which only the serving
+feedback files carry) are neither required nor reported as unknown; absent, they are typed as nulls, and
+silver always stores them (`TableSchema.silver_schema`).
 """
 
 from __future__ import annotations
