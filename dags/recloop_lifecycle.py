@@ -6,9 +6,9 @@ data: the data is in the lake, the candidate model in its working folder, versio
 recloop_data_plane — one logical date = one daily partition (01:15 UTC for the day that ended, off until
     you unpause it, like Dagster's daily_data_plane_schedule):
     feast_apply ─────────────────────────────────────────────────────────┐
-    ingest_<t> → check_schema_<t> → validate_<t>  (t = users, videos;      ├→ materialize_online
-    events after both) ────────────────→ compute_features ─────────────────┤
-                                                                           └→ drift → request_retraining
+    ingest_<t> → check_schema_<t> → validate_<t>  (t = users, videos,      ├→ materialize_online
+    impressions; events after them) → join_served → compute_features ──────┤
+                                      join_served → impression_outcomes    └→ drift → request_retraining
 recloop_training — on the cron of RECLOOP_RETRAIN_CRON (default 03:00 UTC) OR on drift
     (AssetOrTimeSchedule): training_set → two_tower → ann_index, ranker → evaluation → register → gate
     → promote (skipped when the gate refuses: a refusal is not a failure).
@@ -49,7 +49,7 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from recloop import lifecycle, partition_range
 from recloop.config import Settings
-from recloop.data.schemas import TABLE_ORDER
+from recloop.data.schemas import SERVED_TABLES, TABLE_ORDER
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +158,21 @@ def validate(table: str, day: str) -> dict[str, Any]:
 
 
 @task
+def join_served(day: str) -> dict[str, Any]:
+    """The day's served negatives (accepted impressions without feedback) appended to silver/events, after
+    the events are validated (`recloop.served`)."""
+    out = lifecycle.join_served(_lake(Settings.from_env().lake_uri), day)
+    log.info("served join of %s: %s", day, out)
+    return lifecycle.jsonable(out)
+
+
+@task
+def impression_outcomes(day: str) -> dict[str, Any]:
+    """silver/impression_outcomes of the day: every impression with its feedback's outcome."""
+    return lifecycle.jsonable(lifecycle.impression_outcomes(_lake(Settings.from_env().lake_uri), day))
+
+
+@task
 def compute_features(day: str) -> dict[str, Any]:
     """Every feature view's point-in-time snapshot of the day (DuckDB; Feast's offline source)."""
     return lifecycle.jsonable(lifecycle.compute_features(_lake(Settings.from_env().lake_uri), day))
@@ -219,15 +234,19 @@ def recloop_data_plane() -> None:
     day = partition()
     applied = feast_apply()
     validated = {}
-    for table in TABLE_ORDER:
+    for table in (*TABLE_ORDER, *SERVED_TABLES):
         ingested = ingest.override(task_id=f"ingest_{table}")(table, day)
         checked = check_schema.override(task_id=f"check_schema_{table}")(table, day)
         validated[table] = validate.override(task_id=f"validate_{table}")(table, day)
         ingested >> checked >> validated[table]
-    # Events are checked against the users and videos accepted up to their day (as in Dagster's silver/events).
-    [validated["users"], validated["videos"]] >> validated["events"]
+    # Events are checked against the users and videos accepted up to their day, then joined with the
+    # day's accepted impressions (as in Dagster's silver/events).
+    [validated["users"], validated["videos"], validated["impressions"]] >> validated["events"]
+    joined = join_served(day)
+    validated["events"] >> joined
+    joined >> impression_outcomes(day)
     features = compute_features(day)
-    list(validated.values()) >> features
+    [*validated.values(), joined] >> features
     online = materialize_online(day)
     [applied, features] >> online
     report = drift(day)

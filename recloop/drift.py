@@ -406,7 +406,7 @@ def _frame(lake: Lake, partitions: Sequence[str]) -> pd.DataFrame:
     for p in parts:
         t = lake.read_partition("silver/events", p)
         tables.append(t.append_column("partition", pa.array([p] * t.num_rows, pa.string())))
-    events = pa.concat_tables(tables)
+    events = pa.concat_tables(tables, promote_options="default")  # request_id: absent in days validated before it
     users = _latest(lake, "silver/users", parts[-1], "user_id", pc.unique(events["user_id"]),
                     ["user_id", "country", "age_bucket", "signup_time", "device"])
     videos = _latest(lake, "silver/videos", parts[-1], "video_id", pc.unique(events["video_id"]),

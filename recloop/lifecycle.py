@@ -69,7 +69,10 @@ __all__ = [
     "evaluate_candidate",
     "gate_config",
     "history_range",
+    "impression_outcomes",
     "ingest",
+    "join_served",
+    "join_served_range",
     "ingest_range",
     "jsonable",
     "materialize_online",
@@ -349,6 +352,23 @@ def validate(lake: Lake, table: str, partition: str, *, expectations_dir: Path |
     return Validation(table, partition, result, max_quarantine_rate, alert)
 
 
+def join_served(lake: Lake, partition: str) -> dict[str, Any]:
+    """The day's served negatives (accepted impressions without feedback) appended to `silver/events`
+    (`recloop.served.append_served_negatives`); runs right after the events are validated, which rewrites
+    the partition without them. Returns what was joined: impressions, feedback events, served negatives."""
+    from recloop import served
+
+    return served.append_served_negatives(lake, partition).summary()
+
+
+def impression_outcomes(lake: Lake, partition: str) -> dict[str, Any]:
+    """`silver/impression_outcomes` of the day: every accepted impression with the outcome its feedback
+    reported (`recloop.served.write_outcomes`), what online metrics read."""
+    from recloop import served
+
+    return served.write_outcomes(lake, partition).summary()
+
+
 # --------------------------------------------------------------------------------------------------
 # Features
 # --------------------------------------------------------------------------------------------------
@@ -626,6 +646,20 @@ def validate_range(lake: Lake, ingestion: RangeIngestion, *, expectations_dir: P
                                       for k in ("ingested", "accepted", "quarantined")},
                           "details": {t: dict(r.reasons) for t, r in results.items()}})
     return RangeValidation(outcome.first, outcome.last, results, max_quarantine_rate, alert)
+
+
+def join_served_range(lake: Lake, first: str, last: str) -> dict[str, Any]:
+    """The served join again on every day of `[first, last]` that has validated impressions, after a range
+    validation rewrote those days' `silver/events` without their served negatives (the range run does not
+    ingest impressions: serving writes them day by day, and the daily data plane validates them)."""
+    from recloop import served
+
+    days = [d for d in lake.partitions(served.IMPRESSIONS_DATASET) if first <= d <= last]
+    negatives = 0
+    for day in days:
+        negatives += served.append_served_negatives(lake, day).served_negatives
+        served.write_outcomes(lake, day)
+    return {"days": len(days), "served_negatives": negatives}
 
 
 def compute_features_range(lake: Lake, first: str, last: str) -> dict[str, Any]:

@@ -10,7 +10,13 @@ Two levels, both from one suite file per table:
 
 Before the row-level suite runs, DuckDB types the text columns (`_type_errors` names each value that
 does not convert) and adds the context row rules need: `_occurrence` (duplicates of a key),
-`_user_known`, `_video_known` and `_video_duration_s` (events against the accepted users and videos).
+`_user_known`, `_video_known` and `_video_duration_s` (events against the accepted users and videos),
+`_day_error` (an event's or impression's time off its day), `_duplicate_of` (a key accepted on an earlier
+day: events, impressions).
+
+A table's optional columns (`TableSchema.optional`: the events' `request_id`, which only the serving
+feedback files carry) are neither required nor reported as unknown; absent, they are typed as nulls, and
+silver always stores them (`TableSchema.silver_schema`).
 """
 
 from __future__ import annotations
@@ -222,7 +228,7 @@ def check_schema(
 
     for rejected in manifest.rejected_files:
         report.failures.append(f"file {rejected.name} could not be read: {rejected.reason} (kept at {rejected.kept_at})")
-    expected = set(schema.columns) | set(META_COLUMNS)
+    expected = set(schema.silver_columns) | set(META_COLUMNS)
     for f in manifest.files:
         missing = [c for c in schema.columns if c not in f.columns]
         if missing:
@@ -231,15 +237,15 @@ def check_schema(
 
     # Column-set expectations only need the header: validate an empty frame with the bronze columns;
     # row-count expectations a one-byte column with the real row count (2 MB for 2 million rows).
-    import pandas as pd
-
-    header_df = pd.DataFrame({c: pd.Series([], dtype="object") for c in bronze.names})
+    header_df = _header_frame(schema, bronze.names)
     count_exps = [e for e in schema_exps if e["type"].startswith("expect_table_row_count")]
     column_exps = [e for e in schema_exps if e not in count_exps]
     results = []
     if column_exps:
         results += list(_run_suite(f"{table_name}_schema", column_exps, header_df, {}, {"result_format": "SUMMARY"}).results)
     if count_exps:
+        import pandas as pd
+
         count_df = pd.DataFrame({"_rows": np.zeros(rows, dtype=np.int8)})
         results += list(_run_suite(f"{table_name}_rowcount", count_exps, count_df, {}, {"result_format": "SUMMARY"}).results)
     for r in results:
@@ -260,6 +266,16 @@ def check_schema(
         report.failures.append(f"a file lacks column(s) the {table_name} table requires: {', '.join(report.missing_columns)}")
     report.passed = not report.failures
     return report, bronze, manifest
+
+
+def _header_frame(schema: TableSchema, names: list[str]):
+    """An empty frame with the bronze columns `names`, and the table's optional columns a file may leave
+    out (`TableSchema.optional`: null when absent, like validation types them), so the column-set
+    expectations neither require them nor warn about a partition without them."""
+    import pandas as pd
+
+    names = [*names, *(f.name for f in schema.optional if f.name not in names)]
+    return pd.DataFrame({c: pd.Series([], dtype="object") for c in names})
 
 
 # --- row level -------------------------------------------------------------------------------------
@@ -285,7 +301,7 @@ def _typed_sql(target: str, raw: str) -> str:
 def _cast_sql(schema: TableSchema, present: set[str]) -> tuple[str, str]:
     """SELECT expressions that type each column and collect the values that would not convert."""
     selects, errors = [], []
-    for f in schema.schema:
+    for f in schema.silver_schema:
         name = f.name
         if name not in present:
             selects.append(f"NULL AS {name}")
@@ -315,12 +331,14 @@ def _cast_sql(schema: TableSchema, present: set[str]) -> tuple[str, str]:
 _FEEDBACK_LAST = f"regexp_matches(coalesce(b._source_file, ''), '(^|/){FEEDBACK_PREFIX}[^/]*$')"
 
 
-def _day_error_sql(day_expr: str, day_text: str) -> str:
-    """The reason of an event whose `event_time` is not on its partition's (UTC) day."""
-    return (f"CASE WHEN t.event_time IS NOT NULL AND CAST(t.event_time AS DATE) <> {day_expr} "
-            f"THEN 'event_time ' || strftime(t.event_time, '%Y-%m-%dT%H:%M:%S') || "
-            f"CASE WHEN microsecond(t.event_time) % 1000000 <> 0 "
-            f"THEN '.' || lpad(CAST(microsecond(t.event_time) % 1000000 AS VARCHAR), 6, '0') ELSE '' END || "
+def _day_error_sql(day_expr: str, day_text: str, column: str = "event_time") -> str:
+    """The reason of a row whose time `column` (an event's `event_time`, an impression's `served_at`) is
+    not on its partition's (UTC) day."""
+    c = f"t.{column}"
+    return (f"CASE WHEN {c} IS NOT NULL AND CAST({c} AS DATE) <> {day_expr} "
+            f"THEN '{column} ' || strftime({c}, '%Y-%m-%dT%H:%M:%S') || "
+            f"CASE WHEN microsecond({c}) % 1000000 <> 0 "
+            f"THEN '.' || lpad(CAST(microsecond({c}) % 1000000 AS VARCHAR), 6, '0') ELSE '' END || "
             f"'Z is not on the partition''s day ' || {day_text} || ' (UTC)' END")
 
 
@@ -371,7 +389,8 @@ def _typed_query(con: duckdb.DuckDBPyConnection, lake: Lake, schema: TableSchema
         f"{_FEEDBACK_LAST} AS _feedback, b._row AS _row FROM b"
     )
     key = schema.key
-    day_error = ", " + _day_error_sql(f"DATE '{day}'", f"'{day}'") + " AS _day_error" if schema.name == "events" else ""
+    day_error = (", " + _day_error_sql(f"DATE '{day}'", f"'{day}'", schema.time_column) + " AS _day_error"
+                 if schema.name in _ON_THEIR_DAY else "")
     sql = (
         f"WITH t AS ({base}) SELECT t.* EXCLUDE (_feedback), CASE WHEN t.{key} IS NULL THEN NULL ELSE "
         f"row_number() OVER (PARTITION BY t.{key} ORDER BY t._feedback, t._row) END AS _occurrence{day_error} FROM t"
@@ -401,7 +420,32 @@ def _typed_query(con: duckdb.DuckDBPyConnection, lake: Lake, schema: TableSchema
         )
         # An event id accepted on an earlier day (never the partition's own day: re-running it is idempotent).
         _register_accepted_before(con, lake, day)
+    elif schema.name == "impressions":
+        sql = _impressions_before_sql(con, lake, sql, day)
     return f"{sql} ORDER BY _row"
+
+
+# Tables whose rows must be on their partition's (UTC) day (`_day_error`), by their time column.
+_ON_THEIR_DAY = ("events", "impressions")
+_IMPRESSION_ACCEPTED_REASON = "duplicate impression_id: an impression accepted on "
+
+
+def _impressions_before_sql(con: duckdb.DuckDBPyConnection, lake: Lake, sql: str, day: str) -> str:
+    """`sql` (typed impressions) with `_duplicate_of`: the reason of an impression whose id was accepted
+    into `silver/impressions` on an earlier day (a re-sent spool segment, a replayed answer); the earlier
+    day's row is kept. Only the impression_id column of those days is read."""
+    from recloop.data.schemas import IMPRESSIONS
+    from recloop.lake import local_partition_files, register_partitions
+
+    dataset = f"{SILVER}/impressions"
+    parts = [p for p in lake.partitions(dataset) if p < day]
+    register_partitions(con, "accepted_impressions", lake, dataset, parts,
+                        pa.schema([IMPRESSIONS.schema.field("impression_id")]), local_partition_files(lake, dataset))
+    return (f"WITH i AS ({sql}) SELECT i.*, CASE WHEN acc.first_day IS NOT NULL THEN "
+            f"'{_IMPRESSION_ACCEPTED_REASON}' || strftime(acc.first_day, '%Y-%m-%d') || ' has the same impression_id' "
+            f"END AS _duplicate_of FROM i LEFT JOIN (SELECT impression_id, min(_p) AS first_day FROM accepted_impressions "
+            f"WHERE impression_id IN (SELECT impression_id FROM i) GROUP BY impression_id) acc "
+            f"ON i.impression_id = acc.impression_id")
 
 
 # A day is validated this many rows at a time: DuckDB streams its typed rows in record batches of this
@@ -604,7 +648,7 @@ def validate_partition(
         bronze_rows = _RowSlicer(_row_groups(bronze_path), bronze_schema)
         # (entered quarantine first: the block's end commits silver first, then quarantine)
         quarantine = stack.enter_context(lake.partition_writer(f"{QUARANTINE}/{table_name}", partition, q_schema))
-        silver = stack.enter_context(lake.partition_writer(f"{SILVER}/{table_name}", partition, schema.schema))
+        silver = stack.enter_context(lake.partition_writer(f"{SILVER}/{table_name}", partition, schema.silver_schema))
         gx_columns = _gx_columns(row_exps)
         for typed in reader:
             n = typed.num_rows
@@ -629,7 +673,7 @@ def validate_partition(
             bad = np.zeros(n, dtype=bool)
             if reasons_by_row:
                 bad[np.fromiter(reasons_by_row.keys(), dtype=np.int64)] = True
-            accepted = typed.filter(pa.array(~bad)).select(schema.columns).cast(schema.schema)
+            accepted = typed.filter(pa.array(~bad)).select(schema.silver_columns).cast(schema.silver_schema)
             bad_rows = np.nonzero(bad)[0]
             texts = ["; ".join(dict.fromkeys(reasons_by_row[int(i)])) for i in bad_rows]
             quarantined = bronze.filter(pa.array(bad))
@@ -716,8 +760,11 @@ def _reason_kind(text: str) -> str:
         return "duplicate event_id: a row of an earlier day of the range has the same event_id"
     if text.startswith(_ACCEPTED_EARLIER_REASON):
         return "duplicate event_id: an event accepted on an earlier day has the same event_id"
-    if text.startswith("event_time ") and " is not on the partition's day " in text:
-        return "event_time is not on the partition's day"
+    if text.startswith(_IMPRESSION_ACCEPTED_REASON):
+        return "duplicate impression_id: an impression accepted on an earlier day has the same impression_id"
+    for column in ("event_time", "served_at"):
+        if text.startswith(f"{column} ") and " is not on the partition's day " in text:
+            return f"{column} is not on the partition's day"
     if "is not valid UTF-8" in text:
         return "not valid UTF-8"
     if " is not " in text and "=" in text.split(" is not ", 1)[0]:
@@ -814,7 +861,7 @@ def schema_reports_range(
     suite = load_suite_file(expectations_dir, table_name)
     column_exps = [e for e in suite["expectations"] if e.get("meta", {}).get("level") == "schema"
                    and not e["type"].startswith("expect_table_row_count")]
-    expected = set(schema.columns) | set(META_COLUMNS)
+    expected = set(schema.silver_columns) | set(META_COLUMNS)
     by_columns: dict[tuple[str, ...], list] = {}
     reports: dict[str, SchemaReport] = {}
     for day in days:
@@ -835,7 +882,7 @@ def schema_reports_range(
     for columns, group in by_columns.items():
         if not column_exps:
             break
-        header_df = pd.DataFrame({c: pd.Series([], dtype="object") for c in columns})
+        header_df = _header_frame(schema, list(columns))
         results = list(_run_suite(f"{table_name}_schema", column_exps, header_df, {}, {"result_format": "SUMMARY"}).results)
         for report in group:
             for r in results:
@@ -1013,7 +1060,7 @@ def validate_range(
                 bad = np.zeros(bronze.num_rows, dtype=bool)
                 if reasons_by_row:
                     bad[np.fromiter(reasons_by_row.keys(), dtype=np.int64)] = True
-                accepted_all = typed.select(schema.columns).cast(schema.schema)
+                accepted_all = typed.select(schema.silver_columns).cast(schema.silver_schema)
                 for i, (d, (b, manifest)) in enumerate(zip(chunk, bronzes)):
                     lo, hi = int(offsets[i]), int(offsets[i + 1])
                     day_bad = bad[lo:hi]

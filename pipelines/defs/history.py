@@ -99,6 +99,10 @@ def history_bronze_silver(context: dg.AssetExecutionContext, history_range: Hist
             return
         outcome = lifecycle.validate_range(the_lake, ingestion, expectations_dir=Path(gx.expectations_dir),
                                            max_quarantine_rate=gx.max_quarantine_rate, run_id=context.run.run_id)
+        if outcome.passed:  # days with served impressions get their served negatives back (recloop.served)
+            joined = lifecycle.join_served_range(the_lake, first, last)
+            if joined["days"]:
+                context.log.info(f"served join on {joined['days']} day(s): {joined['served_negatives']} served negatives")
     alerts.send(context.log, outcome.alert)
     out = outcome.summary()
     yield dg.MaterializeResult(asset_key=HISTORY_SILVER, metadata={

@@ -1,6 +1,8 @@
 """Ingestion: one daily-partitioned asset per table landing raw files into the lake's bronze layer, and
 the blocking schema check (Great Expectations, schema-level expectations) that guards everything after.
-Thin adapters over `recloop.lifecycle` (shared with the Airflow DAGs in dags/).
+The delivered tables (users, videos, events) and the impressions the serving API logs (bronze/impressions:
+a day without serving traffic is an empty partition, not a failure). Thin adapters over
+`recloop.lifecycle` (shared with the Airflow DAGs in dags/).
 """
 
 from pathlib import Path
@@ -10,7 +12,10 @@ import dagster as dg
 from pipelines.defs.partitions import daily_partitions
 from pipelines.defs.resources import AlertsResource, GreatExpectationsResource, LakeResource
 from recloop import lifecycle
-from recloop.data.schemas import TABLE_ORDER
+from recloop.data.schemas import SERVED_TABLES, TABLE_ORDER
+
+# Every table landed into bronze: the delivered ones, then those the serving API writes.
+INGESTED_TABLES = (*TABLE_ORDER, *SERVED_TABLES)
 
 
 def bronze_key(table: str) -> dg.AssetKey:
@@ -84,6 +89,6 @@ def _schema_check(table: str, daily: dg.PartitionsDefinition) -> dg.AssetChecksD
 def defs() -> dg.Definitions:
     daily = daily_partitions()
     return dg.Definitions(
-        assets=[_bronze_asset(t, daily) for t in TABLE_ORDER],
-        asset_checks=[_schema_check(t, daily) for t in TABLE_ORDER],
+        assets=[_bronze_asset(t, daily) for t in INGESTED_TABLES],
+        asset_checks=[_schema_check(t, daily) for t in INGESTED_TABLES],
     )

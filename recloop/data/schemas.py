@@ -27,10 +27,22 @@ class TableSchema:
     # Whether a partition with zero rows is legitimate (a day with no sign-ups is; a day with no
     # events is a delivery problem).
     allow_empty: bool
+    # Columns a file may leave out (null when absent): never required by the schema check, not part of
+    # `schema` (what batch files and the simulator produce), stored after its columns in silver.
+    optional: tuple[pa.Field, ...] = ()
 
     @property
     def columns(self) -> list[str]:
         return list(self.schema.names)
+
+    @property
+    def silver_schema(self) -> pa.Schema:
+        """The validated table's schema: `schema`, then the optional columns."""
+        return pa.schema([*self.schema, *self.optional])
+
+    @property
+    def silver_columns(self) -> list[str]:
+        return list(self.silver_schema.names)
 
 
 USERS = TableSchema(
@@ -91,6 +103,11 @@ EVENTS = TableSchema(
     ),
     required=("event_id", "user_id", "video_id", "event_time", "watched_s"),
     allow_empty=False,
+    # The answer of /v1/recommendations the event is feedback on: written by the serving feedback endpoint
+    # (after the EVENTS columns of its landing files), absent from batch files. Kept out of `schema` so
+    # batch deliveries, the simulator and the feedback writer keep the nine columns they have; silver/events
+    # stores it (null for batch events) and served negatives carry it.
+    optional=(pa.field("request_id", pa.string()),),
 )
 
 # What the serving API showed: one row per recommended item of one answer of /v1/recommendations, logged
@@ -123,9 +140,17 @@ IMPRESSIONS = TableSchema(
     allow_empty=True,
 )
 
+# The delivered tables (batch files, the simulator, imported histories).
 TABLES: dict[str, TableSchema] = {t.name: t for t in (USERS, VIDEOS, EVENTS)}
-# Order in which a day's tables must be processed: events refer to users and videos.
+# Order in which a day's delivered tables must be processed: events refer to users and videos.
 TABLE_ORDER: tuple[str, ...] = ("users", "videos", "events")
+# Tables the serving API writes into the landing zone (never delivered in batch files): processed beside
+# the delivered ones, before the events they are joined with (recloop.served).
+SERVED_TABLES: dict[str, TableSchema] = {IMPRESSIONS.name: IMPRESSIONS}
+
+# The values of IMPRESSIONS.source and IMPRESSIONS.arm the data plane accepts.
+IMPRESSION_SOURCES = ("item_to_item", "two_tower", "popular", "fresh", "explore")
+ARMS = ("champion", "challenger")
 
 SURFACES = ("home", "up_next", "search", "shorts")
 DEVICES = ("android", "ios", "web", "tv")
@@ -134,7 +159,8 @@ AGE_BUCKETS = ("13-17", "18-24", "25-34", "35-44", "45-54", "55+")
 
 def table(name: str) -> TableSchema:
     """The schema of table `name`; a clear error for an unknown name."""
+    known = {**TABLES, **SERVED_TABLES}
     try:
-        return TABLES[name]
+        return known[name]
     except KeyError:
-        raise ValueError(f"unknown table {name!r}; expected one of {sorted(TABLES)}") from None
+        raise ValueError(f"unknown table {name!r}; expected one of {sorted(known)}") from None

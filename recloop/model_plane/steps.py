@@ -286,7 +286,7 @@ def gate_metrics(flat: dict[str, float], k: int = 10) -> dict[str, float]:
 def _events(lake: Lake, partitions: list[str]) -> pd.DataFrame:
     import pyarrow as pa
 
-    return pa.concat_tables([lake.read_partition("silver/events", p) for p in partitions]).to_pandas()
+    return pa.concat_tables([lake.read_partition("silver/events", p) for p in partitions], promote_options="default").to_pandas()
 
 
 def evaluate_candidate(
