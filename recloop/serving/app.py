@@ -248,7 +248,7 @@ def create_app(
     def feedback(body: FeedbackRequest) -> FeedbackResponse:
         """Impressions and watches; stored durably, written to the landing zone for the next ingestion.
         Needs an API key (when the server has keys); limits: see docs/serving.md."""
-        now = datetime.now(timezone.utc)
+        now = datetime.fromtimestamp(service.clock(), timezone.utc)  # the wall clock, unless simulated
         check_feedback(body.events, cfg, now)
         events = [{**e.model_dump(), "event_time": e.event_time or now} for e in body.events]
         ids = service.record_feedback(events)

@@ -43,7 +43,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -163,6 +163,9 @@ class RecommendationService:
         registry: where the `champion` alias is read (default `recloop.registry.open_registry`).
         metrics: the Prometheus instruments (a fresh registry by default).
         online: the Feast reader (default: built on first refresh, SQLite or Redis per `config`).
+        clock: seconds since the epoch (default `time.time`): when an answer was served (its impressions'
+            `served_at`) and the default `event_time` of feedback. A closed-loop simulation
+            (`recloop.data.closed_loop`) sets it to the simulated session's time.
     """
 
     def __init__(
@@ -173,8 +176,10 @@ class RecommendationService:
         registry: Any = None,
         metrics: ServingMetrics | None = None,
         online: OnlineFeatures | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.settings = settings
+        self.clock: Callable[[], float] = clock or time.time
         self.config = config or ServingConfig.from_env()
         self.metrics = metrics or ServingMetrics()
         if registry is None:
@@ -603,7 +608,7 @@ class RecommendationService:
             return
         t = time.perf_counter()
         try:
-            self.impressions.log(result, surface)
+            self.impressions.log(result, surface, int(self.clock() * 1_000_000))
         except Exception:
             log.exception("could not spool the impressions of request %s", result.request_id)
             self.metrics.impressions.labels("failed").inc(len(result.items))
@@ -740,7 +745,7 @@ class RecommendationService:
     def record_feedback(self, events: Sequence[Mapping[str, Any]]) -> list[str]:
         """Accept impressions and watches (events-table fields and an optional `request_id`, the answer
         reacted to; `event_id` and `event_time` are filled in when missing). Durable on return; the history sees them at once. Returns the event ids."""
-        now = datetime.now(timezone.utc)
+        now = datetime.fromtimestamp(self.clock(), timezone.utc)
         model = self._model
         rows = []
         for e in events:
