@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
 import sys
 import tempfile
@@ -217,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--k", type=int, default=None, help="items per answer (default: serving's default_k)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("RECLOOP_LOG_LEVEL", "WARNING"), stream=sys.stderr)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     try:
         config = LatencyConfig.from_env()
         result = run(Settings.from_env(), args.challenger, args.champion,
