@@ -125,6 +125,7 @@ def ranker(workspace: ModelWorkspaceResource, feast: FeastResource) -> dg.Materi
         "folds": dg.MetadataValue.json(out["folds"]),
         "importance": dg.MetadataValue.json(out["importance"]),
         "features": dg.MetadataValue.json(out["features"]),
+        "quantization": dg.MetadataValue.json(out["quantization"]),
     })
 
 
