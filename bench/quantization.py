@@ -30,7 +30,8 @@ import time
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--days", type=int, default=7)
     parser.add_argument("--events-per-day", type=int, default=50_000)
     parser.add_argument("--initial-users", type=int, default=10_000)
@@ -97,7 +98,8 @@ def main() -> int:
         ms = lambda xs, q: round(float(np.percentile(np.asarray(xs) * 1000, q)), 4)  # noqa: E731
         out[name] = {
             "user_tower_1_user_p50_ms": ms(one, 50), "user_tower_1_user_p99_ms": ms(one, 99),
-            "tower_plus_ann_top100_p50_ms": ms(retrieval, 50), "tower_plus_ann_top100_p99_ms": ms(retrieval, 99),
+            "tower_plus_ann_top100_p50_ms": ms(retrieval, 50),
+            "tower_plus_ann_top100_p99_ms": ms(retrieval, 99),
             "user_tower_batch_1000_us_per_user": round(batch_s / len(batch_ids) * 1e6, 2),
             "recall_at_100": round(quality["recall"], 4), "recall_users": quality["users"],
             "state_dict_bytes": buf.getbuffer().nbytes,

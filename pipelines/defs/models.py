@@ -205,11 +205,11 @@ def promotion_gate(context: dg.AssetCheckExecutionContext, config: GateRunConfig
     asset=REGISTERED,
     name=LATENCY_CHECK,
     blocking=True,
-    description=("A sample of real requests (silver/impressions, else the users of the newest silver/events days) "
-                 "replayed against the candidate's bundle and the champion's, interleaved in one separate process "
-                 "through the serving code path: p99 within RECLOOP_LATENCY_BUDGET_MS and at most "
-                 "RECLOOP_LATENCY_MAX_RATIO times the champion's. A refusal is recorded in the registry with the "
-                 "figures and fails this check with WARN severity; the champion asset then promotes nothing."),
+    description=("A sample of real requests (silver/impressions, else the users of the newest silver/events "
+                 "days) replayed against the candidate's bundle and the champion's, interleaved in one separate "
+                 "process through the serving code path: p99 within RECLOOP_LATENCY_BUDGET_MS and at most "
+                 "RECLOOP_LATENCY_MAX_RATIO times the champion's. A refusal is recorded in the registry with "
+                 "the figures and fails this check with WARN severity; the champion asset then promotes nothing."),
 )
 def latency_gate(context: dg.AssetCheckExecutionContext, config: GateRunConfig, workspace: ModelWorkspaceResource,
                  registry: MlflowRegistryResource, feast: FeastResource, alerts: AlertsResource) -> dg.AssetCheckResult:

@@ -18,7 +18,6 @@ import re
 import uuid
 
 import numpy as np
-import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
 
