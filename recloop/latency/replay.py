@@ -5,8 +5,9 @@ SRC is a registry version (`7`: downloaded from the registry of this environment
 folder. Each bundle is served by its own `RecommendationService` (the class behind the HTTP API) whose
 registry is pinned to that bundle: the same model load (`ServingModel.load`: new uploads added, Feast
 video features, user vectors), the same user history and popularity from the lake, the same Feast online
-reads, ranking worker, re-ranking and business rules as production. HTTP is left out on purpose: its cost
-(routing, JSON) does not depend on the model, and the gate compares models.
+reads, ranking worker, re-ranking, business rules and impression logging (into a landing zone of its own,
+thrown away) as production. HTTP is left out on purpose: its cost (routing, JSON) does not depend on the
+model, and the gate compares models.
 
 The requests (documented in docs/latency.md):
 
@@ -103,6 +104,9 @@ class PinnedRegistry:
     def champion(self) -> Any:
         return self
 
+    def experiment(self) -> None:
+        return None  # no online experiment: one model per service
+
     def bundle_path(self, version: Any = None, *, dst_dir: Path | None = None) -> Path:
         return self.bundle
 
@@ -122,11 +126,16 @@ def resolve_bundle(source: str, settings: Settings, work: Path) -> tuple[str, Pa
 
 def pinned_service(settings: Settings, version: str, bundle: Path, work: Path) -> Any:
     """A `RecommendationService` serving `bundle` only (nothing started in the background: no polling, no
-    feedback flushing); raises when the model cannot be loaded."""
+    flushing); raises when the model cannot be loaded. Its answers are logged as impressions like
+    production's (the cost is part of a request), but into a spool and a landing zone of its own under
+    `work`, removed afterwards: replayed requests never reach the real landing zone."""
     from recloop.serving.config import ServingConfig
     from recloop.serving.service import RecommendationService
 
-    config = replace(ServingConfig.from_env(), feedback_spool_dir=work / f"spool-{uuid.uuid4().hex[:8]}")
+    own = work / f"service-{uuid.uuid4().hex[:8]}"
+    config = replace(ServingConfig.from_env(), feedback_spool_dir=own / "feedback-spool",
+                     impressions_spool_dir=own / "impressions-spool")
+    settings = replace(settings, landing_uri=str(own / "landing"))
     service = RecommendationService(settings, config, registry=PinnedRegistry(version, bundle))
     service.refresh()
     if service.model is None:
@@ -158,7 +167,7 @@ def replay(services: Mapping[str, Any], requests: Sequence[Request], *, warmup: 
         order = names if i % 2 == 0 else names[::-1]
         for name in order:
             t0 = time.perf_counter()
-            answer = services[name].recommend(request.user_id, k)
+            answer = services[name].recommend(request.user_id, k, surface=request.surface)
             elapsed = time.perf_counter() - t0
             if i < len(warm):
                 continue

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -132,6 +133,8 @@ def test_latency_gate_refuses_a_slowed_bundle_and_records_why(world):
     assert chal["version"] == "2" and champ["version"] == "1"
     assert chal["requests"] == champ["requests"] == GATE.sample and chal["fallbacks"] == champ["fallbacks"] == 0
     assert chal["p50_ms"] <= chal["p95_ms"] <= chal["p99_ms"] <= chal["max_ms"]
+    # the replayed answers were logged as impressions, but never into the deployment's landing zone
+    assert not list(Path(world["settings"].landing_uri).rglob("impressions*"))
     assert chal["p99_ms"] > GATE.max_ratio * champ["p99_ms"]
     assert outcome.decision.checks == {"served_by_model": True, "budget": True, "ratio": False}
     assert outcome.decision.compared_to == "champion:1"
