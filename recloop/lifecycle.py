@@ -56,6 +56,9 @@ __all__ = [
     "build_training_set",
     "candidate_version",
     "check_gate",
+    "check_latency",
+    "LatencyOutcome",
+    "latency_refusal",
     "check_schema",
     "check_schema_range",
     "champion_candidates",
@@ -864,6 +867,136 @@ class GateRefused(RuntimeError):
     """Promotion was asked for a version the gate refuses."""
 
 
+# --------------------------------------------------------------------------------------------------
+# The latency gate (recloop.latency): replayed in a separate process, recorded beside the candidate
+# --------------------------------------------------------------------------------------------------
+
+LATENCY_FILE = "latency_gate.json"
+LATENCY_TIMEOUT_S = 1800.0
+
+
+@dataclass(frozen=True)
+class LatencyOutcome:
+    """The latency gate's result for the registered candidate: `status` is `passed`, `refused` or
+    `skipped` (the offline gate refused it already: nothing to measure). A refusal is already recorded in
+    the registry and comes with its `model.refused` alert."""
+
+    version: str
+    status: str
+    reasons: list[str]
+    figures: dict[str, Any]
+    decision: Any = None  # recloop.latency.LatencyDecision (None when skipped)
+    alert: Alert | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.status != "refused"
+
+    def summary(self) -> dict[str, Any]:
+        d = self.decision
+        return {"version": self.version, "status": self.status, "reasons": list(self.reasons),
+                "compared_to": d.compared_to if d is not None else None,
+                "checks": dict(d.checks) if d is not None else {},
+                "metrics": dict(d.metrics) if d is not None else {}, "figures": dict(self.figures)}
+
+
+def _replay_env(settings: Settings) -> dict[str, str]:
+    """This process's environment with `settings` spelled out: the replay reads the same stores."""
+    from recloop.config import ENV_VARS
+
+    env = dict(os.environ)
+    for name, var in ENV_VARS.items():
+        value = getattr(settings, name, None)
+        if value is not None and value != "":
+            env[var] = str(value)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).resolve().parent.parent),
+                                                    env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def replay_latency(settings: Settings, challenger: str, champion: str | None, *, sample: int, warmup: int,
+                   registry: Registry | None = None, timeout: float = LATENCY_TIMEOUT_S) -> dict[str, Any]:
+    """Runs `python -m recloop.latency.replay` in a separate process (a fresh heap, no training state
+    around, as a serving process) and returns what it printed; versions are downloaded from `registry`
+    (default: the settings' registry). Raises RuntimeError with the replay's error line."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "recloop.latency.replay", "--challenger", str(challenger),
+           "--sample", str(int(sample)), "--warmup", str(int(warmup))]
+    if champion:
+        cmd += ["--champion", str(champion)]
+    env = _replay_env(settings)
+    if registry is not None:
+        env.update(RECLOOP_MLFLOW_TRACKING_URI=registry.tracking_uri, RECLOOP_MODEL_NAME=registry.model_name)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        error = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+        raise RuntimeError(f"the latency replay of version {challenger} failed: {error}")
+    return json.loads(lines[-1])
+
+
+def _latency_gate_decision(version: str, decision: Any) -> GateDecision:
+    """The latency refusal as the registry records decisions (tags on the version, a run in the log)."""
+    from recloop.registry import GateDecision
+
+    return GateDecision(promote=False, reasons=["latency gate: " + r for r in decision.reasons],
+                        checks={f"latency.{k}": v for k, v in decision.checks.items()},
+                        compared_to=decision.compared_to, primary_metric="p99_ms",
+                        metrics={f"latency.{k}" if "." not in k else k: v for k, v in decision.metrics.items()})
+
+
+def check_latency(registry: Registry, workdir: Path, *, settings: Settings | None = None, config: Any = None,
+                  gate: GateConfig | None = None, run_id: str) -> LatencyOutcome:
+    """The latency gate of the registered candidate (`recloop.latency`): a sample of real requests
+    replayed against its bundle and the champion's in a separate process, then the rule of
+    `recloop.latency.gate.decide_latency`. The outcome is written beside the candidate (`latency_refusal`
+    reads it: `promote_candidate` refuses what this refused); a refusal is recorded in the registry with
+    the figures (`Registry.refuse`) and alerted. A candidate the offline gate refuses (its evaluation in
+    `workdir` says so) is not measured."""
+    from recloop import model_plane
+    from recloop.latency.gate import LatencyConfig, decide_latency
+
+    version = candidate_version(workdir)
+    config = config or LatencyConfig.from_env()
+    path = Path(workdir) / LATENCY_FILE
+    path.unlink(missing_ok=True)
+    evaluated = (Path(workdir) / model_plane.steps.EVALUATION).is_file()
+    offline = model_plane.gate_decision(Path(workdir), config=gate or gate_config()) if evaluated else None
+    if offline is not None and not offline.promote:
+        return LatencyOutcome(version, "skipped", [f"not measured: the promotion gate refused version {version}"], {})
+    current = registry.champion()
+    champion = str(current.version) if current is not None and str(current.version) != version else None
+    figures = replay_latency(settings or Settings.from_env(), version, champion, sample=config.sample,
+                             warmup=config.warmup, registry=registry)
+    decision = decide_latency(figures["challenger"], figures.get("champion"), config,
+                              champion_version=(figures.get("champion") or {}).get("version"))
+    status = "passed" if decision.passed else "refused"
+    reasons = list(decision.reasons) + ([f"champion not replayed: {figures['champion_error']}"]
+                                        if figures.get("champion_error") else [])
+    path.write_text(json.dumps(jsonable({"version": version, "status": status, "reasons": reasons,
+                                         "decision": decision.to_dict(), "figures": figures}), indent=1))
+    if decision.passed:
+        return LatencyOutcome(version, status, reasons, figures, decision)
+    recorded = _latency_gate_decision(version, decision)
+    registry.refuse(version, recorded)
+    return LatencyOutcome(version, status, reasons, figures, decision, _decision_alert(
+        "model.refused", version, recorded,
+        f":no_entry: recloop: version {version} refused by the latency gate: {decision.reasons[0]}", run_id))
+
+
+def latency_refusal(workdir: Path) -> str | None:
+    """Why the latency gate refused the candidate in `workdir`, or None (passed, skipped or not run)."""
+    path = Path(workdir) / LATENCY_FILE
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    if record.get("status") != "refused" or str(record.get("version")) != candidate_version(workdir):
+        return None
+    return f"version {record['version']} did not pass the latency gate: {record['reasons'][0]}"
+
+
 @dataclass(frozen=True)
 class Promotion:
     """The candidate is champion; the decision recorded, the `model.promoted` alert to send. With online
@@ -891,6 +1024,8 @@ def promote_candidate(registry: Registry, workdir: Path, *, config: GateConfig |
     """Moves `champion` to the registered candidate after the gate passed it, records the decision (when,
     why, the metrics). Raises `GateRefused` when the gate does not pass it. A retried promotion that
     finds the candidate champion already does not promote it twice."""
+    if (latency := latency_refusal(workdir)) is not None:  # the latency gate refused it (check_latency)
+        raise GateRefused(latency)
     from recloop import model_plane
 
     version = candidate_version(workdir)

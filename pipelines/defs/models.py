@@ -3,8 +3,10 @@ champion, with the promotion gate as a check in front of promotion. A refusal is
 failed run: the gate check fails with WARN severity (its description and metadata say why) and the champion
 asset materializes nothing, so the run succeeds and the alias stays where it was. Thin adapters over
 `recloop.model_plane` and `recloop.lifecycle` (shared with the Airflow DAGs in dags/); every number worth
-plotting is asset metadata."""
+plotting is asset metadata. The latency gate (`recloop.latency`) is a second blocking check beside the
+promotion gate, with the same WARN discipline: a version it refuses is not promoted either."""
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ EVALUATION = dg.AssetKey(["model", "evaluation"])
 REGISTERED = dg.AssetKey(["model", "registered_version"])
 CHAMPION = dg.AssetKey(["model", "champion"])
 GATE_CHECK = "promotion_gate"
+LATENCY_CHECK = "latency_gate"
 
 
 class MlflowRegistryResource(dg.ConfigurableResource):
@@ -122,6 +125,7 @@ def ranker(workspace: ModelWorkspaceResource, feast: FeastResource) -> dg.Materi
         "folds": dg.MetadataValue.json(out["folds"]),
         "importance": dg.MetadataValue.json(out["importance"]),
         "features": dg.MetadataValue.json(out["features"]),
+        "quantization": dg.MetadataValue.json(out["quantization"]),
     })
 
 
@@ -197,6 +201,39 @@ def promotion_gate(context: dg.AssetCheckExecutionContext, config: GateRunConfig
     )
 
 
+@dg.asset_check(
+    asset=REGISTERED,
+    name=LATENCY_CHECK,
+    blocking=True,
+    description=("A sample of real requests (silver/impressions, else the users of the newest silver/events "
+                 "days) replayed against the candidate's bundle and the champion's, interleaved in one separate "
+                 "process through the serving code path: p99 within RECLOOP_LATENCY_BUDGET_MS and at most "
+                 "RECLOOP_LATENCY_MAX_RATIO times the champion's. A refusal is recorded in the registry with "
+                 "the figures and fails this check with WARN severity; the champion asset then promotes nothing."),
+)
+def latency_gate(context: dg.AssetCheckExecutionContext, config: GateRunConfig, workspace: ModelWorkspaceResource,
+                 registry: MlflowRegistryResource, feast: FeastResource, alerts: AlertsResource) -> dg.AssetCheckResult:
+    settings = replace(feast.settings(), feast_project=feast.project)
+    gate = lifecycle.check_latency(registry.open(), workspace.dir(), settings=settings,
+                                   gate=_gate_config(config), run_id=context.run.run_id)
+    alerts.send(context.log, gate.alert)
+    out = gate.summary()
+    figures = out["figures"]
+    # WARN like the promotion gate: a refusal is a normal outcome; `champion` reads it and promotes nothing.
+    return dg.AssetCheckResult(
+        passed=gate.passed,
+        severity=dg.AssetCheckSeverity.WARN,
+        description=out["reasons"][0],
+        metadata={"version": out["version"], "decision": out["status"], "compared_to": out["compared_to"] or "",
+                  "requests_from": figures.get("source", ""),
+                  **{f"{role}_{k}": figures[role][k] for role in ("challenger", "champion") if figures.get(role)
+                     for k in ("p50_ms", "p95_ms", "p99_ms", "max_ms")},
+                  "reasons": dg.MetadataValue.json(out["reasons"]),
+                  "checks": dg.MetadataValue.json(out["checks"]),
+                  "figures": dg.MetadataValue.json(figures)},
+    )
+
+
 @dg.asset(key=CHAMPION, group_name="models", deps=[REGISTERED], kinds={"mlflow"}, output_required=False,
           description=("Alias `champion` moved to the version that passed the gate; the decision recorded with when, "
                        "why and the metrics. Not materialized when the gate refused the version (the champion "
@@ -239,7 +276,7 @@ def defs() -> dg.Definitions:
     rs = registry_settings(settings)
     return dg.Definitions(
         assets=[training_set, two_tower, ann_index, ranker, evaluation, registered_version, champion],
-        asset_checks=[promotion_gate],
+        asset_checks=[promotion_gate, latency_gate],
         jobs=[training_job],
         resources={
             # A postgresql:// tracking URI carries a password: Dagster then shows the variable's name.

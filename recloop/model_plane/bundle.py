@@ -11,6 +11,9 @@ registered version (one MLflow artifact) is always a consistent whole. Nothing i
     ranker/                     LightGBM model (text) + features, curves and settings
     checksums.sha256            the sha256 of every other file, written last (`sha256sum -c` reads it)
 
+A bundle whose manifest says `metadata.quantization.user_tower: int8` (`RECLOOP_QUANTIZE`, see
+`recloop.model_plane.quantization`) is loaded with its user tower quantized to int8.
+
 `load_bundle` verifies every checksum before it reads anything (`verify_bundle`): a damaged file (a
 FAISS index overwritten, a model cut short by a full disk) is a `CorruptModelError` naming the file,
 never a library's error from deep inside FAISS, LightGBM or torch.
@@ -200,6 +203,10 @@ def load_bundle(directory: str | Path, *, store: Any = None, mode: str | None = 
     i2i = ItemToItem.load(d / "sources" / "item_to_item") if holds["item_to_item"] else None
     config = CandidateConfig(**manifest["candidates"])
     tt = TwoTowerSource.load(d / "sources" / "two_tower", history, config.n_two_tower) if holds["two_tower"] else None
+    if tt is not None and (manifest.get("metadata") or {}).get("quantization", {}).get("user_tower") == "int8":
+        from recloop.model_plane import quantization
+
+        quantization.apply(tt)  # the int8 user tower the bundle was saved with (a function of its weights)
     lists = json.loads((d / "sources" / "popular.json").read_text())
     popular = Popular(history.items.get_indexer(pd.Index(lists["popular"], dtype=object)).astype(np.int64),
                       lists.get("popular_days"))

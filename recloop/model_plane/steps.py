@@ -223,6 +223,7 @@ def train_ranking(workdir: Path, *, store: Any = None, config: Any = None) -> di
     feature store's columns from `store`), the sources on the whole window (reusing `retrieval/` and
     `index/`); writes `bundle/` and `fit_report.json`."""
     from recloop.index import AnnIndex
+    from recloop.model_plane import quantization
     from recloop.model_plane.bundle import save_bundle
     from recloop.model_plane.fit import fit_recommender
     from recloop.model_plane.history import History
@@ -241,8 +242,11 @@ def train_ranking(workdir: Path, *, store: Any = None, config: Any = None) -> di
     if bundle.exists():
         shutil.rmtree(bundle)
     plan = TrainingPlan.read(wd)
+    # RECLOOP_QUANTIZE=int8: the online user tower in int8 if retrieval keeps its recall (model_plane.quantization).
+    quantized = quantization.decide(result.recommender.two_tower, history)
     save_bundle(bundle, result.recommender, metadata={"plan": asdict(plan), "fit": {"split": cfg.split,
-                                                                                      "folds": cfg.folds}})
+                                                                                      "folds": cfg.folds},
+                                                      "quantization": quantized})
     report = result.report.to_dict()
     (wd / FIT_REPORT).write_text(json.dumps(report, indent=2, default=str))
     ranker = report["ranker"]
@@ -257,6 +261,8 @@ def train_ranking(workdir: Path, *, store: Any = None, config: Any = None) -> di
         "importance": dict(list(ranker["importance"].items())[:15]),
         "features": ranker["features"],
         "seconds": report["seconds"].get("total"),
+        "quantized_user_tower": quantized["user_tower"],
+        "quantization": quantized,
     }
 
 

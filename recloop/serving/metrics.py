@@ -25,11 +25,13 @@ one process, as in tests, do not collide on prometheus_client's global registry)
     recloop_serving_experiment_requests_total{arm}  answers under an online experiment: champion,
                                                 challenger (A/B), interleaved
     recloop_serving_explored_slots_total        slots given to the exploration pool
+    process_cpu_seconds_total, process_resident_memory_bytes, ... (prometheus_client's ProcessCollector),
+    python_info (PlatformCollector), recloop_serving_gpu_memory_bytes{device} (with a GPU only)
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector
 
 # batch_wait: time a request waits for the ranking worker (see recloop.serving.batching); features and
 # ranking are the times of the batch the request was part of.
@@ -115,8 +117,25 @@ class ServingMetrics:
         )
         for outcome in ("logged", "flushed", "failed"):
             self.impressions.labels(outcome)
+        # The process itself (process_cpu_seconds_total, process_resident_memory_bytes, ...; python_info)
+        # and, with a GPU, the memory torch holds on it: what a slower or bigger model costs the machine.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        _gpu_memory_gauge(r)
         for reason in ("queue_full", "queue_timeout"):
             self.shed.labels(reason)
         for stage in STAGES:  # expose every series from the start, at zero
             self.stage_seconds.labels(stage)
 
+
+def _gpu_memory_gauge(registry: CollectorRegistry) -> None:
+    """`recloop_serving_gpu_memory_bytes{device}`: memory allocated by torch per CUDA device (only when
+    torch sees a GPU; read at scrape time)."""
+    import sys
+
+    torch = sys.modules.get("torch")  # serving imports torch anyway; never imported here for a CPU-only app
+    if torch is None or not torch.cuda.is_available():
+        return
+    gauge = Gauge("recloop_serving_gpu_memory_bytes", "GPU memory allocated by torch", ["device"], registry=registry)
+    for device in range(torch.cuda.device_count()):
+        gauge.labels(str(device)).set_function(lambda d=device: torch.cuda.memory_allocated(d))
