@@ -81,7 +81,7 @@ def _served_traffic(daily: dg.PartitionsDefinition) -> dg.AssetsDefinition:
         kinds={"python"},
         check_specs=[dg.AssetCheckSpec(TRAFFIC_CHECK, asset=SERVED_TRAFFIC, description=(
             "Warns when the day's served traffic concentrated (Gini, top-1% share), lost coverage or moved between "
-            "categories beyond the RECLOOP_TRAFFIC_* thresholds against the reference window."))],
+            "categories beyond the thresholds (RECLOOP_TRAFFIC_MAX_GINI_INCREASE and the others of docs/online.md) against the reference window."))],
         description=("What the recommender actually served on the day: Gini and top-1% share of impressions over the "
                      "catalogue, catalogue coverage, per-category shares, against the previous days (docs/online.md)."),
     )

@@ -87,7 +87,7 @@ class DecisionConfig:
 
     @classmethod
     def from_env(cls, **overrides: Any) -> DecisionConfig:
-        """Defaults, the RECLOOP_ONLINE_* variables over them, `overrides` over those."""
+        """Defaults, the environment variables of `ENV` over them, `overrides` over those."""
         values: dict[str, Any] = {}
         for name, var in ENV.items():
             raw = os.environ.get(var)

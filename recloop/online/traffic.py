@@ -64,7 +64,7 @@ class TrafficThresholds:
 
     @classmethod
     def from_env(cls) -> TrafficThresholds:
-        """Defaults with the RECLOOP_TRAFFIC_* variables over them; a malformed value is one clear error."""
+        """Defaults with the environment variables of `ENV` over them; a malformed value is one clear error."""
         values: dict[str, Any] = {}
         for f in fields(cls):
             raw = os.environ.get(ENV[f.name])
