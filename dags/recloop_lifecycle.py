@@ -9,9 +9,11 @@ recloop_data_plane — one logical date = one daily partition (01:15 UTC for the
     ingest_<t> → check_schema_<t> → validate_<t>  (t = users, videos,      ├→ materialize_online
     impressions; events after them) → join_served → compute_features ──────┤
                                       join_served → impression_outcomes    └→ drift → request_retraining
+                                      impression_outcomes → served_traffic, online_experiment
 recloop_training — on the cron of RECLOOP_RETRAIN_CRON (default 03:00 UTC) OR on drift
     (AssetOrTimeSchedule): training_set → two_tower → ann_index, ranker → evaluation → register → gate
-    → promote (skipped when the gate refuses: a refusal is not a failure).
+    → latency_gate → promote (skipped when a gate refuses: a refusal is not a failure; with online
+    experiments on, promote starts an experiment instead, which online_experiment decides daily).
 
 Drift triggers retraining through data-aware scheduling: `request_retraining` emits an event of the
 asset `recloop://drift` only for the first day of a new drift episode, once per episode and champion,
@@ -173,6 +175,25 @@ def impression_outcomes(day: str) -> dict[str, Any]:
 
 
 @task
+def served_traffic(day: str) -> dict[str, Any]:
+    """What was served on the day (concentration, coverage, categories) against the days before; a breach
+    is sent as `drift.detected` on online/served_traffic (docs/online.md)."""
+    outcome = lifecycle.served_traffic_step(_lake(Settings.from_env().lake_uri), day)
+    if outcome.alert is not None:
+        lifecycle.send_alert(outcome.alert, logger=log)
+    return lifecycle.jsonable(outcome.summary())
+
+
+@task
+def online_experiment(day: str) -> dict[str, Any]:
+    """The daily look at the running online experiment: promote, stop or continue (docs/online.md)."""
+    outcome = lifecycle.online_experiment_step(_lake(Settings.from_env().lake_uri), _registry(), as_of=day, run_id=_run_id())
+    if outcome.alert is not None:
+        lifecycle.send_alert(outcome.alert, logger=log)
+    return lifecycle.jsonable(outcome.summary())
+
+
+@task
 def compute_features(day: str) -> dict[str, Any]:
     """Every feature view's point-in-time snapshot of the day (DuckDB; Feast's offline source)."""
     return lifecycle.jsonable(lifecycle.compute_features(_lake(Settings.from_env().lake_uri), day))
@@ -244,7 +265,9 @@ def recloop_data_plane() -> None:
     [validated["users"], validated["videos"], validated["impressions"]] >> validated["events"]
     joined = join_served(day)
     validated["events"] >> joined
-    joined >> impression_outcomes(day)
+    outcomes = impression_outcomes(day)
+    joined >> outcomes
+    outcomes >> [served_traffic(day), online_experiment(day)]
     features = compute_features(day)
     [*validated.values(), joined] >> features
     online = materialize_online(day)
@@ -355,13 +378,26 @@ def gate() -> dict[str, Any]:
 
 
 @task
-def promote(decision: dict[str, Any]) -> dict[str, Any]:
-    """Alias `champion` to the version the gate passed, the decision recorded, `model.promoted` sent;
-    skipped when the gate refused."""
+def latency_gate(decision: dict[str, Any]) -> dict[str, Any]:
+    """The latency gate (docs/latency.md): sampled real requests replayed against the candidate's and the
+    champion's bundles in a separate process; a refusal is recorded and sent as `model.refused`."""
     if not decision["promote"]:
         raise AirflowSkipException(f"version {decision['version']} refused by the gate: {decision['reasons'][0]}")
+    outcome = lifecycle.check_latency(_registry(), _workdir(), gate=_gate_config(), run_id=_run_id())
+    log.info("latency gate for version %s: %s", outcome.version, outcome.status)
+    lifecycle.send_alert(outcome.alert, logger=log)
+    return lifecycle.jsonable({**outcome.summary(), "promote": outcome.passed})
+
+
+@task
+def promote(decision: dict[str, Any]) -> dict[str, Any]:
+    """Alias `champion` to the version both gates passed (or, with online experiments on, alias
+    `experiment`: docs/online.md), the decision recorded, `model.promoted` sent; skipped when a gate refused."""
+    if not decision["promote"]:
+        raise AirflowSkipException(f"version {decision['version']} refused: {decision['reasons'][0]}")
     promotion = lifecycle.promote_candidate(_registry(), _workdir(), config=_gate_config(), run_id=_run_id())
-    lifecycle.send_alert(promotion.alert, logger=log)
+    if promotion.alert is not None:
+        lifecycle.send_alert(promotion.alert, logger=log)
     return lifecycle.jsonable(promotion.summary())
 
 
@@ -402,7 +438,7 @@ def recloop_training() -> None:
     evaluated >> registered
     decision = gate()
     registered >> decision
-    promote(decision)
+    promote(latency_gate(decision))
 
 
 recloop_training()

@@ -22,6 +22,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -152,8 +153,19 @@ def send_alert(alert: Alert | None, *, logger: Any = None, config_path: str | No
 
 
 def jsonable(value: Any) -> Any:
-    """`value` as plain JSON types (numpy scalars, paths and dates become numbers and strings)."""
-    return json.loads(json.dumps(value, default=_json_default))
+    """`value` as plain JSON types (numpy scalars, paths and dates become numbers and strings; NaN and
+    infinities, which strict JSON such as Airflow's XCom refuses, become null)."""
+    return _finite(json.loads(json.dumps(value, default=_json_default)))
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _json_default(value: Any) -> Any:
