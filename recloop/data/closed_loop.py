@@ -207,6 +207,7 @@ class DayStats:
     gini: float = 0.0
     top1_share: float = 0.0
     by_arm: dict[str, dict[str, float]] = field(default_factory=dict)
+    sources: dict[str, int] = field(default_factory=dict)  # impressions per candidate source
     seconds: float = 0.0
 
     @property
@@ -326,6 +327,9 @@ def _serve_day(sim: Simulator, platform: Any, index: int, day: str, report_unwat
         stats.likes += int(response.liked.sum())
         stats.completions += int(response.completed.sum())
         stats.explored += sum(bool(it.get("explored")) for it in items)
+        for it in items:
+            source = str(it.get("source") or "unknown")
+            stats.sources[source] = stats.sources.get(source, 0) + 1
         request_id = answer.get("request_id")
         default_arm = answer.get("arm")
         for it, w, ws in zip(items, watched.tolist(), response.watched_s.tolist()):
@@ -366,3 +370,46 @@ def _serve_day(sim: Simulator, platform: Any, index: int, day: str, report_unwat
                           "watch_s_per_impression": a[2] / a[0] if a[0] else 0.0}
                     for arm, a in sorted(arms.items())}
     return stats
+
+
+# --- the lifecycle between days ------------------------------------------------------------------
+
+
+def first_closed_day(config: SimConfig, landing: Lake) -> int:
+    """The index of the day after the newest day the landing zone holds events for (0 when it holds
+    none): where a closed loop continues a simulated history."""
+    from recloop.ingestion import landed_days
+
+    days = list(landed_days(landing, "events", None, None))
+    if not days:
+        return 0
+    newest = datetime.fromisoformat(days[-1]).date()
+    return max(0, (newest - config.start).days + 1)
+
+
+def pipeline_hook(settings: Any, *, retrain_every: int = 7, train_days: int = 7,
+                  on_run: Callable[[str, Any], None] | None = None) -> DayHook:
+    """An `after_day` hook running what the deployment's schedules run: the daily data plane job for the
+    day (ingest → GX → features → Feast → drift), and every `retrain_every` closed-loop days the training
+    job (train on the last `train_days` days with events, hold out the newest, gate, promote). The same
+    jobs, in process, that `recloop demo` runs. `on_run(kind, run)` sees each run ("data_plane" or
+    "training"); a failed data plane run raises RuntimeError naming the day and the cause."""
+    from pipelines.run import instance, run_job
+
+    inst = instance(settings)
+    run_job("feast_apply_job", inst=inst)
+    served = [0]
+
+    def hook(index: int, day: str, stats: DayStats) -> None:
+        run = run_job("data_plane_job", partition=day, inst=inst)
+        if on_run is not None:
+            on_run("data_plane", run)
+        if not run.success:
+            raise RuntimeError(f"the data plane failed for {day}: {run.error}")
+        served[0] += 1
+        if retrain_every > 0 and served[0] % retrain_every == 0:
+            training = run_job("training_job", inst=inst, run_config_ops={"model__training_set": {"config": {"TrainDays": train_days, "TestDays": 1}}})
+            if on_run is not None:
+                on_run("training", training)
+
+    return hook
