@@ -106,7 +106,7 @@ class ServicePlatform:
 class HttpPlatform:
     """A running `recloop serve` at `base_url` (the key of RECLOOP_API_KEYS as `X-API-Key` when set)."""
 
-    def __init__(self, base_url: str, api_key: str | None = None, timeout_s: float = 30.0) -> None:
+    def __init__(self, base_url: str, api_key: str | None = None, timeout_s: float = 30.0, client: Any = None) -> None:
         import httpx
 
         if api_key is None:
@@ -114,7 +114,9 @@ class HttpPlatform:
             api_key = keys[0] if keys else None
         headers = {"X-API-Key": api_key} if api_key else {}
         self.base_url = base_url.rstrip("/")
-        self.client = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout_s)
+        # `client`: an httpx.Client of one's own (tests pass FastAPI's TestClient); the key is added to it.
+        self.client = client or httpx.Client(base_url=self.base_url, timeout=timeout_s)
+        self.client.headers.update(headers)
 
     def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         import httpx

@@ -139,13 +139,14 @@ SERVED = SimConfig(seed=11, days=5, initial_users=400, initial_videos=250, new_u
 MODEL = "recloop-closed-loop-test"
 
 
-def _serving_config(root):
+def _serving_config(root, **overrides):
     from recloop.serving import ServingConfig
 
     safety = root / "safety.yaml"
     safety.write_text("blocked_videos: []\nblocked_tags: []\n")
-    return ServingConfig(poll_seconds=3600.0, safety_file=safety, safety_check_seconds=0.0,
-                         feedback_spool_dir=root / f"spool-{uuid.uuid4().hex[:6]}", feedback_flush_seconds=3600.0)
+    return ServingConfig(**{"poll_seconds": 3600.0, "safety_file": safety, "safety_check_seconds": 0.0,
+                            "feedback_spool_dir": root / f"spool-{uuid.uuid4().hex[:6]}",
+                            "feedback_flush_seconds": 3600.0, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -221,3 +222,45 @@ def test_without_a_champion_the_loop_says_to_train_first(world, tmp_path):
             run_closed_loop(SimConfig(**TINY), None, svc)
     finally:
         svc.close()
+
+
+def test_closed_loop_over_http_with_an_api_key(world, monkeypatch):
+    """The same loop through the real FastAPI app: recommendations and feedback over HTTP with the key of
+    RECLOOP_API_KEYS; a server refusing old feedback gets a one-sentence reason."""
+    from fastapi.testclient import TestClient
+
+    from recloop.data.closed_loop import HttpPlatform
+    from recloop.serving import RecommendationService, create_app
+
+    monkeypatch.setenv("RECLOOP_API_KEYS", "closed-loop-test-key-0123456789abcdef")
+    config = SimConfig(**{**{k: getattr(SERVED, k) for k in ("seed", "initial_users", "initial_videos",
+                                                               "new_users_per_day", "new_videos_per_day", "n_creators")},
+                          "days": SERVED.days + 1, "events_per_day": 300})
+    for max_age, ok in ((24 * 3650.0, True), (48.0, False)):
+        svc = RecommendationService(world["settings"], _serving_config(world["root"], feedback_max_age_hours=max_age),
+                                    registry=world["registry"])
+        try:
+            with TestClient(create_app(service=svc)) as client:
+                assert client.post("/v1/feedback", json={"events": [{"user_id": "u1", "video_id": "v1"}]}).status_code == 401
+                svc.refresh()  # the app's poller may not have loaded the champion yet
+                platform = HttpPlatform("http://testserver", client=client)
+                if ok:
+                    day = run_closed_loop(config, None, platform, days=[SERVED.days]).days[0]
+                    assert day.impressions > 0 and day.watches > 0 and day.fallback_answers < day.sessions
+                    assert svc.metrics.feedback_events.labels("accepted")._value.get() == day.watches
+                else:
+                    with pytest.raises(ValueError, match="RECLOOP_SERVING_FEEDBACK_MAX_AGE_HOURS"):
+                        run_closed_loop(config, None, platform, days=[SERVED.days])
+        finally:
+            svc.close()
+
+
+def test_cli_closed_loop_errors_are_one_sentence(recloop_env, capsys):
+    from recloop.cli import main
+
+    assert main(["simulate", "--run-pipeline", "--days", "1"]) == 2
+    assert "--run-pipeline only applies with --closed-loop" in capsys.readouterr().err
+    assert main(["simulate", "--closed-loop", "--days", "1", "--initial-users", "50", "--initial-videos", "40",
+                 "--events-per-day", "100"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("recloop simulate: there is no champion model to serve yet: train one first")
