@@ -190,8 +190,10 @@ def part_a_feedback_loop(args: argparse.Namespace, sim_config, workdir: Path) ->
     from recloop.serving import ServingConfig
 
     can_explore = "explore_share" in {f.name for f in dataclasses.fields(ServingConfig)}
-    settings_to_run = {"explore_off": 0.0 if can_explore else None}
-    if can_explore and args.explore_share > 0:
+    settings_to_run: dict[str, float | None] = {}
+    if args.arms in ("both", "off"):
+        settings_to_run["explore_off"] = 0.0 if can_explore else None
+    if args.arms in ("both", "on") and can_explore and args.explore_share > 0:
         settings_to_run[f"explore_{args.explore_share:g}"] = args.explore_share
     out: dict[str, Any] = {"explore_supported": can_explore,
                            "open_loop_warm_up": open_loop_reference(sim_config, args.warmup_days)}
@@ -277,6 +279,8 @@ def main() -> int:
     parser.add_argument("--initial-videos", type=int, default=800)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--explore-share", type=float, default=0.1, help="the exploration-on setting's share of slots")
+    parser.add_argument("--arms", choices=("both", "off", "on"), default="both",
+                        help="run exploration off, on, or both (each is a fresh deployment)")
     parser.add_argument("--watches-only", action="store_true", help="report only watches (see the docstring)")
     parser.add_argument("--part", choices=("a", "b", "ab"), default="a")
     parser.add_argument("--workdir", type=Path, help="default: a temporary folder, removed afterwards")

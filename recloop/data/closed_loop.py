@@ -23,8 +23,8 @@ The recommender is one of
   sent when set). Its feedback reaches the landing zone on the server's own flush schedule
   (RECLOOP_SERVING_FEEDBACK_FLUSH_SECONDS), and the simulated days lie in the past: the server must
   accept old feedback (RECLOOP_SERVING_FEEDBACK_MAX_AGE_HOURS);
-* any object with ``recommend(user_id, k, context) -> dict`` and ``feedback(events)`` (tests, stubs,
-  and other arm setups).
+* any object with ``recommend(user_id, k, context, surface) -> dict`` and ``feedback(events)`` (tests,
+  stubs, and other arm setups).
 
 Each day the users and videos that arrived are written into the landing zone first (what the data plane
 ingests), then the sessions are served in time order, then the caller's hook runs (e.g. the data plane
@@ -54,10 +54,10 @@ TOP_SHARE = 0.01  # popularity concentration: the share of impressions of the to
 
 class Platform(Protocol):
     """What the loop needs of a recommender. `recommend` returns the API's response body (a dict with
-    `items`: [{"video_id", ...}], optionally `request_id`, `arm`, `fallback`, and per item `position`,
-    `explored`, `source`)."""
+    `items`: [{"video_id", ...}], optionally `request_id`, `arm`, `fallback`, `model_version`, and per
+    item `position`, `explored`, `source`, `arm`). `context` holds the user's country and device."""
 
-    def recommend(self, user_id: str, k: int, context: Mapping[str, str]) -> Mapping[str, Any]: ...
+    def recommend(self, user_id: str, k: int, context: Mapping[str, str], surface: str) -> Mapping[str, Any]: ...
 
     def feedback(self, events: list[dict[str, Any]]) -> None: ...
 
@@ -74,15 +74,20 @@ class ServicePlatform:
     `after_hook` refreshes it (new lake data, new champion)."""
 
     def __init__(self, service: Any) -> None:
-        self.service = service
+        import inspect
 
-    def recommend(self, user_id: str, k: int, context: Mapping[str, str]) -> dict[str, Any]:
-        r = self.service.recommend(user_id, k, context)
+        self.service = service
+        # Serving records the surface with its impressions where it takes one (issue 14's serving change).
+        self._surface = "surface" in inspect.signature(service.recommend).parameters
+
+    def recommend(self, user_id: str, k: int, context: Mapping[str, str], surface: str) -> dict[str, Any]:
+        r = (self.service.recommend(user_id, k, context, surface=surface) if self._surface
+             else self.service.recommend(user_id, k, context))
         items = []
         for i, item in enumerate(r.items):
             items.append({"video_id": item.video_id, "source": item.source, "score": item.score,
                           "position": getattr(item, "position", i),
-                          "explored": getattr(item, "explored", False),
+                          "explored": getattr(item, "explored", False), "arm": getattr(item, "arm", None),
                           "propensity": getattr(item, "propensity", 1.0)})
         return {"request_id": getattr(r, "request_id", None), "arm": getattr(r, "arm", None),
                 "experiment": getattr(r, "experiment", None), "model_version": r.model_version,
@@ -137,8 +142,9 @@ class HttpPlatform:
             raise RuntimeError(f"POST {path} answered HTTP {response.status_code}: {response.text[:200]}")
         return response.json()
 
-    def recommend(self, user_id: str, k: int, context: Mapping[str, str]) -> dict[str, Any]:
-        return self._post("/v1/recommendations", {"user_id": user_id, "k": k, "context": dict(context)})
+    def recommend(self, user_id: str, k: int, context: Mapping[str, str], surface: str) -> dict[str, Any]:
+        return self._post("/v1/recommendations", {"user_id": user_id, "k": k, "context": dict(context),
+                                                  "surface": surface})
 
     def feedback(self, events: list[dict[str, Any]]) -> None:
         body = [{**e, "event_time": e["event_time"].isoformat()} for e in events]
@@ -271,6 +277,16 @@ def run_closed_loop(
     no model (`model_version()` is None) and `require_model` (the closed loop measures a model).
     """
     platform = as_platform(recommender)
+    try:
+        return _run(config, landing, platform, days, after_day, report_unwatched, simulator, progress, require_model)
+    finally:
+        if isinstance(recommender, str):
+            platform.close()  # the HTTP client made here for the URL
+
+
+def _run(config: SimConfig, landing: Lake | None, platform: Any, days: Sequence[int] | None, after_day: DayHook | None,
+         report_unwatched: bool, simulator: Simulator | None, progress: Callable[[DayStats], None] | None,
+         require_model: bool) -> ClosedLoopResult:
     if require_model and hasattr(platform, "model_version") and platform.model_version() is None:
         raise NoChampion("the platform has no champion model to serve yet: train one first (recloop demo, or "
                          "recloop run then recloop train), or serve popularity on purpose with require_model=False")
@@ -309,7 +325,7 @@ def _serve_day(sim: Simulator, platform: Any, index: int, day: str, report_unwat
     for s in np.argsort(sessions.start_us, kind="stable"):
         user_id = sessions.user_id(s)
         surface = SURFACES[int(sessions.surface[s])]
-        answer = platform.recommend(user_id, int(sessions.length[s]), {**contexts[s], "surface": surface})
+        answer = platform.recommend(user_id, int(sessions.length[s]), contexts[s], surface)
         items = list(answer.get("items") or [])
         if answer.get("fallback"):
             stats.fallback_answers += 1

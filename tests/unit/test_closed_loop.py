@@ -25,9 +25,11 @@ class Oracle:
     def __init__(self, sim: Simulator, pool: int = 60) -> None:
         self.sim, self.pool, self.rng = sim, pool, np.random.default_rng(0)
         self.feedback_events: list[dict] = []
+        self.asked: list[tuple[dict, str]] = []
 
-    def recommend(self, user_id, k, context):
+    def recommend(self, user_id, k, context, surface):
         sim = self.sim
+        self.asked.append((dict(context), surface))
         u = int(user_id[1:])
         known = sim.catalog_size(sim.day_start_us(sim._next_day - 1))
         cand = self.rng.choice(known, size=min(self.pool, known), replace=False)
@@ -43,7 +45,7 @@ class Oracle:
 class Random(Oracle):
     """Random videos of the known catalog."""
 
-    def recommend(self, user_id, k, context):
+    def recommend(self, user_id, k, context, surface):
         sim = self.sim
         known = sim.catalog_size(sim.day_start_us(sim._next_day - 1))
         videos = self.rng.choice(known, size=k, replace=False)
@@ -53,7 +55,7 @@ class Random(Oracle):
 class One(Oracle):
     """The same video (and its neighbours) for everybody: maximal concentration."""
 
-    def recommend(self, user_id, k, context):
+    def recommend(self, user_id, k, context, surface):
         return {"items": [{"video_id": f"v{v:07d}"} for v in range(k)]}
 
 
@@ -97,6 +99,9 @@ def test_a_recommender_that_knows_the_users_beats_random_and_days_are_reproducib
         assert g.impressions > 500 and r.impressions > 500
         assert g.ctr > r.ctr + 0.05, (g.ctr, r.ctr)
         assert g.watch_s_per_impression > r.watch_s_per_impression
+    # each session asked with its surface and the user's country and device
+    assert {surface for _, surface in oracle.asked} == set(SURFACES)
+    assert all(set(context) == {"country", "device"} for context, _ in oracle.asked)
     # what was reported: watches only, with the answer's request_id, in the day's time range
     assert oracle.feedback_events and all(e["watched_s"] > 0 for e in oracle.feedback_events)
     assert sum(d.watches for d in good.days) == len(oracle.feedback_events)
