@@ -159,8 +159,9 @@ def closed_loop_run(root: Path, sim_config, warmup_days: int, closed_days: int, 
     def on_run(kind: str, run: Any) -> None:
         if kind == "training":
             m = run.materialized.get("model/registered_version") or {}
-            trainings.append({"success": run.success, "version": m.get("version"),
-                              "promoted": run.checks.get("model/registered_version:promotion_gate")})
+            gate = "model/registered_version:promotion_gate"
+            trainings.append({"success": run.success, "version": m.get("version"), "promoted": run.checks.get(gate),
+                              "gate": run.check_descriptions.get(gate) or run.error})
             log(f"    retrained: {trainings[-1]}")
 
     def progress(stats: Any) -> None:
