@@ -1,6 +1,7 @@
 """The `recloop` command.
 
-    recloop simulate   write simulated days of users, videos and events into the landing zone
+    recloop simulate   write simulated days of users, videos and events into the landing zone (--closed-loop:
+                       the champion serves the simulated users, who respond, day after day)
     recloop import     a history (MovieLens folder or your own files) → landing → one Dagster run → Feast
     recloop movielens  turn MovieLens-format files into landing partitions (recloop import does both steps)
     recloop run        the data plane: one day (daily job), or a range of days in one run (history job)
@@ -93,11 +94,81 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from recloop.data.simulator import simulate
 
     settings = Settings.from_env()
+    if args.closed_loop:
+        return _closed_loop(args, settings)
+    for flag in ("serving_url", "run_pipeline", "report_unwatched"):
+        if getattr(args, flag):
+            raise UserError(f"--{flag.replace('_', '-')} only applies with --closed-loop: add --closed-loop or drop it")
     config = _sim_config(args, settings)
     summary = simulate(config, _landing(settings), fmt=args.format)
     _print({"landing": settings.landing_uri, "days": config.days, "start": config.start,
             "totals": summary.totals, "seconds": round(summary.seconds, 2),
             "events_per_s": round(summary.events_per_second)})
+    return 0
+
+
+def _closed_loop(args: argparse.Namespace, settings: Settings) -> int:
+    """`recloop simulate --closed-loop`: the days after the landed history, answered by the platform."""
+    import dataclasses
+
+    from recloop.data.closed_loop import NoChampion, first_closed_day, pipeline_hook, run_closed_loop
+
+    if args.days < 1:
+        raise UserError(f"--days must be >= 1, got {args.days}: give how many closed-loop days to simulate")
+    if args.retrain_every < 0:
+        raise UserError(f"--retrain-every must be >= 0, got {args.retrain_every}: 0 never retrains")
+    landing = _landing(settings)
+    base = _sim_config(argparse.Namespace(**{**vars(args), "days": 1, "scenario": "none"}), settings)
+    first = first_closed_day(base, landing)
+    # The same world as the landed history (same seed, start and sizes), continued after its last day.
+    config = _sim_config(argparse.Namespace(**{**vars(args), "days": first + args.days,
+                                               "drift_day": first + args.drift_day}), settings)
+    days = list(range(first, first + args.days))
+    service = None
+    if args.serving_url:
+        recommender: Any = args.serving_url
+        where = args.serving_url
+    else:
+        from recloop.serving import RecommendationService, ServingConfig
+
+        serving = ServingConfig.from_env()
+        # Its own spool: a `recloop serve` of the same home keeps its own (one spool per process).
+        serving = dataclasses.replace(serving, feedback_spool_dir=settings.home / "serving" / "closed-loop-spool")
+        service = recommender = RecommendationService(settings, serving)
+        service.feedback.start()
+        where = "in process"
+    hook = None
+    if args.run_pipeline:
+        def report(kind: str, run: Any) -> None:
+            if kind == "training":
+                summary = _training_summary(run)
+                print(f"      retrained: version {summary.get('registered_version')} "
+                      f"{'promoted' if summary.get('promoted') else 'not promoted'}; champion "
+                      f"{summary.get('champion') or '(none)'}", file=sys.stderr)
+
+        hook = pipeline_hook(settings, retrain_every=args.retrain_every, on_run=report)
+    print(f"closed loop: {args.days} day(s) from {config.date_of(first)} served {where}"
+          + (", data plane daily" + (f", retraining every {args.retrain_every} days" if args.retrain_every else "")
+             if args.run_pipeline else ""), file=sys.stderr)
+
+    def progress(stats: Any) -> None:
+        print(f"      {stats.date}: {stats.impressions} impressions, CTR {stats.ctr:.3f}, "
+              f"{stats.watch_s_per_impression:.1f} s watched/impression, Gini {stats.gini:.3f}, "
+              f"coverage {stats.coverage:.3f}", file=sys.stderr)
+
+    try:
+        result = run_closed_loop(config, landing, recommender, days=days, after_day=hook,
+                                 report_unwatched=args.report_unwatched, progress=progress)
+    except NoChampion:
+        raise UserError("there is no champion model to serve yet: train one first (recloop demo, or recloop run "
+                        "then recloop train)") from None
+    except (ConnectionError, PermissionError) as err:
+        raise UserError(str(err)) from None
+    finally:
+        if service is not None:
+            service.close()
+    _print({"landing": settings.landing_uri, "serving": where, "first": config.date_of(first),
+            "days": result.as_dicts()})
     return 0
 
 
@@ -719,9 +790,31 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--scenario", choices=SCENARIOS, default="none")
         p.add_argument("--drift-day", type=int, default=7, help="0-based index of the first drifted day")
 
-    p = sub.add_parser("simulate", help="simulate days into the landing zone")
+    p = sub.add_parser("simulate", help="simulate days into the landing zone (--closed-loop: served by the platform)",
+                       description=(
+                           "Simulate days of users, videos and impressions into the landing zone. With --closed-loop "
+                           "the platform chooses what is shown: the days after the newest landed day (same --seed, "
+                           "--start and sizes as the history, so the same users and videos) are served by the "
+                           "champion, in process from this home's settings or by a running `recloop serve` "
+                           "(--serving-url); users respond by the simulator's ground truth and their watches go "
+                           "back as feedback. Prints per-day CTR, watch time, popularity concentration (Gini, "
+                           "top-1%% share) and catalog coverage of what was served."))
     sim_args(p, days=14, events=20_000, users=5_000, videos=2_000)
     p.add_argument("--format", choices=("parquet", "csv"), default="parquet")
+    p.add_argument("--closed-loop", action="store_true",
+                   help="serve the simulated sessions with the platform (needs a champion: train first); --days "
+                        "then counts closed-loop days")
+    p.add_argument("--serving-url", metavar="URL",
+                   help="with --closed-loop: the base URL of a running `recloop serve` (default: a service in "
+                        "this process); RECLOOP_API_KEYS's first key is sent when set")
+    p.add_argument("--run-pipeline", action="store_true",
+                   help="with --closed-loop: after each day run the data plane for it, and retrain every "
+                        "--retrain-every days")
+    p.add_argument("--retrain-every", type=int, default=7, metavar="DAYS",
+                   help="with --run-pipeline: closed-loop days between training runs (default 7; 0 never)")
+    p.add_argument("--report-unwatched", action="store_true",
+                   help="with --closed-loop: send unwatched impressions as watched_s=0 feedback too (default: "
+                        "only watches; the server's impressions log makes the rest served negatives)")
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("import", help="import a history: land it, then ingest → GX → features → Feast in one Dagster run",

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import io
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 
@@ -115,6 +116,8 @@ SURGE_FACTOR = 5.0
 WAVE_USERS_FACTOR, WAVE_SESSION_FACTOR = 10, 3.0
 SHIFT_TV_ACTIVITY, SHIFT_COUNTRY_ACTIVITY = 4.0, 3.0
 INFLATION_SHIFT = 1.5  # added to the logit of the mean watched fraction
+# closed loop: what the open loop expresses through exposure becomes a watch-logit term (`respond`)
+CLOSED_FRESHNESS_WEIGHT = 0.5  # x log(freshness multiplier): up to +0.8 logit for a new upload
 
 
 @dataclass(frozen=True)
@@ -297,6 +300,8 @@ class Simulator:
         self._v_quality = np.empty(0, np.float64)
         self._v_pop = np.empty(0, np.float64)
         self._v_upload = np.empty(0, np.int64)
+        self._first_new_user = 0
+        self._response_rng: tuple[int, np.random.Generator] | None = None
 
     def _drifted(self, index: int, scenario: str) -> bool:
         return self.config.scenario == scenario and index >= self.config.drift_day
@@ -400,6 +405,21 @@ class Simulator:
 
     def day(self, index: int) -> dict[str, pa.Table]:
         """The users who signed up, videos uploaded and impressions served on day `index` (0-based)."""
+        tables = self.arrivals(index)
+        c = self.config
+        day_start = _us(c.date_of(index))
+        rng = np.random.default_rng([c.seed, index, 1])
+        tables["events"] = self._events(rng, index, day_start, day_start + US_PER_DAY, self._first_new_user)
+        return tables
+
+    def iter_days(self):
+        """Iterate over (date, tables) for every configured day, in order."""
+        for i in range(self.config.days):
+            yield self.config.date_of(i), self.day(i)
+
+    def arrivals(self, index: int) -> dict[str, pa.Table]:
+        """The users who signed up and the videos uploaded on day `index` ({"users", "videos"}); the
+        population then includes them (what `sessions` and `respond` of that day draw from)."""
         if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or index < 0:
             raise ValueError(f"day index must be a non-negative integer, got {index!r}")
         if index < self._next_day:
@@ -409,11 +429,6 @@ class Simulator:
         tables = self._step(index, emit=True)
         assert tables is not None
         return tables
-
-    def iter_days(self):
-        """Iterate over (date, tables) for every configured day, in order."""
-        for i in range(self.config.days):
-            yield self.config.date_of(i), self.day(i)
 
     def _step(self, index: int, emit: bool) -> dict[str, pa.Table] | None:
         c = self.config
@@ -437,20 +452,25 @@ class Simulator:
         parts_u.append(self._add_users(arrivals, n_new_users, day_start, last_signup, shifted))
         parts_v.append(self._add_videos(arrivals, c.new_videos_per_day, day_start, day_end))
         self._next_day = index + 1
+        self._first_new_user = first_new_user
+        self._response_rng = None
         if not emit:
             return None
         users = pa.concat_tables(parts_u) if len(parts_u) > 1 else parts_u[0]
         videos = pa.concat_tables(parts_v) if len(parts_v) > 1 else parts_v[0]
-        rng = np.random.default_rng([c.seed, index, 1])
-        events = self._events(rng, index, day_start, day_end, first_new_user)
-        return {"users": users, "videos": videos, "events": events}
+        return {"users": users, "videos": videos}
 
-    def _events(
+    def _at_day(self, index: int) -> None:
+        """Brings the population to day `index` (its arrivals included) unless it is there already."""
+        if self._next_day != index + 1:
+            self.arrivals(index)
+
+    # --- the three parts of a day's impressions: sessions, videos, responses -----------------------
+
+    def _draw_sessions(
         self, rng: np.random.Generator, index: int, day_start: int, day_end: int, first_new_user: int
-    ) -> pa.Table:
+    ) -> "Sessions":
         c = self.config
-        n_cat = c.n_categories
-
         # Sessions: users drawn by activity propensity (new users and drifted groups boosted).
         weight = self._u_prop.copy()
         new_boost = NEW_USER_BOOST * (WAVE_SESSION_FACTOR if self._drifted(index, "new_user_wave") else 1.0)
@@ -466,14 +486,15 @@ class Simulator:
         lo = np.maximum(day_start, self._u_signup[s_user] + US_PER_S)
         hi = day_end - 1 - (s_len - 1) * s_gap
         s_start = lo + (rng.random(n_sessions) * (hi - lo)).astype(np.int64)
+        return Sessions(index, s_user, s_len, s_surface, s_start, s_gap)
 
-        # Impressions: one row per slate position.
-        n = int(s_len.sum())
-        sess = np.repeat(np.arange(n_sessions), s_len)
-        position = np.arange(n) - np.repeat(np.cumsum(s_len) - s_len, s_len)
-        user = s_user[sess]
-        t = s_start[sess] + position * s_gap[sess]
-
+    def _choose_videos(
+        self, rng: np.random.Generator, index: int, day_start: int, user: np.ndarray, t: np.ndarray
+    ) -> np.ndarray:
+        """The open loop's platform: each impression's video drawn from the user's category preference
+        (or the global mix) and popularity x freshness inside the category."""
+        n_cat = self.config.n_categories
+        n = len(user)
         # Category: from the user's preference, or from the global mix for exploration impressions.
         # Only categories that already had a video before today can be chosen.
         video_ids = np.arange(self.n_videos)
@@ -491,20 +512,37 @@ class Simulator:
 
         # Video within the category by popularity x freshness. Videos uploaded later today may only be
         # shown after their upload: a draw that lands before the upload is redrawn among older videos.
-        age_days = np.maximum(day_start + US_PER_DAY // 2 - self._v_upload, 0) / US_PER_DAY
-        w = self._v_pop * (1.0 + FRESHNESS_BOOST * np.exp(-age_days / FRESHNESS_TAU_DAYS))
+        w = self._v_pop * self._freshness(day_start + US_PER_DAY // 2)
         u_vid = rng.random(n)
         video = _CategorySampler(self._v_cat, w, video_ids, n_cat).draw(cat, u_vid)
         early = self._v_upload[video] >= t
         if early.any():
             fallback = _CategorySampler(self._v_cat[old], w[old], video_ids[old], n_cat)
             video[early] = fallback.draw(cat[early], u_vid[early])
+        return video
 
-        # Watch decision, watched fraction and like.
+    def _freshness(self, at_us: int | np.ndarray, videos: np.ndarray | None = None) -> np.ndarray:
+        """1 + boost x exp(-age / tau): how much a new video's appeal is raised, at time `at_us`."""
+        upload = self._v_upload if videos is None else self._v_upload[videos]
+        age_days = np.maximum(at_us - upload, 0) / US_PER_DAY
+        return 1.0 + FRESHNESS_BOOST * np.exp(-age_days / FRESHNESS_TAU_DAYS)
+
+    def _respond(
+        self,
+        rng: np.random.Generator,
+        index: int,
+        user: np.ndarray,
+        video: np.ndarray,
+        position: np.ndarray,
+        demand: np.ndarray | float = 0.0,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Watch decision, watched seconds and like of each impression (the ground truth); `demand` is
+        the closed loop's extra watch logit (0 in the open loop, where demand acts on exposure)."""
+        n = len(user)
         uv = np.einsum("ij,ij->i", self._u_vec[user], self._v_vec[video], dtype=np.float64)
         fav = (self._u_fav[user] == self._v_creator[video][:, None]).any(axis=1)
         affinity = UV_WEIGHT * uv + self._v_quality[video] + FAV_CREATOR_BONUS * fav
-        watched = rng.random(n) < _sigmoid(affinity - POSITION_PENALTY * position + WATCH_BIAS)
+        watched = rng.random(n) < _sigmoid(affinity - POSITION_PENALTY * position + WATCH_BIAS + demand)
         inflation = INFLATION_SHIFT if self._drifted(index, "watch_time_inflation") else 0.0
         mean = _sigmoid(FRACTION_BIAS + FRACTION_WEIGHT * affinity + inflation)
         fraction = rng.beta(mean * FRACTION_CONCENTRATION, (1.0 - mean) * FRACTION_CONCENTRATION)
@@ -515,7 +553,20 @@ class Simulator:
         watched_s = np.where(watched, watched_s, 0.0)
         completed = watched & (watched_s >= 0.9 * duration)
         liked = watched & (rng.random(n) < _sigmoid(LIKE_BIAS + 1.0 * affinity + 1.5 * fraction))
+        return watched_s, completed, liked
 
+    def _events(
+        self, rng: np.random.Generator, index: int, day_start: int, day_end: int, first_new_user: int
+    ) -> pa.Table:
+        # One generator for the three parts, in this order: the same seed gives the same tables.
+        s = self._draw_sessions(rng, index, day_start, day_end, first_new_user)
+        sess, position = s.rows()
+        user = s.user[sess]
+        t = s.start_us[sess] + position * s.gap_us[sess]
+        video = self._choose_videos(rng, index, day_start, user, t)
+        watched_s, completed, liked = self._respond(rng, index, user, video, position)
+
+        n = len(user)
         order = np.argsort(t, kind="stable")
         seq = _ids(f"e{index:05d}-", np.arange(n), 8)
         user_ids = _ids("u", user[order], 7)
@@ -526,7 +577,7 @@ class Simulator:
                 user_ids,
                 vid_ids,
                 _timestamps(t[order]),
-                pa.array(SURFACES, pa.string()).take(pa.array(s_surface[sess][order])),
+                pa.array(SURFACES, pa.string()).take(pa.array(s.surface[sess][order])),
                 pa.array(position[order].astype(np.int32), pa.int32()),
                 pa.array(watched_s[order], pa.float64()),
                 pa.array(completed[order], pa.bool_()),
@@ -534,6 +585,139 @@ class Simulator:
             ],
             schema=EVENTS.schema,
         )
+
+    # --- closed loop: the platform chooses the videos ----------------------------------------------
+
+    def sessions(self, index: int) -> "Sessions":
+        """Who is active when on day `index`, with each session's slate length and surface: exactly the
+        sessions of the open loop's day (same generator, same draws), in the order they were drawn.
+
+        Brings the population to day `index` first when it is not there (`arrivals`), and restarts the
+        day's response stream, so a day replayed in the same order responds the same way."""
+        self._at_day(index)
+        c = self.config
+        day_start = _us(c.date_of(index))
+        rng = np.random.default_rng([c.seed, index, 1])
+        s = self._draw_sessions(rng, index, day_start, day_start + US_PER_DAY, self._first_new_user)
+        self._response_rng = (index, np.random.default_rng([c.seed, index, 5]))
+        return s
+
+    def respond(
+        self,
+        index: int,
+        users: Sequence[str] | np.ndarray,
+        videos: Sequence[str] | np.ndarray,
+        positions: Sequence[int] | np.ndarray,
+        times: Sequence[int] | np.ndarray | None = None,
+    ) -> Response:
+        """How users respond on day `index` to the videos a platform showed them: the ground truth of the
+        open loop (affinity = w * u.v + quality + favourite creator, position bias, watched fraction and
+        like, the `watch_time_inflation` drift) plus what the open loop expresses through exposure and a
+        closed loop must express through response: the freshness of a video at `times` (microseconds
+        since the epoch; default noon of the day) raises the watch logit by
+        ``CLOSED_FRESHNESS_WEIGHT * log(freshness)``, and under `category_surge` the surge category's by
+        ``log(SURGE_FACTOR)`` from the drift day on. (`new_user_wave` and `device_shift` act on who is
+        active: `sessions`.)
+
+        `users`/`videos` are ids ("u0000012", "v0000034") or population rows. Draws continue the day's
+        response stream (restarted by `sessions(index)`): call in session order for reproducible days.
+        """
+        self._at_day(index)
+        user = self._rows(users, "u", self.n_users, "user")
+        video = self._rows(videos, "v", self.n_videos, "video")
+        position = np.asarray(positions, dtype=np.int64)
+        if not len(user) == len(video) == len(position):
+            raise ValueError(f"users, videos and positions differ in length: {len(user)}, {len(video)}, {len(position)}")
+        day_start = _us(self.config.date_of(index))
+        at = np.full(len(video), day_start + US_PER_DAY // 2, np.int64) if times is None else np.asarray(times, np.int64)
+        demand = CLOSED_FRESHNESS_WEIGHT * np.log(self._freshness(at, video))
+        if self._drifted(index, "category_surge"):
+            demand = demand + np.log(SURGE_FACTOR) * (self._v_cat[video] == self.surge_category_index)
+        if self._response_rng is None or self._response_rng[0] != index:
+            self._response_rng = (index, np.random.default_rng([self.config.seed, index, 5]))
+        watched_s, completed, liked = self._respond(self._response_rng[1], index, user, video, position, demand)
+        return Response(watched_s, completed, liked)
+
+    def user_context(self, users: Sequence[str] | np.ndarray) -> list[dict[str, str]]:
+        """What an app knows about each user (their country and device), as a recommendation context."""
+        rows = self._rows(users, "u", self.n_users, "user")
+        return [{"country": COUNTRIES[c], "device": DEVICES[d]}
+                for c, d in zip(self._u_country[rows].tolist(), self._u_device[rows].tolist())]
+
+    def video_rows(self, videos: Sequence[str] | np.ndarray) -> np.ndarray:
+        """Population rows of video ids ("v0000034" -> 34); raises ValueError naming an unknown one."""
+        return self._rows(videos, "v", self.n_videos, "video")
+
+    def day_start_us(self, index: int) -> int:
+        """00:00 UTC of day `index`, in microseconds since the epoch."""
+        return _us(self.config.date_of(index))
+
+    def catalog_size(self, before_us: int) -> int:
+        """How many videos were uploaded before `before_us` (what a platform can know of)."""
+        return int((self._v_upload < before_us).sum())
+
+    @staticmethod
+    def _rows(ids: Sequence[str] | np.ndarray, prefix: str, n: int, what: str) -> np.ndarray:
+        arr = np.asarray(ids)
+        if arr.dtype.kind in "iu":
+            rows = arr.astype(np.int64)
+        else:
+            try:
+                rows = np.asarray([int(str(x)[len(prefix):]) if str(x).startswith(prefix) else -1 for x in arr],
+                                  np.int64)
+            except ValueError:
+                rows = np.full(len(arr), -1, np.int64)
+        bad = (rows < 0) | (rows >= n)
+        if bad.any():
+            raise ValueError(f"unknown {what} id {str(arr[np.flatnonzero(bad)[0]])!r}: not in the simulated population")
+        return rows
+
+
+@dataclass(frozen=True)
+class Sessions:
+    """One day's sessions (numpy arrays, one entry per session, in draw order): the user's population
+    row, the slate length, the surface (index into `SURFACES`), the first impression's time and the gap
+    between consecutive impressions (microseconds)."""
+
+    day: int
+    user: np.ndarray
+    length: np.ndarray
+    surface: np.ndarray
+    start_us: np.ndarray
+    gap_us: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.user)
+
+    def rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """(session of each impression, its position) for full slates: one row per impression."""
+        n = int(self.length.sum())
+        sess = np.repeat(np.arange(len(self.user)), self.length)
+        position = np.arange(n) - np.repeat(np.cumsum(self.length) - self.length, self.length)
+        return sess, position
+
+    def user_id(self, i: int) -> str:
+        return f"u{int(self.user[i]):07d}"
+
+    def surface_name(self, i: int) -> str:
+        return SURFACES[int(self.surface[i])]
+
+    def times(self, i: int, positions: np.ndarray) -> np.ndarray:
+        """When session `i` shows the items at `positions` (microseconds since the epoch)."""
+        return self.start_us[i] + np.asarray(positions, np.int64) * self.gap_us[i]
+
+
+@dataclass(frozen=True)
+class Response:
+    """What users did with impressions: watched seconds (0 = not watched), completed, liked."""
+
+    watched_s: np.ndarray
+    completed: np.ndarray
+    liked: np.ndarray
+
+    @property
+    def watched(self) -> np.ndarray:
+        return self.watched_s > 0
 
 
 # --- writing to the landing zone -------------------------------------------------------------------
