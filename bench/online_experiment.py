@@ -20,9 +20,10 @@ Prints one JSON object and writes it to `--out` with a PNG of the curves beside 
     python bench/online_experiment.py                       # 7 warm-up days, 2 closed-loop weeks
     python bench/online_experiment.py --weeks 1 --events-per-day 2000
 
-Feedback: by default the loop also reports unwatched impressions as `watched_s = 0` events
-(`--watches-only` sends only watches): serving's impressions log stamps impressions with the wall-clock
-time, so the simulated (past) days would get no served negatives from the join.
+Feedback: the simulated app reports only watches, with the answer's request_id; the unwatched impressions
+come from serving's impressions log (stamped with the simulated session's time) through the data plane's
+join as served negatives. `--report-unwatched` also sends them as `watched_s = 0` feedback, the way apps
+reported impressions before the impressions log existed.
 """
 
 from __future__ import annotations
@@ -201,7 +202,7 @@ def part_a_feedback_loop(args: argparse.Namespace, sim_config, workdir: Path) ->
     for name, share in settings_to_run.items():
         log(f"part A, {name}: warm-up {args.warmup_days} days, then {args.weeks} closed-loop week(s)")
         out[name] = closed_loop_run(workdir / name, sim_config, args.warmup_days, 7 * args.weeks,
-                                    explore_share=share, report_unwatched=not args.watches_only)
+                                    explore_share=share, report_unwatched=args.report_unwatched)
     if not can_explore:
         out["note"] = ("ServingConfig has no explore_share (the serving change is not merged): only the "
                        "exploration-off curve was run")
@@ -282,7 +283,8 @@ def main() -> int:
     parser.add_argument("--explore-share", type=float, default=0.1, help="the exploration-on setting's share of slots")
     parser.add_argument("--arms", choices=("both", "off", "on"), default="both",
                         help="run exploration off, on, or both (each is a fresh deployment)")
-    parser.add_argument("--watches-only", action="store_true", help="report only watches (see the docstring)")
+    parser.add_argument("--report-unwatched", action="store_true",
+                        help="also send unwatched impressions as feedback (see the docstring)")
     parser.add_argument("--part", choices=("a", "b", "ab"), default="a")
     parser.add_argument("--workdir", type=Path, help="default: a temporary folder, removed afterwards")
     parser.add_argument("--out", type=Path, default=Path("online_experiment.json"), help="JSON (PNG beside it)")
@@ -309,7 +311,7 @@ def main() -> int:
     result: dict[str, Any] = {"config": {**{k: str(v) if k == "start" else v
                                             for k, v in dataclasses.asdict(sim_config).items()},
                                          "warmup_days": args.warmup_days, "weeks": args.weeks,
-                                         "explore_share": args.explore_share, "report_unwatched": not args.watches_only,
+                                         "explore_share": args.explore_share, "report_unwatched": args.report_unwatched,
                                          "cpu_count": os.cpu_count()}}
     try:
         if "a" in args.part:

@@ -101,8 +101,15 @@ class ServicePlatform:
             self.service.refresh()
         return self.service.model.version if self.service.model is not None else None
 
+    def set_clock(self, at_us: int) -> None:
+        """The simulated time of the session about to be served: the service stamps its impressions (and
+        feedback without a time) with it, so they land on the simulated day."""
+        self.service.clock = lambda: at_us / 1_000_000
+
     def end_of_day(self) -> None:
         self.service.feedback.flush()
+        if hasattr(self.service, "impressions"):
+            self.service.impressions.flush()
 
     def after_hook(self) -> None:
         self.service.refresh()
@@ -325,6 +332,8 @@ def _serve_day(sim: Simulator, platform: Any, index: int, day: str, report_unwat
     for s in np.argsort(sessions.start_us, kind="stable"):
         user_id = sessions.user_id(s)
         surface = SURFACES[int(sessions.surface[s])]
+        if hasattr(platform, "set_clock"):
+            platform.set_clock(int(sessions.start_us[s]))
         answer = platform.recommend(user_id, int(sessions.length[s]), contexts[s], surface)
         items = list(answer.get("items") or [])
         if answer.get("fallback"):
