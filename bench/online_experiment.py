@@ -360,6 +360,12 @@ def part_b_experiment_table(args: argparse.Namespace, sim_config, workdir: Path)
        RecommendationService in experiment mode (`--mode`). After each day `decide_online` looks at all
        outcome rows so far; the first final outcome (or the horizon) ends the run.
 
+    Steps 2 and 3 may simulate more impressions a day than the warm-up (`--experiment-events-per-day`,
+    default: `--events-per-day`): the same world, more sessions per user. That buys little: the intervals
+    are clustered by user, and between-user variance dominates watch time, so power grows with the number
+    of users (`--initial-users`, which also grows the warm-up), not with sessions per user (measured:
+    10,000 instead of 3,000 a day narrowed the 7-day A/B interval by 13 %, not the 45 % of sqrt(3.3)).
+
     The outcome rows are built from what was served and how the simulated users responded
     (`CapturePlatform`), not through the data plane: that path is tested elsewhere, and without it a
     look costs milliseconds instead of a data plane run.
@@ -376,7 +382,9 @@ def part_b_experiment_table(args: argparse.Namespace, sim_config, workdir: Path)
                             min_impressions_per_arm=args.min_impressions_per_arm,
                             min_decided_requests=args.min_decided_requests, primary_metric=args.metric)
     total_days = args.warmup_days + replicates * horizon
-    world = dataclasses.replace(sim_config, days=total_days)
+    # The same world (users, videos, arrivals do not depend on events_per_day), more sessions a day.
+    world = dataclasses.replace(sim_config, days=total_days,
+                                events_per_day=args.experiment_events_per_day or sim_config.events_per_day)
     settings = fresh_deployment(workdir / "part_b")
     log(f"part B: warm-up {args.warmup_days} days (strong model: TrainDays {args.warmup_days - 1})")
     timings = warm_up(settings, sim_config, args.warmup_days)
@@ -482,7 +490,8 @@ def part_b_experiment_table(args: argparse.Namespace, sim_config, workdir: Path)
     finally:
         service.close()
     train_days = {v: d for v, d in ((weak_trained, args.weak_train_days), (strong_trained, args.warmup_days - 1))}
-    return {"versions": {"strong": strong, "weak": weak, "strong_train_days": train_days[strong],
+    return {"experiment_events_per_day": world.events_per_day,
+            "versions": {"strong": strong, "weak": weak, "strong_train_days": train_days[strong],
                          "weak_train_days": train_days[weak], "swapped_by_truth": swapped},
             "offline": {name: {k: round(v, 5) for k, v in offline[v].items() if "ndcg" in k.lower()}
                         for name, v in (("strong", strong), ("weak", weak))},
@@ -622,6 +631,9 @@ def main() -> int:
     parser.add_argument("--replicates", type=int, default=3,
                         help="part B: runs per pair (each on its own window of simulated days, fresh split)")
     parser.add_argument("--horizon", type=int, default=7, help="part B: DecisionConfig.max_days")
+    parser.add_argument("--experiment-events-per-day", type=int, default=0,
+                        help="part B: impressions a simulated day during the experiments and the truth pass "
+                             "(same world: only the number of sessions changes); 0: --events-per-day")
     parser.add_argument("--weak-train-days", type=int, default=2, help="part B: the weak model's TrainDays")
     parser.add_argument("--metric", choices=("watch_time", "ctr"), default="watch_time", help="part B: primary metric")
     parser.add_argument("--min-users-per-arm", type=int, default=100)
