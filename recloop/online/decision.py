@@ -71,6 +71,9 @@ class DecisionConfig:
     min_users_per_arm: int = 100
     min_impressions_per_arm: int = 1000
     min_decided_requests: int = 300  # interleaving
+    # Interleaving credit: the team whose items got more watch time ("watch_time", the primary goal) or more
+    # watches ("watches"): docs/online.md.
+    interleaving_credit: str = "watch_time"
     unit: str = "user_id"
 
     def __post_init__(self) -> None:
@@ -193,7 +196,7 @@ def _ab_look(frame: pd.DataFrame, metric: str, config: DecisionConfig, catalog_s
 
 
 def _interleave_look(frame: pd.DataFrame, config: DecisionConfig) -> tuple[m.Estimate, float, bool, m.InterleavingResult]:
-    result = m.interleaving_result(frame)
+    result = m.interleaving_result(frame, config.interleaving_credit)
     s = result.share
     effect = m.Estimate(s.value - 0.5, s.se, s.units)
     return effect, config.tau_share, result.challenger_wins + result.champion_wins >= config.min_decided_requests, result
@@ -209,7 +212,7 @@ def sequential_looks(frame: pd.DataFrame, days: Sequence[str], *, mode: str, met
     credited once per request (interleaving), so a look costs a pass over units, not impressions."""
     looks, p = [], 1.0
     if mode == "interleave":
-        credit = m.interleaving_credit(frame)
+        credit = m.interleaving_credit(frame, config.interleaving_credit)
         first_day = frame.groupby("request_id")["day"].min()
         credit["day"] = credit["request_id"].map(first_day)
         credit = credit[credit["credit"] != "tie"]

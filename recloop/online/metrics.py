@@ -227,15 +227,20 @@ class InterleavingResult:
                 "champion_wins": self.champion_wins, "ties": self.ties, "challenger_win_share": self.share.to_dict()}
 
 
-def interleaving_credit(frame: pd.DataFrame) -> pd.DataFrame:
+def interleaving_credit(frame: pd.DataFrame, by: str = "watches") -> pd.DataFrame:
     """One row per request: `user_id`, watches of the items each team placed, and `credit` = the arm
-    whose items got more watches ("champion" / "challenger"), or "tie" (equal, including none).
+    whose items got more watches ("champion" / "challenger"), or "tie" (equal, including none). `by`:
+    "watches" (how many of the team's items were watched) or "watch_time" (their watched seconds: the
+    credit that follows a watch-time goal).
     Explored slots are left out: their video was drawn at random, not placed by either team's ranking."""
     rows = normalise(frame)
     rows = rows[rows["arm"].isin(ARMS)]
     if "explored" in rows:
         rows = rows[~rows["explored"].fillna(False).astype(bool)]
-    watches = rows.pivot_table(index=["request_id", "user_id"], columns="arm", values="watched", aggfunc="sum",
+    if by not in ("watches", "watch_time"):
+        raise ValueError(f"interleaving credit by {by!r}: expected 'watches' or 'watch_time'")
+    value = "watched" if by == "watches" else "watched_s"
+    watches = rows.pivot_table(index=["request_id", "user_id"], columns="arm", values=value, aggfunc="sum",
                                fill_value=0.0)
     for arm in ARMS:
         if arm not in watches:
@@ -247,10 +252,10 @@ def interleaving_credit(frame: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def interleaving_result(frame: pd.DataFrame) -> InterleavingResult:
+def interleaving_result(frame: pd.DataFrame, by: str = "watches") -> InterleavingResult:
     """Credits of every request of `frame` and the challenger's win share with its 95 % interval (the
     ratio wins / decided requests over users: requests of one user are one cluster)."""
-    credit = interleaving_credit(frame)
+    credit = interleaving_credit(frame, by)
     decided = credit[credit["credit"] != "tie"]
     per_user = decided.groupby("user_id").agg(n=("credit", "size"),
                                               wins=("credit", lambda c: float((c == CHALLENGER_ARM).sum())))

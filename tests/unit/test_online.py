@@ -111,6 +111,12 @@ def test_interleaving_credits_the_right_arm_on_a_hand_made_example():
         [{"request_id": "r3", "user_id": "u2", "arm": "champion", "watched_s": 9.0, "video_id": "x",
           "completed": False, "liked": False, "explored": True}])], ignore_index=True)
     assert m.interleaving_credit(explored).set_index("request_id")["credit"]["r3"] == "tie"
+    # Credit by watch time (what the decision uses with the watch-time goal): r1 (10 s vs 5 + 3 s) and r4
+    # (100 s vs 1 s) go to the champion.
+    by_time = m.interleaving_credit(frame, "watch_time").set_index("request_id")["credit"].to_dict()
+    assert by_time == {"r1": "champion", "r2": "champion", "r3": "tie", "r4": "champion", "r5": "challenger"}
+    with pytest.raises(ValueError, match="watch_time"):
+        m.interleaving_credit(frame, "clicks")
 
 
 # --- the decision rule -----------------------------------------------------------------------------
