@@ -626,7 +626,7 @@ def main() -> int:
     parser.add_argument("--report-unwatched", action="store_true",
                         help="also send unwatched impressions as feedback (see the docstring)")
     parser.add_argument("--part", choices=("a", "b", "ab"), default="a")
-    parser.add_argument("--mode", choices=("ab", "interleave", "both"), default="ab",
+    parser.add_argument("--mode", choices=("ab", "interleave", "both"), default="both",
                         help="part B: experiment mode (both: each pair x replicate in A/B and interleaved)")
     parser.add_argument("--replicates", type=int, default=3,
                         help="part B: runs per pair (each on its own window of simulated days, fresh split)")
