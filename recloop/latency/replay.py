@@ -129,14 +129,16 @@ def pinned_service(settings: Settings, version: str, bundle: Path, work: Path) -
     flushing); raises when the model cannot be loaded. Its answers are logged as impressions like
     production's (the cost is part of a request), but into a spool and a landing zone of its own under
     `work`, removed afterwards: replayed requests never reach the real landing zone."""
+    from recloop.lake import LocalLake
     from recloop.serving.config import ServingConfig
     from recloop.serving.service import RecommendationService
 
     own = work / f"service-{uuid.uuid4().hex[:8]}"
     config = replace(ServingConfig.from_env(), feedback_spool_dir=own / "feedback-spool",
                      impressions_spool_dir=own / "impressions-spool")
-    settings = replace(settings, landing_uri=str(own / "landing"))
-    service = RecommendationService(settings, config, registry=PinnedRegistry(version, bundle))
+    # The deployment's settings (production ones refuse local paths), only the landing zone is our own.
+    service = RecommendationService(settings, config, registry=PinnedRegistry(version, bundle),
+                                    landing=LocalLake(str(own / "landing")))
     service.refresh()
     if service.model is None:
         problem = service.last_error or "the model did not load"

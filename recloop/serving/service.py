@@ -166,6 +166,8 @@ class RecommendationService:
         clock: seconds since the epoch (default `time.time`): when an answer was served (its impressions'
             `served_at`) and the default `event_time` of feedback. A closed-loop simulation
             (`recloop.data.closed_loop`) sets it to the simulated session's time.
+        landing: where feedback and impressions are flushed (default: the settings' landing zone; the
+            latency gate's replay gives a throwaway one).
     """
 
     def __init__(
@@ -177,6 +179,7 @@ class RecommendationService:
         metrics: ServingMetrics | None = None,
         online: OnlineFeatures | None = None,
         clock: Callable[[], float] | None = None,
+        landing: Lake | None = None,
     ) -> None:
         self.settings = settings
         self.clock: Callable[[], float] = clock or time.time
@@ -196,15 +199,16 @@ class RecommendationService:
         self.history = UserHistory(max_users=self.config.history_max_users, max_events=self.config.history_max_events,
                                    max_user_events=self.config.history_max_user_events)
         spool = self.config.feedback_spool_dir or settings.home / "serving" / "feedback-spool"
+        landing = landing or open_lake(settings.landing_uri, s3_endpoint_url=settings.s3_endpoint_url)
         self.feedback = FeedbackWriter(
-            open_lake(settings.landing_uri, s3_endpoint_url=settings.s3_endpoint_url),
+            landing,
             spool,
             flush_seconds=self.config.feedback_flush_seconds,
             max_batch=self.config.feedback_max_batch,
             on_flushed=lambda n: self.metrics.feedback_events.labels("flushed").inc(n),
         )
         self.impressions = ImpressionWriter(
-            open_lake(settings.landing_uri, s3_endpoint_url=settings.s3_endpoint_url),
+            landing,
             self.config.impressions_spool_dir or settings.home / "serving" / "impressions-spool",
             flush_seconds=self.config.impressions_flush_seconds,
             max_batch=self.config.impressions_max_batch,

@@ -377,7 +377,7 @@ def mlflow_server(production, tmp_path, monkeypatch) -> str:
 @pytest.mark.slow
 @pytest.mark.postgres
 @pytest.mark.redis
-def test_production_lifecycle_from_ingestion_to_promotion(production, mlflow_server, webhook_receiver):
+def test_production_lifecycle_from_ingestion_to_promotion(production, mlflow_server, webhook_receiver, monkeypatch):
     """RECLOOP_ENV=production end to end: simulated files land in S3, the Dagster data plane ingests,
     validates and builds features into the S3 lake, Feast (SQL registry on PostgreSQL, Redis online store)
     serves them, the training job trains on Feast's historical retrieval from the S3 snapshots, logs the
@@ -393,6 +393,11 @@ def test_production_lifecycle_from_ingestion_to_promotion(production, mlflow_ser
     from recloop.lake import open_lake
     from recloop.registry import CHAMPION, open_registry, registry_settings
 
+    # The latency gate runs in production too (its replay reads the S3 lake and Redis, and logs into a
+    # throwaway landing zone of its own); whatever this shared machine's load, it passes here.
+    monkeypatch.setenv("RECLOOP_LATENCY_BUDGET_MS", "60000")
+    monkeypatch.setenv("RECLOOP_LATENCY_MAX_RATIO", "100")
+    monkeypatch.setenv("RECLOOP_LATENCY_SAMPLE", "40")
     settings = Settings.from_env()
     assert settings.is_production and settings.mlflow_tracking_uri == mlflow_server
     config = SimConfig(seed=5, days=4, initial_users=800, initial_videos=300, events_per_day=4_000,
@@ -416,6 +421,7 @@ def test_production_lifecycle_from_ingestion_to_promotion(production, mlflow_ser
     training = run_job("training_job", inst=inst, run_config_ops=ops)
     assert training.success, training.error
     assert training.checks["model/registered_version:promotion_gate"] is True
+    assert training.checks["model/registered_version:latency_gate"] is True
     assert training.materialized["model/champion"]["champion"] == "1"
 
     # S3: landing zone and every layer of the lake, per day
