@@ -61,9 +61,12 @@ def test_a_refused_promotion_is_a_successful_run(recloop_env, webhook_receiver, 
     run = inst.get_run_by_id(second["run_id"])
     assert run.status == dg.DagsterRunStatus.SUCCESS
     assert not inst.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_FAILURE)
-    (evaluation,) = [e.dagster_event.event_specific_data
-                     for e in inst.all_logs(run.run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION)]
-    assert evaluation.check_name == "promotion_gate" and evaluation.passed is False
+    evaluations = {e.dagster_event.event_specific_data.check_name: e.dagster_event.event_specific_data
+                   for e in inst.all_logs(run.run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION)}
+    # The latency gate of a refused candidate is skipped (nothing to measure) and passes.
+    assert set(evaluations) == {"promotion_gate", "latency_gate"} and evaluations["latency_gate"].passed
+    evaluation = evaluations["promotion_gate"]
+    assert evaluation.passed is False
     assert evaluation.severity == dg.AssetCheckSeverity.WARN
     assert evaluation.description == second["reasons"][0]
     assert evaluation.metadata["decision"].value == "refused"
