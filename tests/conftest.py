@@ -27,6 +27,16 @@ for _key, _value in {
 }.items():
     os.environ.setdefault(_key, _value)
 
+# Training jobs in tests run the latency gate with a small replay and a budget no shared machine misses:
+# the gate's rule and its replay have their own tests (tests/*/test_latency_gate.py), which set their own.
+for _key, _value in {
+    "RECLOOP_LATENCY_SAMPLE": "30",
+    "RECLOOP_LATENCY_WARMUP": "5",
+    "RECLOOP_LATENCY_BUDGET_MS": "60000",
+    "RECLOOP_LATENCY_MAX_RATIO": "100",
+}.items():
+    os.environ.setdefault(_key, _value)
+
 # The deployment's service settings: a developer's shell may export them; an isolated test must not see them.
 PRODUCTION_VARS = (
     "RECLOOP_S3_ENDPOINT_URL", "RECLOOP_REDIS_URL", "RECLOOP_FEAST_REGISTRY_URL", "RECLOOP_MLFLOW_TRACKING_URI",
