@@ -57,6 +57,9 @@ def test_answers_from_the_fallback_or_no_figures_refuse():
 
 
 def test_settings_from_the_environment(monkeypatch):
+    for var in ("RECLOOP_LATENCY_BUDGET_MS", "RECLOOP_LATENCY_MAX_RATIO", "RECLOOP_LATENCY_SAMPLE",
+                "RECLOOP_LATENCY_WARMUP"):
+        monkeypatch.delenv(var, raising=False)  # tests/conftest.py sets test defaults
     assert LatencyConfig.from_env() == LatencyConfig(budget_ms=25.0, max_ratio=1.5, sample=300, warmup=30)
     monkeypatch.setenv("RECLOOP_LATENCY_BUDGET_MS", "40")
     monkeypatch.setenv("RECLOOP_LATENCY_MAX_RATIO", "1.2")
