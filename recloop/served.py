@@ -118,16 +118,19 @@ def _register_known(con: duckdb.DuckDBPyConnection, lake: Lake, partition: str) 
                             local_partition_files(lake, dataset))
 
 
+def _day_tables(lake: Lake, partition: str) -> tuple[pa.Table, pa.Table]:
+    """The day's accepted impressions and silver events (empty tables for a day without them)."""
+    impressions = _read(lake, IMPRESSIONS_DATASET, partition, IMPRESSIONS.schema)
+    events = _read(lake, EVENTS_DATASET, partition, EVENTS.silver_schema)
+    return (IMPRESSIONS.schema.empty_table() if impressions is None else impressions,
+            EVENTS.silver_schema.empty_table() if events is None else events)
+
+
 def append_served_negatives(lake: Lake, partition: str) -> JoinResult:
     """Day `partition`'s served negatives into `silver/events/date=<partition>` (replacing the partition:
     the events without earlier served negatives, then the negatives of the day's accepted impressions).
     Leaves the partition alone when there is nothing to add or remove. Idempotent."""
-    impressions = _read(lake, IMPRESSIONS_DATASET, partition, IMPRESSIONS.schema)
-    events = _read(lake, EVENTS_DATASET, partition, EVENTS.silver_schema)
-    if impressions is None:
-        impressions = IMPRESSIONS.schema.empty_table()
-    if events is None:
-        events = EVENTS.silver_schema.empty_table()
+    impressions, events = _day_tables(lake, partition)
     con = _connect()
     try:
         con.register("imp", impressions)
@@ -170,12 +173,7 @@ def write_outcomes(lake: Lake, partition: str) -> OutcomesResult:
     its feedback events reported (watched_s: the longest watch, completed / liked: any event said so,
     feedback: at least one event), from the day's `silver/events` without the served negatives. Replaces
     the partition (an empty one for a day without impressions)."""
-    impressions = _read(lake, IMPRESSIONS_DATASET, partition, IMPRESSIONS.schema)
-    events = _read(lake, EVENTS_DATASET, partition, EVENTS.silver_schema)
-    if impressions is None:
-        impressions = IMPRESSIONS.schema.empty_table()
-    if events is None:
-        events = EVENTS.silver_schema.empty_table()
+    impressions, events = _day_tables(lake, partition)
     con = _connect()
     try:
         con.register("imp", impressions)
