@@ -819,8 +819,30 @@ def candidate_version(workdir: Path) -> str:
     return path.read_text().strip()
 
 
+NONINFERIORITY_ENV = "RECLOOP_GATE_NONINFERIORITY_MARGIN"
+DEFAULT_NONINFERIORITY_MARGIN = 0.05
+
+
+def noninferiority_margin() -> float | None:
+    """The offline gate's non-inferiority margin against the champion when online experiments are on
+    ($RECLOOP_GATE_NONINFERIORITY_MARGIN, default 0.05; `GateConfig.noninferiority_margin`), None when
+    they are off (the gate then asks for superiority). Raises ValueError on a value outside [0, 1)."""
+    if not online_experiments_enabled():
+        return None
+    raw = (os.environ.get(NONINFERIORITY_ENV) or "").strip()
+    try:
+        margin = float(raw) if raw else DEFAULT_NONINFERIORITY_MARGIN
+    except ValueError:
+        raise ValueError(f"{NONINFERIORITY_ENV} must be a number in [0, 1), got {raw!r}") from None
+    if not 0 <= margin < 1:
+        raise ValueError(f"{NONINFERIORITY_ENV} must be a number in [0, 1), got {raw!r}")
+    return margin
+
+
 def gate_config(*, min_improvement: float | None = None, max_identical_list_share: float | None = None) -> GateConfig:
-    """The promotion gate's rules, the two an operator tunes per run overridden when given."""
+    """The promotion gate's rules, the two an operator tunes per run overridden when given; with online
+    experiments on, the primary metric against a champion is a non-inferiority check
+    (`noninferiority_margin`)."""
     from recloop.registry import GateConfig
 
     default = GateConfig()
@@ -828,6 +850,7 @@ def gate_config(*, min_improvement: float | None = None, max_identical_list_shar
         min_improvement=default.min_improvement if min_improvement is None else float(min_improvement),
         max_identical_list_share=(default.max_identical_list_share if max_identical_list_share is None
                                   else float(max_identical_list_share)),
+        noninferiority_margin=noninferiority_margin(),
     )
 
 

@@ -174,6 +174,14 @@ class GateConfig:
     concentration_metric: str = "popularity_concentration"
     # Relative margin over the baseline on the primary metric: 0.02 = at least 2% better.
     min_improvement: float = 0.02
+    # With online experiments on, the live experiment judges the improvement and the offline gate against a
+    # champion only asks for non-inferiority: the challenger's primary metric at least (1 - margin) x the
+    # champion's. Once the platform serves its own recommendations, the held-out day is made of what the
+    # champion chose to show (its positives can only be videos it put on screen), so offline superiority
+    # over the logging champion is biased against every challenger (docs/online.md). None: superiority
+    # (`min_improvement`), as without experiments. The first model is always judged on superiority over
+    # popularity; the guardrails and sanity checks are unchanged.
+    noninferiority_margin: float | None = None
     # Guardrails against the champion.
     min_coverage_ratio: float = 0.8
     min_diversity_ratio: float = 0.9
@@ -296,6 +304,17 @@ def decide(
     elif theirs is None or not math.isfinite(theirs):
         record(
             "primary_metric", False, f"{baseline_name} {metric} is {_fmt(theirs)}: nothing to compare with"
+        )
+    elif champion is not None and config.noninferiority_margin is not None:
+        bar = theirs * (1 - config.noninferiority_margin)
+        ok = ours >= bar and ours > 0
+        change = (ours / theirs - 1) if theirs else math.inf if ours > 0 else 0.0
+        record(
+            "primary_metric",
+            ok,
+            f"challenger {metric} {ours:.4f} vs {baseline_name} {theirs:.4f} ({change:+.1%}); "
+            f"needs >= {bar:.4f} (non-inferiority, -{config.noninferiority_margin:.1%}: "
+            "the online experiment judges the improvement)",
         )
     else:
         bar = theirs * (1 + config.min_improvement)

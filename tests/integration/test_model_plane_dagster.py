@@ -1,19 +1,25 @@
 """The model plane as Dagster runs it, on simulated data through the real data plane: training window →
 two-tower → FAISS → ranker (candidate sources on time folds, LambdaRank with Feast point-in-time features)
-→ evaluation → MLflow (real sqlite store) → promotion gate → champion; then a second cycle that must beat
-the champion on the same split, and the refusal recorded."""
+→ evaluation → MLflow (real sqlite store) → promotion gate → champion; then a second cycle, launched by
+`recloop train`, that must beat the champion on the same split: the refusal is a successful run, recorded."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from recloop import cli
 from recloop.data.simulator import SimConfig, simulate
 from recloop.lake import open_lake
 
 pytestmark = pytest.mark.slow
 
 
-def test_training_cycle_promotes_then_gate_refuses_an_equal_challenger(recloop_env, monkeypatch):
+def test_training_cycle_promotes_then_gate_refuses_an_equal_challenger(recloop_env, webhook_receiver, capsys,
+                                                                       monkeypatch):
+    import dagster as dg
+
     from pipelines.run import instance, run_data_plane, run_job
     from recloop.registry import open_registry
 
@@ -60,12 +66,44 @@ def test_training_cycle_promotes_then_gate_refuses_an_equal_challenger(recloop_e
     assert run.data.tags.get("recloop.data_range") or any(k.startswith("data.") for k in run.data.params)
 
     # Same data, same seeds: the challenger cannot beat the champion by the 2 % margin on the same split.
-    second = run_job("training_job", inst=instance(settings), run_config_ops=ops)
-    assert second.success, second.error  # a refusal is a normal outcome, not a failed run
-    assert second.checks["model/registered_version:promotion_gate"] is False
-    assert second.checks["model/registered_version:latency_gate"] is True  # not measured: refused offline
-    assert "champion" in second.materialized["model/evaluation"]["by_recommender"]
-    assert "model/champion" not in second.materialized
+    # A refusal is a normal outcome: `recloop train` (the same job, launched by the CLI) exits 0 without a
+    # stack trace and says why; the Dagster run succeeds, the gate check fails with WARN severity,
+    # `model/champion` is not materialized, the champion stays and one model.refused webhook goes out.
+    monkeypatch.delenv("RECLOOP_DEBUG", raising=False)
+    capsys.readouterr()
+    code = cli.main(["train", "--train-days", "3", "--test-days", "1"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    for text in (out, err):
+        assert "Traceback" not in text and "Stack Trace" not in text and "DagsterAssetCheckFailedError" not in text
+    second = json.loads(out)
+    assert second["success"] is True and second["promoted"] is False and second["decision"] == "refused"
+    assert second["reasons"] and second["reasons"] == second["gate"] and second["registered_version"] == "2"
+    assert second["champion"] == "1" and "error" not in second
+    # (MLflow may log an INFO line of its own before it)
+    assert err.strip().splitlines()[-1] == (
+        f"recloop train: version 2 was not promoted: {second['reasons'][0]}; the champion stays 1")
+
     assert str(registry.champion().version) == "1"
     decisions = [(h["version"], h["decision"]) for h in registry.history()]
     assert decisions[0] == ("2", "refused") and ("1", "promoted") in decisions
+    assert len(webhook_receiver.of_type("model.refused")) == 1
+
+    inst = instance(settings)
+    run = inst.get_run_by_id(second["run_id"])
+    assert run.status == dg.DagsterRunStatus.SUCCESS
+    assert not inst.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_FAILURE)
+    evaluations = {e.dagster_event.event_specific_data.check_name: e.dagster_event.event_specific_data
+                   for e in inst.all_logs(run.run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION)}
+    # The latency gate of a refused candidate is skipped (nothing to measure) and passes.
+    assert set(evaluations) == {"promotion_gate", "latency_gate"} and evaluations["latency_gate"].passed
+    evaluation = evaluations["promotion_gate"]
+    assert evaluation.passed is False
+    assert evaluation.severity == dg.AssetCheckSeverity.WARN
+    assert evaluation.description == second["reasons"][0]
+    assert evaluation.metadata["decision"].value == "refused"
+    materialized = {e.dagster_event.asset_key.to_user_string()
+                    for e in inst.all_logs(run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION)}
+    assert "model/registered_version" in materialized and "model/champion" not in materialized
+    assert "champion" in inst.get_latest_materialization_event(
+        dg.AssetKey(["model", "evaluation"])).asset_materialization.metadata["by_recommender"].value

@@ -256,3 +256,36 @@ def test_popularity_concentration_stderr_is_the_spread_over_users() -> None:
     # Shares 1, 0, 1, 0: sample variance 1/3 over 4 lists -> 0.5 / sqrt(3).
     assert popularity_concentration_stderr(mixed, pop) == pytest.approx(0.5 / 3**0.5, rel=1e-9)
     assert math.isnan(popularity_concentration_stderr([["v0"]], pop))
+
+
+def test_with_online_experiments_the_gate_asks_a_challenger_for_non_inferiority_only() -> None:
+    """The online experiment judges the improvement: against a champion, a challenger within the margin
+    passes, one below it is refused with the bar; the first model still has to beat popularity."""
+    config = GateConfig(noninferiority_margin=0.05)
+    slightly_worse = gate(challenger(ndcg_at_10=0.192), config=config)  # -4% > -5%
+    assert slightly_worse.promote, slightly_worse.reasons
+    assert "non-inferiority" in reason(slightly_worse, "primary_metric")
+    worse = gate(challenger(ndcg_at_10=0.188), config=config)  # -6%
+    assert worse.failed == ["primary_metric"]
+    assert "0.1900" in reason(worse, "primary_metric")  # the bar: 0.95 x 0.200
+    # The guardrails do not loosen.
+    assert gate(challenger(ndcg_at_10=0.200, diversity=0.40), config=config).failed == ["diversity_guardrail"]
+    # The first model: superiority over popularity, as without experiments.
+    assert gate(challenger(ndcg_at_10=0.099), champ=None, config=config).failed == ["primary_metric"]
+    # Without the margin (experiments off), the same slightly worse challenger is refused.
+    assert gate(challenger(ndcg_at_10=0.192)).failed == ["primary_metric"]
+
+
+def test_the_margin_follows_the_online_experiments_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    from recloop import lifecycle
+
+    monkeypatch.delenv("RECLOOP_GATE_NONINFERIORITY_MARGIN", raising=False)
+    monkeypatch.setenv("RECLOOP_ONLINE_EXPERIMENTS", "off")
+    assert lifecycle.gate_config().noninferiority_margin is None
+    monkeypatch.setenv("RECLOOP_ONLINE_EXPERIMENTS", "on")
+    assert lifecycle.gate_config().noninferiority_margin == pytest.approx(0.05)
+    monkeypatch.setenv("RECLOOP_GATE_NONINFERIORITY_MARGIN", "0.02")
+    assert lifecycle.gate_config().noninferiority_margin == pytest.approx(0.02)
+    monkeypatch.setenv("RECLOOP_GATE_NONINFERIORITY_MARGIN", "1.5")
+    with pytest.raises(ValueError, match="RECLOOP_GATE_NONINFERIORITY_MARGIN"):
+        lifecycle.gate_config()
