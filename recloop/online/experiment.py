@@ -106,7 +106,14 @@ def conclude(lake: Lake, registry: Registry, *, as_of: str | None = None, config
                                 "no online experiment running (no `experiment` alias)")
     exp_id, version, champion_at_start = info["experiment_id"], info["version"], info["champion_version"]
     started = info["started_at"].astimezone(UTC).date().isoformat()
-    days = [p for p in lake.partitions(OUTCOMES_DATASET) if p >= started]
+    logged = lake.partitions(OUTCOMES_DATASET)
+    days = [p for p in logged if p >= started]
+    if not days and logged:
+        # The days of data are behind the wall clock the registry stamped (a simulation, a replay of past
+        # days): the experiment started on the first day its own impressions were logged.
+        first = _first_day(lake, logged, exp_id)
+        if first is not None:
+            started, days = first, [p for p in logged if p >= first]
     if as_of is None:
         as_of = max(days) if days else max(started, datetime.now(UTC).date().isoformat())
     days = [d for d in days if d <= as_of]
@@ -139,3 +146,15 @@ def conclude(lake: Lake, registry: Registry, *, as_of: str | None = None, config
     status = decision.reasons[0]
     return ExperimentResult(exp_id, version, champion_at_start, started, decision, applied, run_id, status,
                             registry.lineage())
+
+
+def _first_day(lake: Lake, days: list[str], experiment_id: str) -> str | None:
+    """The first day of the newest run of `days` whose impression outcomes hold rows of `experiment_id`
+    (None: none does); read from the newest day back, so a long history costs one day past the run."""
+    first = None
+    for day in sorted(days, reverse=True):
+        if len(read_outcomes(lake, [day], experiment=experiment_id)):
+            first = day
+        elif first is not None:
+            break
+    return first

@@ -450,6 +450,21 @@ def test_conclude_stops_a_worse_challenger_and_the_champion_stays(registry, tmp_
     assert outcome.alert.type == "model.refused"
 
 
+def test_an_experiment_on_days_behind_the_wall_clock_starts_on_its_first_logged_day(registry, tmp_path):
+    """A simulation or a replay logs days long before the day the registry stamped: the experiment's own
+    impressions say when it started (an older run of another experiment is not counted)."""
+    from recloop.online.experiment import conclude
+
+    lake = open_lake(str(tmp_path / "lake"))
+    v1, v2, exp = started_experiment(registry)
+    frame = ab_frame(2, 400, ctr=(0.3, 0.15), seed=10)  # days START, START + 1: years before today
+    write_experiment(lake, frame, exp)
+    write_outcomes(lake, (START - timedelta(days=3)).isoformat(), np.arange(50))
+    result = conclude(lake, registry, apply=False)
+    assert result.started == START.isoformat(), result.status
+    assert result.decision is not None and result.decision.outcome == "stop_worse", result.status
+
+
 def test_conclude_stops_an_experiment_whose_champion_moved(registry, tmp_path):
     from recloop.registry import CHAMPION
     from recloop.online.experiment import conclude
