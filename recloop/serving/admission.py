@@ -28,9 +28,11 @@ Shedding with 503 rather than answering with the popularity fallback is delibera
 still costs the thread pool, JSON encoding and the response, which is exactly the capacity that is
 missing; a 503 with `Retry-After` tells a client or a load balancer to go elsewhere or come back.
 
-The operational endpoints (`/healthz`, `/readyz`, `/metrics`) are never shed nor counted against the
-limit: an overloaded process must still be seen alive and scraped. The limit applies to every other
-path (recommendations and feedback).
+The operational endpoints (`/healthz`, `/readyz`, `/metrics`) and the landing page `/` (a few hundred
+bytes saying which model is served) are never shed nor counted against the limit: an overloaded process
+must still be seen alive, scraped and identified. The limit applies to every other path: recommendations
+and feedback, and the documentation (`/docs`, `/redoc`, `/openapi.json` and their JavaScript and CSS,
+megabytes that can wait for a retry).
 
 Everything runs on the event loop (no lock needed): the counter of slots in use and a deque of waiting
 futures. A finishing request hands its slot directly to the oldest waiter (unless the limit has just
@@ -51,7 +53,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from recloop.serving.metrics import ServingMetrics
 
-NEVER_SHED = frozenset({"/healthz", "/readyz", "/metrics"})
+NEVER_SHED = frozenset({"/healthz", "/readyz", "/metrics", "/"})
 MIN_WINDOW = 10  # requests finished before a window's percentile counts (a few slow ones at low load do not)
 
 
@@ -94,7 +96,7 @@ class AdmissionControl:
         app: the ASGI app behind it.
         limits: the bounds (`AdmissionLimits`; `max_in_flight=0` passes everything through).
         metrics: where shed requests, requests in flight and queue waits are counted.
-        never_shed: paths always passed through (default: /healthz, /readyz, /metrics).
+        never_shed: paths always passed through (default: /healthz, /readyz, /metrics, /).
     """
 
     def __init__(

@@ -7,25 +7,32 @@
     GET  /readyz               503 until a model or the popularity fallback is loaded; 200 with
                                "status": "degraded" while the online store is unavailable (error text: key)
     GET  /metrics              Prometheus text format
-    GET  /docs, /openapi.json  the OpenAPI description
+    GET  /                     a landing page (HTML): the model served, the experiment, links to the rest
+    GET  /docs, /redoc         the OpenAPI description in Swagger UI and ReDoc (/openapi.json: the JSON)
 
 `create_app(settings)` builds the app around a `RecommendationService` started and stopped with the
 app's lifespan; `serve(settings)` runs it with uvicorn (what `recloop serve` calls). Writes need an API
 key (`recloop.serving.auth`); bodies are parsed as strict JSON and feedback is checked against the
 limits of `ServingConfig` (`recloop.serving.inputs`).
+
+Swagger UI and ReDoc come from the `fastapi-offline` package (their JavaScript and CSS, served under
+`DOCS_ASSETS`), not from a CDN: the documentation pages work on a machine without internet access.
 """
 
 from __future__ import annotations
 
+import copy
+import html
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime, timezone
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, Request, Response, Security
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field, field_validator
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -38,6 +45,10 @@ from recloop.serving.history import HistoryCollector
 from recloop.serving.inputs import StrictJSONRoute, check_feedback, to_utc, validation_error_handler
 from recloop.serving.metrics import ServingMetrics
 from recloop.serving.service import Recommendation, RecommendationService
+
+TITLE = "recloop serving"
+DESCRIPTION = "Recommendations (retrieval → ranking → re-ranking), feedback and health of recloop."
+DOCS_ASSETS = "/static/docs"  # Swagger UI's and ReDoc's JavaScript, CSS and icon (package fastapi-offline)
 
 
 class Context(BaseModel):
@@ -221,11 +232,15 @@ def create_app(
         finally:
             service.stop()
 
-    app = FastAPI(
-        title="recloop serving",
+    # FastAPI with /docs and /redoc pointing at the assets of fastapi-offline, served from DOCS_ASSETS.
+    # `validatorUrl: null`: Swagger UI never asks the online validator about the description.
+    app = FastAPIOffline(
+        title=TITLE,
         version="1",
-        description="Recommendations (retrieval → ranking → re-ranking), feedback and health of recloop.",
+        description=DESCRIPTION,
         lifespan=lifespan,
+        static_url=DOCS_ASSETS,
+        swagger_ui_parameters={"validatorUrl": None},
     )
     app.state.service = service
     app.router.route_class = StrictJSONRoute  # NaN, Infinity, lone surrogates: 422 (recloop.serving.inputs)
@@ -272,7 +287,95 @@ def create_app(
     def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def landing(request: Request) -> HTMLResponse:
+        """For people: what this server is, which model it serves, where the docs and probes are."""
+        return HTMLResponse(landing_page(
+            service.describe(), service.status()["status"], root=request.scope.get("root_path", ""),
+            keys=keys.enabled, recommendations_keyed=recommendations_keyed,
+        ))
+
     return app
+
+
+def landing_page(
+    info: dict[str, Any], status: str, *, root: str = "", keys: bool = True,
+    recommendations_keyed: bool = False,
+) -> str:
+    """The HTML of `/`: `info` is `RecommendationService.describe()`, `status` its `/readyz` status; links
+    start with `root` (the ASGI root path behind a proxy). Nothing is loaded from elsewhere, and no
+    artifact location is shown (as `/readyz`, the page is open to anyone who reaches the port)."""
+
+    def e(value: object) -> str:
+        return html.escape(str(value))
+
+    champion, experiment = info.get("champion"), info.get("experiment")
+    rows: list[tuple[str, str]] = [("status", f'{e(status)} (<a href="{e(root)}/readyz">/readyz</a>)')]
+    if champion is None:
+        answers = ": answers come from the popularity of each segment" if status != "not_ready" else ""
+        rows.append(("model", f"none loaded yet{answers}"))
+    else:
+        run = f" (training run <code>{e(champion['run_id'])}</code>)" if champion.get("run_id") else ""
+        rows += [
+            ("model", f"<strong>{e(champion['name'])}</strong> version <strong>{e(champion['version'])}</strong> "
+                      f"(alias <code>{e(champion['alias'])}</code>)"),
+            ("model URI", f"<code>{e(champion['uri'])}</code>{run}"),
+            ("catalog", f"{e(champion['catalog_size'])} videos, feature snapshot {e(champion['feature_snapshot'])}"),
+        ]
+    if experiment is None:
+        rows.append(("online experiment", "none: every answer comes from the champion"))
+    else:
+        challenger = experiment["challenger"]
+        split = (f"A/B, {experiment['share']:.0%} of users on the challenger" if experiment["mode"] == "ab"
+                 else "team-draft interleaving of both rankings in every answer")
+        rows.append(("online experiment",
+                     f"<strong>{e(experiment['id'])}</strong>: challenger version "
+                     f"<strong>{e(challenger['version'])}</strong> (alias <code>{e(challenger['alias'])}"
+                     f"</code>, <code>{e(challenger['uri'])}</code>), {e(split)}"))
+    table = "\n".join(f"<tr><th>{name}</th><td>{value}</td></tr>" for name, value in rows)
+    recommendations = "needs an API key" if recommendations_keyed and keys else "open"
+    feedback = "needs an API key" if keys else "open: no API keys are set on this server"
+    links = [
+        ("/docs", "Swagger UI: the API, tried from the browser"),
+        ("/redoc", "ReDoc: the API reference"),
+        ("/openapi.json", "the OpenAPI description (JSON)"),
+        ("/readyz", "readiness: model, catalog, feature snapshot (503 until something can answer)"),
+        ("/healthz", "liveness: the process is up"),
+        ("/metrics", "Prometheus metrics"),
+    ]
+    items = "\n".join(f'<li><a href="{e(root)}{path}"><code>{path}</code></a>: {e(text)}</li>'
+                      for path, text in links)
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{e(TITLE)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 52rem; margin: 2rem auto; padding: 0 1rem; }}
+th {{ text-align: left; padding-right: 1.5rem; vertical-align: top; white-space: nowrap; }}
+td, th {{ padding-bottom: .3rem; }}
+code {{ background: #f3f3f3; padding: 0 .2rem; }}
+</style>
+</head>
+<body>
+<h1>{e(TITLE)}</h1>
+<p>{e(DESCRIPTION)}</p>
+<h2>What is served</h2>
+<table>
+{table}
+</table>
+<h2>API</h2>
+<ul>
+<li><code>POST /v1/recommendations</code>: top-k videos for a user ({recommendations})</li>
+<li><code>POST /v1/feedback</code>: impressions and watches ({feedback})</li>
+</ul>
+<ul>
+{items}
+</ul>
+</body>
+</html>
+"""
 
 
 def serve(
@@ -294,4 +397,20 @@ def serve(
     torch.set_num_threads(1)
     faiss.omp_set_num_threads(1)
     app = create_app(settings or Settings.from_env(), config)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=access_log)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=access_log,
+                log_config=log_config(log_level))
+
+
+def log_config(log_level: str = "info") -> dict[str, Any]:
+    """uvicorn's logging configuration plus recloop's loggers on its console handler, so that what the
+    service logs (the model it serves, swaps, fallbacks) shows next to uvicorn's lines at `log_level`."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["formatters"]["recloop"] = {**config["formatters"]["default"],
+                                       "fmt": "%(levelprefix)s %(name)s: %(message)s"}
+    config["handlers"]["recloop"] = {**config["handlers"]["default"], "formatter": "recloop"}
+    level = log_level.upper()
+    config["loggers"]["recloop"] = {"handlers": ["recloop"], "level": "DEBUG" if level == "TRACE" else level,
+                                    "propagate": False}
+    return config

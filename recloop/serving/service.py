@@ -88,6 +88,9 @@ FALLBACK_MODEL_ERROR = "model_error"
 
 BREAKER_STATES = ("closed", "half_open", "open")  # the gauge's values 0, 1, 2
 DEGRADED_STORE = "online store unavailable"
+# The registry aliases the service follows (the names of `recloop.registry`, which imports MLflow).
+CHAMPION_ALIAS = "champion"
+EXPERIMENT_ALIAS = "experiment"
 
 
 def _freeze_heap() -> None:
@@ -142,6 +145,11 @@ class _Sources:
 
     events_partition: str | None = None
     popularity: Popularity | None = None
+
+
+def _registered(version: Any) -> dict[str, str | None]:
+    """The registry's `source` (where the files are) and `run_id` (the training run) of a `ModelVersion`."""
+    return {"source": getattr(version, "source", None), "run_id": getattr(version, "run_id", None)}
 
 
 def _alert_corrupt(version: str, err: CorruptModelError) -> None:
@@ -221,6 +229,10 @@ class RecommendationService:
         self._challenger: ServingModel | None = None
         self._challenger_bundle: tuple[Path, Path] | None = None
         self._corrupt_challenger: tuple[str, float] | None = None
+        # What the registry says of the served versions: their files' `source` and training `run_id`.
+        self._champion_registered: dict[str, str | None] = _registered(None)
+        self._challenger_registered: dict[str, str | None] = _registered(None)
+        self._announced: tuple[Any, ...] | None = None  # what the last "serving ..." log line said
         # (download folder, bundle folder in it) of the model being served: kept to reload the same
         # version when new uploads or a new feature snapshot arrive, removed when the version changes.
         self._bundle: tuple[Path, Path] | None = None
@@ -292,6 +304,30 @@ class RecommendationService:
             "last_error": self.last_error,
         }
 
+    def describe(self) -> dict[str, Any]:
+        """What is served, for the log and the landing page: the registered model's name, and for the
+        champion (None before one is loaded) and the online experiment's challenger (`experiment`: None
+        without one) the version, registry alias, URI (`models:/<name>/<version>`, what was downloaded),
+        the version's `source` and `run_id` in the registry, catalog size and feature snapshot."""
+        model, challenger = self._model, self._challenger
+        name = getattr(self.registry, "model_name", None)
+
+        def served(m: ServingModel, alias: str, registered: dict[str, str | None]) -> dict[str, Any]:
+            return {"name": name, "version": m.version, "alias": alias, "uri": f"models:/{name}/{m.version}",
+                    **registered, "catalog_size": len(m.ids), "feature_snapshot": m.feature_snapshot}
+
+        experiment = None
+        if model is not None and challenger is not None and challenger.version != model.version:
+            cfg = self.config
+            experiment = {"id": experiment_id(model.version, challenger.version), "mode": cfg.experiment_mode,
+                          "share": cfg.experiment_share,
+                          "challenger": served(challenger, EXPERIMENT_ALIAS, self._challenger_registered)}
+        return {
+            "model_name": name,
+            "champion": None if model is None else served(model, CHAMPION_ALIAS, self._champion_registered),
+            "experiment": experiment,
+        }
+
     # --- background refresh -----------------------------------------------------------------------
 
     def _online(self) -> OnlineFeatures:
@@ -345,7 +381,7 @@ class RecommendationService:
             # as it is (its bundle is the champion's now; the experiment step finds no challenger to drop).
             loaded = (challenger, self._challenger_bundle)
             self._challenger, self._challenger_bundle = None, None
-            return self._swap(version, *loaded)
+            return self._swap(version, *loaded, registered=_registered(champion))
         try:
             loaded = self._load(version, current, self._bundle)
         except CorruptModelError as err:
@@ -354,10 +390,13 @@ class RecommendationService:
             raise
         if loaded is None:
             return False
-        return self._swap(version, *loaded)
+        return self._swap(version, *loaded, registered=_registered(champion))
 
-    def _swap(self, version: str, model: ServingModel, bundle: tuple[Path, Path]) -> bool:
+    def _swap(
+        self, version: str, model: ServingModel, bundle: tuple[Path, Path], *, registered: dict[str, str | None],
+    ) -> bool:
         self._corrupt = None
+        self._champion_registered = registered
         previous, self._bundle = self._bundle, bundle
         self._model = model  # the swap: one reference assignment
         if previous is not None and previous is not bundle:
@@ -365,8 +404,7 @@ class RecommendationService:
         _freeze_heap()
         self.metrics.model_swaps.inc()
         self.metrics.model_version.set(int(version))
-        log.info("serving champion version %s (%d videos)", version, len(model.ids))
-        return True
+        return True  # logged by `_announce` once the experiment step has run too
 
     def _load(
         self, version: str, current: ServingModel | None, current_bundle: tuple[Path, Path] | None,
@@ -427,14 +465,13 @@ class RecommendationService:
             return False
         model, bundle = loaded
         self._corrupt_challenger = None
+        self._challenger_registered = _registered(experiment)
         previous, self._challenger_bundle = self._challenger_bundle, bundle
         self._challenger = model  # one reference assignment, as for the champion
         if previous is not None and previous is not bundle:
             shutil.rmtree(previous[0], ignore_errors=True)
         _freeze_heap()
-        log.info("online experiment %s: challenger version %s loaded (%s)", self.experiment, version,
-                 self.config.experiment_mode)
-        return True
+        return True  # logged by `_announce`
 
     def refresh(self) -> bool:
         """One round of the background thread: lake data, then the model. Never raises: a failure is
@@ -453,7 +490,37 @@ class RecommendationService:
                 self.last_error = "; ".join(errors)
             elif self._model is not None:
                 self.last_error = None
+            self._announce()
             return swapped
+
+    def _announce(self) -> None:
+        """One INFO line when what is served changes (the first refresh after the start, a new champion or
+        feature snapshot, an experiment starting or ending): the model's name, version, alias, URI and
+        source and run, and the online experiment if one runs."""
+        info = self.describe()
+        champion, experiment = info["champion"], info["experiment"]
+        key = (
+            champion and (champion["version"], champion["feature_snapshot"], champion["catalog_size"]),
+            experiment and (experiment["id"], experiment["challenger"]["feature_snapshot"]),
+        )
+        if key == self._announced:
+            return
+        self._announced = key
+        if champion is None:
+            log.info("serving no model yet: %s", self.last_error or f"no {CHAMPION_ALIAS} loaded")
+            return
+        if experiment is None:
+            running = "no online experiment"
+        else:
+            challenger = experiment["challenger"]
+            split = (f"{experiment['share']:.0%} of users on the challenger" if experiment["mode"] == "ab"
+                     else "both rankings interleaved in every answer")
+            running = (f"online experiment {experiment['id']}: challenger version {challenger['version']} "
+                       f"(alias {challenger['alias']}, {challenger['uri']}), {experiment['mode']}, {split}")
+        log.info("serving model %s version %s (alias %s, %s, source %s, run %s; %d videos, feature snapshot %s)"
+                 "; %s", champion["name"], champion["version"], champion["alias"], champion["uri"],
+                 champion["source"], champion["run_id"], champion["catalog_size"], champion["feature_snapshot"],
+                 running)
 
     def _poll(self) -> None:
         while not self._stop.is_set():

@@ -178,6 +178,8 @@ def test_response_contract_health_readiness_docs_and_metrics(client, service):
     assert ready.status_code == 200 and ready.json()["model_version"] == "1"
     assert {"/v1/recommendations", "/v1/feedback", "/readyz"} <= set(client.get("/openapi.json").json()["paths"])
     assert client.get("/docs").status_code == 200
+    landing = client.get("/")  # the landing page names the model served (tests/unit/test_serving_docs.py)
+    assert landing.status_code == 200 and f"<strong>{MODEL}</strong> version <strong>1</strong>" in landing.text
     assert client.post("/v1/recommendations", json={"user_id": ""}).status_code == 422
     assert metric(client, "recloop_serving_stage_seconds_count", stage="ranking") >= 2
     assert metric(client, "recloop_serving_model_version") == 1.0

@@ -9,8 +9,10 @@ once per module as in tests/unit/test_serving.py.
 
 from __future__ import annotations
 
+import logging
 import random
 import re
+import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -371,6 +373,58 @@ def test_interleaving_merges_both_rankings_and_credits_each_team(world, service,
             assert metric(interleaved, "recloop_serving_experiment_requests_total", arm="interleaved") == 15
     finally:
         registry.client.delete_registered_model_alias(MODEL, EXPERIMENT)
+        svc.close()
+
+
+def test_the_start_log_and_the_landing_page_name_the_model_and_the_experiment(world, tmp_path, caplog):
+    """Started with a champion and an experiment alias, the service logs one INFO line naming both (name,
+    version, alias, URI, the registry's source) and `/` shows them; when the experiment ends, both say so."""
+    registry = world["registry"]
+    registry.client.set_registered_model_alias(MODEL, EXPERIMENT, "2")
+    caplog.set_level(logging.INFO, logger="recloop.serving.service")
+    svc = RecommendationService(world["settings"], _config(tmp_path), registry=registry)
+    try:
+        with TestClient(create_app(service=svc)) as http:  # the start: the first refresh, in the background
+            deadline = time.monotonic() + 120
+            while svc.experiment is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert svc.experiment == "exp-v1-v2"
+            deadline = time.monotonic() + 10  # the line follows the experiment step in the same refresh
+            while not [r for r in caplog.records if r.getMessage().startswith("serving model")] \
+                    and time.monotonic() < deadline:
+                time.sleep(0.05)
+            lines = [r for r in caplog.records
+                     if r.name == "recloop.serving.service" and r.getMessage().startswith("serving ")]
+            assert len(lines) == 1 and lines[0].levelno == logging.INFO, [r.getMessage() for r in lines]
+            champion = registry.champion()
+            source, run = champion.source, champion.run_id
+            assert source and run
+            assert lines[0].getMessage().startswith(
+                f"serving model {MODEL} version 1 (alias champion, models:/{MODEL}/1, source {source}, run {run}; ")
+            assert lines[0].getMessage().endswith(
+                f"; online experiment exp-v1-v2: challenger version 2 (alias experiment, models:/{MODEL}/2), "
+                f"ab, 50% of users on the challenger")
+
+            page = http.get("/")
+            assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+            text = page.text
+            assert f"<strong>{MODEL}</strong> version <strong>1</strong> (alias <code>champion</code>)" in text
+            assert f"<code>models:/{MODEL}/1</code> (training run <code>{run}</code>)" in text and "ready (" in text
+            assert ("<strong>exp-v1-v2</strong>: challenger version <strong>2</strong> (alias <code>experiment"
+                    f"</code>, <code>models:/{MODEL}/2</code>), A/B, 50% of users on the challenger") in text
+            assert source not in text  # artifact locations stay in the log (the page is open to anyone)
+            for path in ("/docs", "/redoc", "/metrics", "/healthz", "/readyz"):
+                assert f'href="{path}"' in text
+
+            registry.client.delete_registered_model_alias(MODEL, EXPERIMENT)
+            svc.refresh()
+            assert svc.experiment is None
+            ended = [r.getMessage() for r in caplog.records if r.getMessage().startswith("serving model")]
+            assert len(ended) == 2 and ended[-1].endswith("; no online experiment")
+            assert "<td>none: every answer comes from the champion</td>" in http.get("/").text
+    finally:
+        if registry.experiment() is not None:
+            registry.client.delete_registered_model_alias(MODEL, EXPERIMENT)
         svc.close()
 
 
