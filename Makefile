@@ -13,7 +13,7 @@ export GX_ANALYTICS_ENABLED := false
 export DAGSTER_DISABLE_TELEMETRY := true
 export FEAST_USAGE := False
 
-.PHONY: setup demo test ui bench bench-import clean
+.PHONY: setup demo test ui mlflow bench bench-import clean
 
 # torch is installed first and pinned: a bare or ranged requirement pulls a multi-GB CUDA build.
 # constraints.txt pins every other package to the versions the suite was run with.
@@ -36,6 +36,11 @@ test: setup
 ui: setup
 	mkdir -p "$(DAGSTER_HOME)"
 	$(BIN)/dagster dev -m pipelines.definitions -h 127.0.0.1 -p 3000
+
+# The MLflow UI on the embedded store (runs, models, aliases): http://127.0.0.1:5000 (docs/model_plane.md).
+mlflow: setup
+	mkdir -p "$(RECLOOP_HOME)/mlflow"
+	$(BIN)/mlflow ui --backend-store-uri "sqlite:///$(RECLOOP_HOME)/mlflow/mlflow.db" -h 127.0.0.1 -p 5000
 
 bench: setup
 	$(BIN)/python bench/data_plane.py

@@ -802,13 +802,14 @@ VERSION_FILE = "version.txt"
 
 def register_candidate(registry: Registry, workdir: Path) -> dict[str, Any]:
     """Logs the candidate as one MLflow run, registers it as a version with alias `challenger` and notes
-    the version in `workdir` for the gate and the promotion."""
+    the version in `workdir` for the gate and the promotion. The summary links the run and the version in
+    the MLflow UI (`mlflow_run_url`, `mlflow_version_url`; base URL `RECLOOP_MLFLOW_UI_URL`)."""
     from recloop import model_plane
 
     version = model_plane.register_candidate(registry, Path(workdir))
     (Path(workdir) / VERSION_FILE).write_text(version)
     return {"version": version, "model_name": registry.model_name,
-            "model_uri": f"models:/{registry.model_name}/{version}"}
+            "model_uri": f"models:/{registry.model_name}/{version}", **registry.version_links(version)}
 
 
 def candidate_version(workdir: Path) -> str:

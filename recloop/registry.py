@@ -2,12 +2,19 @@
 
 One registered version = one model *bundle* (two-tower retrieval model, FAISS index, ranker), logged as a
 single MLflow pyfunc model from code (`recloop/bundle_model.py`), so the three parts are promoted and
-rolled back together. Serving follows the `champion` alias; a candidate may carry `challenger`. Stages
-are not used.
+rolled back together. Stages are not used; three aliases say where a version stands:
 
-Every promotion decision is written twice: as tags on the model version (its current state) and as one
-run in the MLflow experiment `recloop-promotions` (the log). `history()` and `rollback()` read that log,
-so the champion lineage can be rebuilt from MLflow alone. A bundle is logged only if it matches the
+* `challenger`: the candidate registered by the training cycle in progress, from its registration until
+  the decision (the promotion gate, the latency gate, then promotion or refusal); a candidate that passed
+  the gates but waits for another version's online experiment to end keeps it.
+* `experiment`: the candidate under an online experiment against the champion (serving splits traffic);
+  removed when the experiment ends.
+* `champion`: the version serving follows; moved by a promotion (or an experiment's) and by a rollback.
+
+Every promotion decision is written twice: as a few tags on the model version (its current state: the
+decision, its summary and reasons, the bar, the primary metric of both) and as one run in the MLflow
+experiment `recloop-promotions` (the log, with every number the decision looked at). `history()` and
+`rollback()` read that log, so the champion lineage can be rebuilt from MLflow alone. A bundle is logged only if it matches the
 checksums it was saved with, and `verify()` checks a version the same way (download, checksums, load):
 `rollback()` skips earlier champions that fail it, `rollback(to=...)` refuses one.
 
@@ -69,6 +76,26 @@ DECISION_ROLLED_BACK = "rolled_back"
 DECISION_EXPERIMENT_STARTED = "experiment_started"
 DECISION_EXPERIMENT_STOPPED = "experiment_stopped"
 ONLINE_EXPERIMENTS = "recloop-online-experiments"
+
+# MLflow 3 tells ML experiments from GenAI ones by this experiment tag; recloop's experiments are ML ones.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+ML_EXPERIMENT_KIND = "custom_model_development"
+# The description MLflow's UI shows on an experiment, a run or (as its own field) a model version.
+NOTE_TAG = "mlflow.note.content"
+TRAINING_EXPERIMENT = "recloop-training"
+MONITORING_EXPERIMENT = "recloop-monitoring"
+EXPERIMENT_DESCRIPTIONS = {
+    TRAINING_EXPERIMENT: "One run per training cycle: hyper-parameters, training curves, the training window as "
+                         "a dataset, every recommender's offline evaluation, the bundle as one model (registered "
+                         "as a version of the model).",
+    PROMOTIONS_EXPERIMENT: "The registry's decision log: one run per promotion, refusal, rollback and online "
+                           "experiment start or stop, with the reasons (recloop models, recloop rollback read it).",
+    MONITORING_EXPERIMENT: "One run per day's drift report against the champion's training window.",
+    ONLINE_EXPERIMENTS: "One run per daily look at an online experiment (champion against the `experiment` alias).",
+}
+# Decision names as run names say them.
+_DECISION_WORDS = {DECISION_ROLLED_BACK: "rolled back", DECISION_EXPERIMENT_STARTED: "experiment started",
+                   DECISION_EXPERIMENT_STOPPED: "experiment stopped"}
 
 _MAX_PARAM_VALUE = 6000
 _MAX_TAG_VALUE = 8000
@@ -135,10 +162,11 @@ def registry_settings(settings: Settings | None = None) -> RegistrySettings:
     )
 
 
-def open_registry(settings: Settings | None = None) -> Registry:
-    """The registry configured by `registry_settings(settings)`."""
+def open_registry(settings: Settings | None = None, *, run_tags: Mapping[str, str] | None = None) -> Registry:
+    """The registry configured by `registry_settings(settings)`; `run_tags` go on every run it creates (e.g.
+    `recloop.links.dagster_run_tags(run_id)`)."""
     rs = registry_settings(settings)
-    return Registry(rs.tracking_uri, rs.model_name, artifact_location=rs.artifact_location)
+    return Registry(rs.tracking_uri, rs.model_name, artifact_location=rs.artifact_location, run_tags=run_tags)
 
 
 def default_pip_requirements() -> list[str]:
@@ -545,12 +573,19 @@ class Registry:
         model_name: the registered model's name.
         artifact_location: root for artifacts of experiments this class creates (a local folder URI or
             `s3://...`); None lets the store decide.
+        run_tags: tags for every run this instance creates (training, drift, decision, online runs): the
+            orchestrator's run, `dagster.run_id` and `dagster.run_url` (`recloop.links.dagster_run_tags`).
+
+    Every experiment it creates is tagged as a machine-learning one (`mlflow.experimentKind =
+    custom_model_development`, with a description), and so is an existing one that lacks the tag.
     """
 
-    def __init__(self, tracking_uri: str, model_name: str, artifact_location: str | None = None) -> None:
+    def __init__(self, tracking_uri: str, model_name: str, artifact_location: str | None = None,
+                 run_tags: Mapping[str, str] | None = None) -> None:
         self.tracking_uri = tracking_uri
         self.model_name = model_name
         self.artifact_location = artifact_location.rstrip("/") if artifact_location else None
+        self.run_tags = {str(k): str(v) for k, v in (run_tags or {}).items()}
         if tracking_uri.startswith("sqlite:///"):
             db = Path(tracking_uri.removeprefix("sqlite:///"))
             db.parent.mkdir(parents=True, exist_ok=True)
@@ -592,12 +627,21 @@ class Registry:
                     os.environ[name] = value
 
     def _experiment_id(self, name: str) -> str:
+        """The experiment's id, created if missing; tagged as an ML experiment (MLflow 3's UI otherwise
+        treats it as a GenAI one) with a description, an existing one too if it lacks the tag."""
+        tags = {EXPERIMENT_KIND_TAG: ML_EXPERIMENT_KIND}
+        if name in EXPERIMENT_DESCRIPTIONS:
+            tags[NOTE_TAG] = EXPERIMENT_DESCRIPTIONS[name]
         experiment = self.client.get_experiment_by_name(name)
         if experiment is not None:
+            if EXPERIMENT_KIND_TAG not in (experiment.tags or {}):  # created before recloop tagged them
+                for key, value in tags.items():
+                    if key not in (experiment.tags or {}):
+                        self.client.set_experiment_tag(experiment.experiment_id, key, value)
             return experiment.experiment_id
         location = f"{self.artifact_location}/{name}" if self.artifact_location else None
         try:
-            return self.client.create_experiment(name, artifact_location=location)
+            return self.client.create_experiment(name, artifact_location=location, tags=tags)
         except MlflowException as err:
             if err.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
@@ -640,6 +684,8 @@ class Registry:
         example_user_ids: Sequence[str] = ("0",),
         curves: Mapping[str, Sequence[float]] | None = None,
         artifacts: Mapping[str, Any] | None = None,
+        datasets: Sequence[tuple[Any, str]] = (),
+        description: str | None = None,
     ) -> str:
         """Log one training run: params, metrics, the data it saw, its features and the bundle as ONE model.
 
@@ -659,6 +705,10 @@ class Registry:
             curves: per-step series (training losses per epoch, the ranker's NDCG per boosting round),
                 logged as metrics with their step, so MLflow plots them.
             artifacts: further JSON documents to attach (name -> content), e.g. the fit report.
+            datasets: (`mlflow.data` dataset, context) pairs logged as the run's inputs, e.g. the training
+                window with context `training` (MLflow keeps their name, source, digest, schema, profile).
+            description: the run's description (markdown) in the MLflow UI.
+        The registry's `run_tags` (the orchestrator's run) are added to the run's tags.
         Returns:
             The run id.
         """
@@ -678,9 +728,12 @@ class Registry:
         if clash:
             raise RegistryError(f"params clash with data params: {sorted(clash)}")
         flat_metrics = {k: float(v) for k, v in _flatten(metrics).items() if v is not None}
-        run_tags = {f"{_TAG}kind": "training", f"{_TAG}features.count": str(len(features)), **(tags or {})}
+        run_tags = {f"{_TAG}kind": "training", f"{_TAG}features.count": str(len(features)), **self.run_tags,
+                    **(tags or {})}
         if (span := data_range(data)) is not None:
             run_tags[f"{_TAG}data_range"] = span
+        if description:
+            run_tags[NOTE_TAG] = description
 
         import pandas as pd
 
@@ -693,6 +746,9 @@ class Registry:
                 mlflow.log_params({**flat_params, **flat_data})
                 if flat_metrics:
                     mlflow.log_metrics(flat_metrics)
+                if datasets:
+                    mlflow.log_inputs(datasets=[d for d, _ in datasets], contexts=[c for _, c in datasets],
+                                      tags_list=[None] * len(datasets))
                 if curves:
                     from mlflow.entities import Metric
 
@@ -726,16 +782,18 @@ class Registry:
         report_uri: str,
         report_html: str | None = None,
         reasons: Sequence[str] = (),
-        experiment: str = "recloop-monitoring",
+        experiment: str = MONITORING_EXPERIMENT,
     ) -> str:
         """Log one partition's drift report as a run of the monitoring experiment, linked both ways: the
         run carries the champion's version and the report's lake URI (and the HTML as an artifact), and
         the champion's version gets a `recloop.last_drift_run` tag. Returns the run id."""
         experiment_id = self._experiment_id(experiment)
-        tags = {f"{_TAG}kind": "drift", f"{_TAG}partition": partition, f"{_TAG}model_version": str(model_version),
-                f"{_TAG}drifted": str(bool(drifted)).lower(), f"{_TAG}report_uri": report_uri,
-                f"{_TAG}reasons": _tag_value("; ".join(reasons))}
-        run = self.client.create_run(experiment_id, run_name=f"drift {partition}", tags=tags)
+        tags = {**self.run_tags, f"{_TAG}kind": "drift", f"{_TAG}partition": partition,
+                f"{_TAG}model_version": str(model_version), f"{_TAG}drifted": str(bool(drifted)).lower(),
+                f"{_TAG}report_uri": report_uri, f"{_TAG}reasons": _tag_value("; ".join(reasons))}
+        if reasons:
+            tags[NOTE_TAG] = _tag_value("\n".join(f"- {r}" for r in reasons))
+        run = self.client.create_run(experiment_id, run_name=f"drift {partition} v{model_version}", tags=tags)
         run_id = run.info.run_id
         metrics = [Metric(k, float(v), _ms(_now()), 0) for k, v in summary.items()
                    if isinstance(v, (int, float)) and math.isfinite(float(v))]
@@ -759,11 +817,13 @@ class Registry:
             raise RegistryError(f"run {run_id} has no logged model named {MODEL_ARTIFACT_NAME!r}")
         return max(candidates)[1]
 
-    def register(self, run_id: str) -> str:
+    def register(self, run_id: str, *, description: str | None = None) -> str:
         """Register the run's bundle model (`runs:/<run_id>/model`) as a new version; return the version.
 
-        The version is tagged with the run's `eval.*` metrics (`recloop.metric.<name>`), its data range and
-        run id.
+        The version's tags are kept to what a decision needs (docs/model_plane.md, "In MLflow"): the
+        source run (`recloop.run_id`), its training window (`recloop.data_range`) and the Dagster run that
+        trained it (`dagster.run_url`); the metrics stay on the run (`version_metrics` reads them).
+        `description` is the version's description (default: which run's bundle it is).
         """
         # In MLflow 3 the model lives under models/<model_id>, not in the run's artifacts; registering the
         # logged model directly is what `mlflow.register_model("runs:/<run_id>/model")` falls back to.
@@ -775,13 +835,13 @@ class Registry:
         except MlflowException as err:
             if err.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
+        from recloop.links import DAGSTER_RUN_URL_TAG
+
         run = self.client.get_run(run_id)
         tags = {f"{_TAG}run_id": run_id}
-        for key, value in sorted(run.data.metrics.items()):
-            if key.startswith("eval."):
-                tags[f"{_TAG}metric.{key}"] = f"{value:.6g}"
-        if (span := run.data.tags.get(f"{_TAG}data_range")) is not None:
-            tags[f"{_TAG}data_range"] = span
+        for key in (f"{_TAG}data_range", DAGSTER_RUN_URL_TAG):
+            if (value := run.data.tags.get(key)) is not None:
+                tags[key] = value
         # The SQL registry store resolves `models:/<model_id>` with a *global* MlflowClient(), whatever
         # this client's URI: point the fluent API here while it does.
         with self._fluent():
@@ -791,9 +851,29 @@ class Registry:
                 run_id=run_id,
                 tags=tags,
                 model_id=model_id,
-                description=f"bundle of run {run_id}",
+                description=description or f"bundle of run {run.info.run_name or run_id} ({run_id})",
             )
         return str(version.version)
+
+    def rename_run(self, run_id: str, name: str) -> None:
+        """Give the run a new name (e.g. the version it was registered as, once known)."""
+        self.client.update_run(run_id, name=name)
+
+    def run_url(self, run_id: str) -> str:
+        """The run's page in the MLflow UI (`recloop.links.mlflow_run_url`)."""
+        from recloop.links import mlflow_run_url
+
+        return mlflow_run_url(self.client.get_run(run_id).info.experiment_id, run_id)
+
+    def version_links(self, version: str | int) -> dict[str, str]:
+        """The version's source run and the MLflow UI pages of the run and the version."""
+        from recloop.links import mlflow_model_version_url
+
+        mv = self._version(version)
+        out = {"mlflow_version_url": mlflow_model_version_url(self.model_name, mv.version)}
+        if mv.run_id:
+            out.update(mlflow_run_id=mv.run_id, mlflow_run_url=self.run_url(mv.run_id))
+        return out
 
     def set_challenger(self, version: str | int) -> None:
         self._version(version)
@@ -865,12 +945,14 @@ class Registry:
         run = self.client.create_run(
             experiment_id,
             start_time=_ms(when),
-            run_name=f"{decision} v{version}",
+            run_name=_decision_run_name(decision, version, extra_params or {}),
             tags={
+                **self.run_tags,
                 f"{_TAG}seq": str(seq),
                 f"{_TAG}model_name": self.model_name,
                 f"{_TAG}reasons": _tag_value(reasons),
                 f"{_TAG}decided_at": _iso(when),
+                NOTE_TAG: _tag_value("\n".join(f"- {r}" for r in reasons)),
             },
         )
         params = {
@@ -933,13 +1015,18 @@ class Registry:
             self.client.set_model_version_tag(self.model_name, version, key, _tag_value(value))
 
     def _decision_tags(self, decision_name: str, when: datetime, decision: GateDecision) -> dict[str, str]:
+        """The decision's essentials on the version: what, when, the one-line summary and every reason, the
+        bar, and the primary metric of the challenger and of the bar (the other numbers are on the
+        decision's run in `recloop-promotions`)."""
         tags = {
             f"{_TAG}decision": decision_name,
             f"{_TAG}decided_at": _iso(when),
+            f"{_TAG}summary": _tag_value(decision.reasons[0] if decision.reasons else decision_name),
             f"{_TAG}reasons": _tag_value(decision.reasons),
             f"{_TAG}compared_to": decision.compared_to,
         }
-        for role in ("challenger", "champion", "popularity"):
+        bar = "champion" if decision.compared_to.startswith("champion") else "popularity"
+        for role in ("challenger", bar):
             key = f"{role}.{decision.primary_metric}"
             if key in decision.metrics:
                 tags[f"{_TAG}gate.{key}"] = f"{decision.metrics[key]:.6g}"
@@ -1234,7 +1321,7 @@ class Registry:
         else:
             self.client.delete_registered_model_alias(self.model_name, EXPERIMENT)
             self._record(version, DECISION_EXPERIMENT_STOPPED, decision, extra_params=params)
-        self._tag_version(version, {f"{_TAG}experiment_outcome": outcome, f"{_TAG}experiment_ended_at": _iso(_now())})
+        self._tag_version(version, {f"{_TAG}experiment_outcome": outcome})
         return version
 
     def log_online_experiment(
@@ -1251,12 +1338,14 @@ class Registry:
     ) -> str:
         """One look at an online experiment as a run of `recloop-online-experiments` (params, the per-arm
         figures as metrics, the reasons, JSON tables as artifacts), linked from the experiment's version
-        by `recloop.online.*` tags. Returns the run id."""
+        by the tags `recloop.online.last_run` and `recloop.experiment_outcome`. Returns the run id."""
         experiment = self._experiment_id(ONLINE_EXPERIMENTS)
-        tags = {f"{_TAG}kind": "online_experiment", f"{_TAG}experiment_id": experiment_id,
+        tags = {**self.run_tags, f"{_TAG}kind": "online_experiment", f"{_TAG}experiment_id": experiment_id,
                 f"{_TAG}model_version": str(version), f"{_TAG}champion_version": str(champion_version),
-                f"{_TAG}outcome": outcome, f"{_TAG}reasons": _tag_value(list(reasons))}
-        run = self.client.create_run(experiment, run_name=f"{experiment_id} {outcome}", tags=tags)
+                f"{_TAG}outcome": outcome, f"{_TAG}reasons": _tag_value(list(reasons)),
+                NOTE_TAG: _tag_value("\n".join(f"- {r}" for r in reasons))}
+        day = f" {params['as_of']}" if params.get("as_of") else ""
+        run = self.client.create_run(experiment, run_name=f"{experiment_id}{day} {outcome}", tags=tags)
         run_id = run.info.run_id
         now = _ms(_now())
         self.client.log_batch(
@@ -1268,9 +1357,20 @@ class Registry:
         for name, content in (tables or {}).items():
             self.client.log_dict(run_id, json.loads(json.dumps(content, default=str)), name)
         self.client.set_terminated(run_id)
-        self._tag_version(str(version), {f"{_TAG}online.last_run": run_id, f"{_TAG}online.outcome": outcome,
-                                         f"{_TAG}online.experiment_id": experiment_id})
+        # The version's outcome so far (`continue` until the final look; `end_experiment` writes it again).
+        self._tag_version(str(version), {f"{_TAG}online.last_run": run_id, f"{_TAG}experiment_outcome": outcome})
         return run_id
+
+
+def _decision_run_name(decision: str, version: str, params: Mapping[str, Any]) -> str:
+    """A decision run's name: `promoted v3`, `refused v4`, `rolled back v3 -> v2`, `experiment started v4 vs v3`,
+    `experiment stopped v4`."""
+    words = _DECISION_WORDS.get(decision, decision)
+    if decision == DECISION_ROLLED_BACK and params.get("to_version"):
+        return f"{words} v{version} -> v{params['to_version']}"
+    if decision == DECISION_EXPERIMENT_STARTED and params.get("champion_version"):
+        return f"{words} v{version} vs v{params['champion_version']}"
+    return f"{words} v{version}"
 
 
 def _roll_back(stack: list[str], to_version: str | None) -> None:

@@ -17,6 +17,7 @@ from pipelines.defs.features import FEAST_REGISTRY, FEATURE_KEYS
 from pipelines.defs.resources import AlertsResource, FeastResource, LakeResource, secret_value
 from pipelines.defs.validation import silver_key
 from recloop import lifecycle, model_plane
+from recloop.links import dagster_run_tags
 from recloop.registry import GateConfig, Registry
 
 TRAINING_SET = dg.AssetKey(["model", "training_set"])
@@ -37,8 +38,11 @@ class MlflowRegistryResource(dg.ConfigurableResource):
     model_name: str = Field(default="recloop-recommender", description="Registered model name.")
     artifact_location: str | None = Field(default=None, description="Artifact root for new experiments.")
 
-    def open(self) -> Registry:
-        return Registry(self.tracking_uri, self.model_name, artifact_location=self.artifact_location)
+    def open(self, run_id: str | None = None) -> Registry:
+        """The registry; with the Dagster run's id, every MLflow run it creates is tagged `dagster.run_id`
+        and `dagster.run_url` (a link back to the run in the Dagster UI, `RECLOOP_DAGSTER_URL`)."""
+        return Registry(self.tracking_uri, self.model_name, artifact_location=self.artifact_location,
+                        run_tags=dagster_run_tags(run_id))
 
 
 class ModelWorkspaceResource(dg.ConfigurableResource):
@@ -168,9 +172,10 @@ def _gate_config(config: GateRunConfig | None = None) -> GateConfig:
 )
 def registered_version(context: dg.AssetExecutionContext, workspace: ModelWorkspaceResource,
                        registry: MlflowRegistryResource) -> dg.MaterializeResult:
-    out = lifecycle.register_candidate(registry.open(), workspace.dir())
-    context.log.info(f"registered version {out['version']} as challenger")
-    return dg.MaterializeResult(metadata=out)
+    out = lifecycle.register_candidate(registry.open(context.run.run_id), workspace.dir())
+    context.log.info(f"registered version {out['version']} as challenger: {out.get('mlflow_run_url', '')}")
+    return dg.MaterializeResult(metadata={**out, **{k: dg.MetadataValue.url(v) for k, v in out.items()
+                                                    if k.endswith("_url")}})
 
 
 @dg.asset_check(
@@ -184,7 +189,7 @@ def registered_version(context: dg.AssetExecutionContext, workspace: ModelWorksp
 )
 def promotion_gate(context: dg.AssetCheckExecutionContext, config: GateRunConfig, workspace: ModelWorkspaceResource,
                    registry: MlflowRegistryResource, alerts: AlertsResource) -> dg.AssetCheckResult:
-    gate = lifecycle.check_gate(registry.open(), workspace.dir(), config=_gate_config(config), run_id=context.run.run_id)
+    gate = lifecycle.check_gate(registry.open(context.run.run_id), workspace.dir(), config=_gate_config(config), run_id=context.run.run_id)
     alerts.send(context.log, gate.alert)
     out = gate.summary()
     # WARN, not ERROR: a refusal must not fail the run (Dagster blocks downstream steps only on ERROR);
@@ -214,7 +219,7 @@ def promotion_gate(context: dg.AssetCheckExecutionContext, config: GateRunConfig
 def latency_gate(context: dg.AssetCheckExecutionContext, config: GateRunConfig, workspace: ModelWorkspaceResource,
                  registry: MlflowRegistryResource, feast: FeastResource, alerts: AlertsResource) -> dg.AssetCheckResult:
     settings = replace(feast.settings(), feast_project=feast.project)
-    gate = lifecycle.check_latency(registry.open(), workspace.dir(), settings=settings,
+    gate = lifecycle.check_latency(registry.open(context.run.run_id), workspace.dir(), settings=settings,
                                    gate=_gate_config(config), run_id=context.run.run_id)
     alerts.send(context.log, gate.alert)
     out = gate.summary()
@@ -241,7 +246,8 @@ def latency_gate(context: dg.AssetCheckExecutionContext, config: GateRunConfig, 
 def champion(context: dg.AssetExecutionContext, config: GateRunConfig, workspace: ModelWorkspaceResource,
              registry: MlflowRegistryResource, alerts: AlertsResource):
     try:
-        promotion = lifecycle.promote_candidate(registry.open(), workspace.dir(), config=_gate_config(config),
+        promotion = lifecycle.promote_candidate(registry.open(context.run.run_id), workspace.dir(),
+                                                config=_gate_config(config),
                                                 run_id=context.run.run_id)
     except lifecycle.GateRefused as refused:
         # A refusal: recorded and alerted by the gate check; nothing to materialize (a generator that yields

@@ -53,7 +53,8 @@ def _drift_report(daily: dg.PartitionsDefinition) -> dg.AssetsDefinition:
     )
     def drift_report(context: dg.AssetExecutionContext, config: DriftRunConfig, lake: LakeResource,
                      registry: MlflowRegistryResource, alerts: AlertsResource) -> dg.MaterializeResult:
-        outcome = lifecycle.drift_report(lake.open(), registry.open(), context.partition_key, config_path=config.ConfigPath)
+        reg = registry.open(context.run.run_id)
+        outcome = lifecycle.drift_report(lake.open(), reg, context.partition_key, config_path=config.ConfigPath)
         if outcome.champion_version is None:
             context.log.info(outcome.status)
             alerts.send(context.log, outcome.alert)  # a corrupt champion's model.corrupt (else None: nothing)
@@ -76,6 +77,8 @@ def _drift_report(daily: dg.PartitionsDefinition) -> dg.AssetsDefinition:
                 "reference_partitions": dg.MetadataValue.json(outcome.reference_partitions),
                 "report": _link(outcome.report_uri),
                 "mlflow_run_id": outcome.mlflow_run_id,
+                **({"mlflow_run_url": dg.MetadataValue.url(reg.run_url(outcome.mlflow_run_id))}
+                   if outcome.mlflow_run_id else {}),
             },
             check_results=[dg.AssetCheckResult(
                 check_name=NO_DRIFT_CHECK, passed=not outcome.drifted, severity=dg.AssetCheckSeverity.WARN,

@@ -49,7 +49,8 @@ def _markdown(rows: list[dict[str, Any]]) -> str:
 )
 def experiment(context: dg.AssetExecutionContext, config: ExperimentRunConfig, lake: LakeResource,
                registry: MlflowRegistryResource, alerts: AlertsResource) -> dg.MaterializeResult:
-    outcome = lifecycle.online_experiment_step(lake.open(), registry.open(), as_of=config.AsOf or None,
+    reg = registry.open(context.run.run_id)
+    outcome = lifecycle.online_experiment_step(lake.open(), reg, as_of=config.AsOf or None,
                                                mode=config.Mode or None, run_id=context.run.run_id)
     out = outcome.summary()
     context.log.info(out["status"])
@@ -68,6 +69,7 @@ def experiment(context: dg.AssetExecutionContext, config: ExperimentRunConfig, l
         "looks": dg.MetadataValue.json(out["looks"]),
         "reasons": dg.MetadataValue.json(out["reasons"]),
         "mlflow_run_id": out["mlflow_run_id"],
+        **({"mlflow_run_url": dg.MetadataValue.url(reg.run_url(out["mlflow_run_id"]))} if out["mlflow_run_id"] else {}),
         "lineage": dg.MetadataValue.json(out["lineage"]),
     })
 

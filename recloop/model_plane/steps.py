@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -163,7 +164,8 @@ def build_training_set(settings: Settings, lake: Lake, plan: TrainingPlan, workd
     window.events.to_parquet(d / "events.parquet", index=False)
     window.videos.to_parquet(d / "videos.parquet", index=False)
     window.users.to_parquet(d / "users.parquet", index=False)
-    (d / "window.json").write_text(json.dumps({"cutoff": window.cutoff.isoformat(), "partitions": window.partitions}))
+    (d / "window.json").write_text(json.dumps({"cutoff": window.cutoff.isoformat(), "partitions": window.partitions,
+                                               "source": lake.uri("silver/events")}))
     history = History.from_window(window)
     described = history.describe()
     return {
@@ -406,18 +408,77 @@ def _metric_prefix(name: str) -> str:
     return f"eval.{name}"
 
 
-def run_name(plan: TrainingPlan, report: dict[str, Any]) -> str:
-    """A run name that says what was trained: `multi-stage 2025-01-01..2025-01-07 (3 folds, 412 rounds)`."""
+def run_name(plan: TrainingPlan, version: str | None = None) -> str:
+    """A run name that says what was trained on which days, and (once registered) as which version:
+    `train 2025-01-01..2025-01-07 v3`."""
+    name = f"train {plan.train_partitions[0]}..{plan.train_partitions[-1]}"
+    return f"{name} v{version}" if version else name
+
+
+def _span(days: list[str]) -> str:
+    return days[0] if len(days) == 1 else f"{days[0]}..{days[-1]}"
+
+
+def run_description(plan: TrainingPlan, report: dict[str, Any], ev: "Evaluation") -> str:
+    """The training run's description in the MLflow UI (markdown): what was trained on which window, how it
+    compares on the held-out days."""
     rounds = report.get("ranker", {}).get("best_iteration")
     folds = len(report.get("folds", []))
-    return (f"multi-stage {plan.train_partitions[0]}..{plan.train_partitions[-1]} "
-            f"({folds} folds, {rounds} rounds)")
+    ours = ev.metrics.get(PRIMARY, {}).get("ndcg_at_10")
+    bars = [f"{name} {ev.metrics[name]['ndcg_at_10']:.4f}" for name in ("popularity", "champion")
+            if isinstance(ev.metrics.get(name, {}).get("ndcg_at_10"), (int, float))]
+    versus = f" (champion v{ev.champion_version})" if ev.champion_version else " (no champion yet: the bar is popularity)"
+    lines = [
+        "Multi-stage recommender: EASE item-to-item, two-tower + FAISS, popular and fresh candidates, re-ranked by "
+        f"LightGBM LambdaRank ({folds} time folds, {rounds} boosting rounds).",
+        f"Trained on silver/events {_span(plan.train_partitions)} ({len(plan.train_partitions)} days with events), "
+        f"evaluated on {_span(plan.test_partitions)}{versus}.",
+    ]
+    if isinstance(ours, (int, float)):
+        lines.append(f"NDCG@10 {ours:.4f}" + (f" vs {', '.join(bars)}" if bars else "") + ".")
+    return "\n\n".join(lines)
+
+
+def window_datasets(workdir: Path, plan: TrainingPlan) -> list[tuple[Any, str]]:
+    """The training window's events as an `mlflow.data` dataset (context `training`: name, source = the lake's
+    `silver/events`, digest, schema, row count) and the held-out days (context `evaluation`, by reference)."""
+    import mlflow.data
+    from mlflow.data.meta_dataset import MetaDataset
+
+    d = Path(workdir) / WINDOW
+    meta = json.loads((d / "window.json").read_text()) if (d / "window.json").is_file() else {}
+    source = _dataset_source(meta.get("source") or str(d / "events.parquet"))
+    out: list[tuple[Any, str]] = []
+    if (d / "events.parquet").is_file():
+        events = pd.read_parquet(d / "events.parquet")
+        with warnings.catch_warnings():  # MLflow's hint about integer columns is for model signatures
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = mlflow.data.from_pandas(events, source=source, name=f"silver/events {_span(plan.train_partitions)}")
+            _ = dataset.schema  # inferred (and cached) here, under the filter
+        out.append((dataset, "training"))
+    out.append((MetaDataset(source, name=f"silver/events {_span(plan.test_partitions)}"), "evaluation"))
+    return out
+
+
+def _dataset_source(uri: str) -> Any:
+    """MLflow's dataset source for a lake URI (a local path, s3://...), or a plain reference to it."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+
+    try:
+        with warnings.catch_warnings():  # a local path matches MLflow's "local" source type twice: it says so
+            warnings.simplefilter("ignore", UserWarning)
+            return resolve_dataset_source(uri)
+    except Exception:  # noqa: BLE001 - a scheme MLflow has no source type for: keep the URI as a reference
+        return HTTPDatasetSource(uri)
 
 
 def register_candidate(registry: Any, workdir: Path, *, training: dict[str, Any] | None = None) -> str:
     """Logs the cycle as one MLflow run (hyper-parameters, per-epoch and per-round training curves, each
     source's recall, evaluation metrics, data, features, the bundle as one pyfunc model), registers it
-    as a new version and points `challenger` at it. Returns the version."""
+    as a new version and points `challenger` at it. The run is named after its window and, once registered,
+    its version (`train 2025-01-01..2025-01-07 v3`); the training window is its `training` dataset.
+    Returns the version."""
     wd = Path(workdir)
     plan = TrainingPlan.read(wd)
     ev = load_evaluation(wd)
@@ -458,12 +519,17 @@ def register_candidate(registry: Any, workdir: Path, *, training: dict[str, Any]
         features=manifest.get("feature_columns", []),
         bundle_dir=wd / "bundle",
         tags={"recloop.champion_compared": ev.champion_version or ""},
-        run_name=run_name(plan, report),
+        run_name=run_name(plan),
         example_user_ids=tuple(manifest.get("popular", [])[:0]) or ("u0000001",),
         curves=curves,
         artifacts={"fit_report.json": report, "evaluation.json": ev.result},
+        datasets=window_datasets(wd, plan),
+        description=run_description(plan, report, ev),
     )
-    version = registry.register(run_id)
+    version = registry.register(run_id, description=(
+        f"recloop bundle (two-tower + FAISS index + LightGBM ranker) trained on {_span(plan.train_partitions)}, "
+        f"evaluated on {_span(plan.test_partitions)}; run {run_name(plan, None)} ({run_id})"))
+    registry.rename_run(run_id, run_name(plan, version))
     registry.set_challenger(version)
     return version
 

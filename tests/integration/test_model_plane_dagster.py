@@ -59,7 +59,15 @@ def test_training_cycle_promotes_then_gate_refuses_an_equal_challenger(recloop_e
     run = registry.client.get_run(registry.client.get_model_version(registry.model_name, "1").run_id)
     assert run.data.params and "eval.full.ndcg_at_10" in run.data.metrics
     assert "eval.source.item_to_item.ndcg_at_10" in run.data.metrics and "train.source_recall.two_tower" in run.data.metrics
-    assert run.info.run_name.startswith("multi-stage ") and "ranker.learning_rate" in run.data.params
+    assert run.info.run_name.startswith("train ") and run.info.run_name.endswith(" v1")
+    assert "ranker.learning_rate" in run.data.params
+    # Linked both ways: the MLflow run names the Dagster run, the asset's metadata links the MLflow run.
+    assert run.data.tags["dagster.run_id"] == first.run_id
+    assert run.data.tags["dagster.run_url"].endswith(f"/runs/{first.run_id}")
+    assert m["model/registered_version"]["mlflow_run_url"].endswith(
+        f"/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}?workflowType=machine_learning")
+    assert {d.tags[0].value for d in run.inputs.dataset_inputs} == {"training", "evaluation"}
+    assert registry.client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     curve = registry.client.get_metric_history(run.info.run_id, "train.ranker.valid_ndcg_at_10")
     assert len(curve) >= 2 and [p.step for p in curve] == sorted(p.step for p in curve)
     assert len(registry.client.get_metric_history(run.info.run_id, "train.two_tower.loss")) >= 2
