@@ -2,8 +2,9 @@
 
 `detect_drift(lake, partition, reference_partitions)` answers "does day D still look like the data the
 champion was trained on?" with a deterministic, explained decision (`DriftResult`), an Evidently HTML
-report stored in the lake (`monitoring/drift/date=D/report.html`) and a flat dict of summary numbers
-(Dagster asset metadata, so the UI plots every number over partitions).
+report stored in the lake (`monitoring/drift/date=D/report.html`; `recloop.drift_report`: a summary on
+top, the drifted columns first and in shares), its summary as JSON next to it (`summary.json`) and a
+flat dict of summary numbers (Dagster asset metadata, so the UI plots every number over partitions).
 
 What is compared — one row per impression (`partition_frame`), the day's events joined with what was
 known about their user and video:
@@ -45,7 +46,7 @@ import copy
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -347,8 +348,9 @@ class DriftResult:
     drifted share, an alerting signal), then notes (drifted columns and signals that do not alert,
     columns not tested, signals skipped); without, a "no drift" line, then the notes. `decided` is False
     when the partition or the reference had fewer than `min_rows` impressions: no decision, never an
-    alert. `summary` holds finite floats only (Dagster metadata); `report_uri` is None when no report
-    was written."""
+    alert. `summary` holds finite floats only (Dagster metadata); `report_uri` and `summary_uri` (the
+    report's summary as JSON, `recloop.drift_report.report_summary`) are None when no report was
+    written."""
 
     drifted: bool
     reasons: list[str]
@@ -359,6 +361,8 @@ class DriftResult:
     partition: str = ""
     reference_partitions: list[str] = field(default_factory=list)
     decided: bool = True
+    champion_version: str | None = None
+    summary_uri: str | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -735,6 +739,11 @@ def report_key(partition: str) -> str:
     return f"{partition_key(REPORT_DATASET, partition)}/report.html"
 
 
+def summary_key(partition: str) -> str:
+    """The lake key of `partition`'s report summary (JSON, next to the HTML report)."""
+    return f"{partition_key(REPORT_DATASET, partition)}/summary.json"
+
+
 def detect_drift(
     lake: Lake,
     partition: str,
@@ -742,6 +751,7 @@ def detect_drift(
     *,
     config: DriftConfig | None = None,
     champion: MultiStageRecommender | TwoTowerResult | None = None,
+    champion_version: str | None = None,
     write_report: bool = True,
 ) -> DriftResult:
     """Compare day `partition` with `reference_partitions` (the champion's training window, see
@@ -749,8 +759,9 @@ def detect_drift(
     monitoring/drift.yaml, the default `config`).
 
     `champion` (a recommender from `load_bundle`, or its `TwoTowerResult`) enables prediction drift and the
-    user-embedding shift; without it they are skipped and the reasons say so. With `write_report` the
-    Evidently HTML report goes to the lake at `report_key(partition)`, replacing an earlier one."""
+    user-embedding shift; without it they are skipped and the reasons say so. `champion_version` names it
+    in the report. With `write_report` a decided day's Evidently HTML report goes to the lake at
+    `report_key(partition)` and its summary (JSON) at `summary_key(partition)`, replacing earlier ones."""
     config = config or DriftConfig.load()
     reference_partitions = sorted(set(reference_partitions))
     current = partition_frame(lake, partition)
@@ -767,7 +778,7 @@ def detect_drift(
         signals = {name: _skipped(name, rule, "no decision") for name, rule in config.signals.items()}
         summary = _summary(columns, signals, {"decided": 0.0, "drifted": 0.0, **rows})
         return DriftResult(False, [f"no decision: {'; '.join(short)}"], columns, signals, summary, None,
-                           partition, reference_partitions, decided=False)
+                           partition, reference_partitions, decided=False, champion_version=champion_version)
 
     reference = _sample(reference_full, config.reference_max_rows, config.seed)
     rules = dict(config.columns)
@@ -789,8 +800,17 @@ def detect_drift(
     signals = {name: found[name] for name in config.signals}  # in the config's order
 
     drifted, reasons = _decide(columns, signals, config)
-    uri = None
-    if write_report and snapshot is not None:
-        uri = lake.write_bytes(report_key(partition), snapshot.get_html_str(as_iframe=False).encode("utf-8"))
     summary = _summary(columns, signals, {"decided": 1.0, "drifted": float(drifted), **rows})
-    return DriftResult(drifted, reasons, columns, signals, summary, uri, partition, reference_partitions)
+    result = DriftResult(drifted, reasons, columns, signals, summary, None, partition, reference_partitions,
+                         champion_version=champion_version)
+    if not write_report:
+        return result
+    from recloop.drift_report import build_report
+
+    report, report_summary = build_report(result, tested=tested, columns_snapshot=snapshot, current=current,
+                                          reference=reference, drift_share=config.drift_share,
+                                          timestamp=datetime(day.year, day.month, day.day))
+    uri = lake.write_bytes(report_key(partition), report.get_html_str(as_iframe=False).encode("utf-8"))
+    summary_uri = lake.write_bytes(summary_key(partition), json.dumps(
+        {**report_summary, "report": uri}, indent=1, allow_nan=False).encode("utf-8"))
+    return replace(result, report_uri=uri, summary_uri=summary_uri)

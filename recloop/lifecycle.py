@@ -1144,6 +1144,7 @@ class DriftOutcome:
     mlflow_run_id: str | None
     status: str
     alert: Alert | None = None
+    report_summary_uri: str | None = None
 
     @property
     def new_episode(self) -> bool:
@@ -1165,6 +1166,7 @@ class DriftOutcome:
             "reasons": list(self.reasons),
             "reference_partitions": list(self.reference_partitions),
             "report": self.report_uri or "",
+            "report_summary": self.report_summary_uri or "",
             "mlflow_run_id": self.mlflow_run_id,
             "status": self.status,
             "summary": dict(self.summary),
@@ -1205,7 +1207,7 @@ def drift_report(lake: Lake, registry: Registry, partition: str, *, config_path:
         return outcome
     reference = drift.champion_reference(bundle)
     result = drift.detect_drift(lake, partition, reference, config=drift.DriftConfig.load(config_path),
-                                champion=load_bundle(bundle))
+                                champion=load_bundle(bundle), champion_version=version)
     episode = episode_start(lake, partition, version) if result.drifted else None
     html = lake.read_bytes(drift.report_key(partition)).decode() if result.report_uri else None
     run_id = registry.log_drift_report(partition=partition, model_version=version, drifted=result.drifted,
@@ -1231,7 +1233,7 @@ def _drift_outcome(partition: str, version: str, episode: str | None, reference:
                               "details": {"reasons": result.reasons, "reference_partitions": reference,
                                           "mlflow_run_id": run_id}})
     return DriftOutcome(partition, bool(result.drifted), version, episode, list(result.reasons), dict(result.summary),
-                        list(reference), result.report_uri, run_id, status, alert)
+                        list(reference), result.report_uri, run_id, status, alert, result.summary_uri)
 
 
 def _write_record(lake: Lake, outcome: DriftOutcome) -> None:

@@ -6,9 +6,12 @@ schedule, and the `retraining.failed` webhook of a failed training run."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from recloop.data.simulator import SimConfig, simulate
+from recloop.drift import summary_key
 from recloop.lake import open_lake
 
 pytestmark = pytest.mark.slow
@@ -60,6 +63,10 @@ def test_drift_alerts_once_and_retrains_once_through_the_gate(recloop_env, recei
     lake = open_lake(settings.lake_uri)
     report_key = drift["report"].split(str(lake.uri("")).rstrip("/") + "/", 1)[-1]
     assert b"<html" in lake.read_bytes(report_key)[:2000].lower()
+    assert f"Drift report of {days[5]}: DRIFTED".encode() in lake.read_bytes(report_key)
+    summary = json.loads(lake.read_bytes(summary_key(days[5])))  # the report's summary, next to it
+    assert summary["champion_version"] == "1" and "device" in summary["columns"]["drifted_names"]
+    assert summary["report"] == drift["report"] and summary["reasons"] == drift["reasons"]
     registry = open_registry(settings)
     mlflow_run = registry.client.get_run(drift["mlflow_run_id"])
     assert mlflow_run.data.tags["recloop.report_uri"] == drift["report"]
