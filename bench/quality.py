@@ -107,7 +107,7 @@ def random_split(seeds: list[int], workdir: Path) -> dict:
 
 
 def _recloop(args: list[str], env: dict[str, str], timeout: float = 3600) -> dict:
-    cmd = [sys.executable, "-m", "recloop.cli", *args]
+    cmd = [sys.executable, "-m", "recloop.cli", *args, "--json"]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
     seconds = round(time.perf_counter() - t0, 1)

@@ -7,6 +7,7 @@ sensors launch through the daemon. In production the instance is deploy/dagster.
 runs started here are recorded where the deployment's UI reads them."""
 
 import os
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,22 @@ def _failed_check_reasons(run: "PartitionRun", stopping: set[str]) -> list[str]:
             for name, ok in run.checks.items() if not ok and name in stopping]
 
 
+def _forward_events(inst: dg.DagsterInstance | None, run_id: str, label: str) -> None:
+    """The run's events to `recloop.progress.run_event` as Dagster stores them, when a reporter listens
+    (the `recloop` command's progress display: the step running, the steps done)."""
+    from recloop import progress
+
+    if inst is None or not progress.listening():
+        return
+
+    def forward(entry: Any) -> None:
+        event = entry.dagster_event
+        if event is not None:
+            progress.run_event(label, event.event_type_value, event.step_key)
+
+    inst.add_event_listener(run_id, forward)
+
+
 def run_job(
     job_name: str,
     *,
@@ -132,6 +149,8 @@ def run_job(
                                   "ops": run_config_ops or {}}
     if run_config_resources:
         run_config["resources"] = run_config_resources
+    run_id = str(uuid.uuid4())
+    _forward_events(inst, run_id, f"{job_name} {partition}" if partition else job_name)
     try:
         result = job.execute_in_process(
             partition_key=partition,
@@ -139,6 +158,7 @@ def run_job(
             tags=tags,
             raise_on_error=False,
             run_config=run_config,
+            run_id=run_id,
         )
     except dg.DagsterUnknownPartitionError:
         # The range changed between the check and the load (data landed or removed meanwhile).

@@ -14,7 +14,11 @@
     recloop alerts     alert webhooks: dead letters, re-send, or a local test receiver
     recloop quarantine show quarantined rows of a partition with their reasons
 
-Exit codes: 0 done (a promotion the gate refuses is a normal outcome: 0, and the JSON says "promoted": false,
+Output: the result as tables and short lines on stdout; with --json the same result as JSON (for scripts:
+`recloop train --json | jq .decision`). Progress and messages go to stderr: a live display on a terminal,
+plain lines otherwise (--no-progress: none).
+
+Exit codes: 0 done (a promotion the gate refuses is a normal outcome: 0, and the result says "promoted": false,
 "decision": "refused" and why); 1 a run failed (the message names the failed step or check and why) or an
 unexpected error; 2 a mistake in the command or its input (one sentence naming the cause and the fix);
 130 interrupted. `recloop --debug COMMAND ...` (or RECLOOP_DEBUG=1) adds tracebacks and Dagster's own log.
@@ -23,6 +27,7 @@ unexpected error; 2 a mistake in the command or its input (one sentence naming t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -31,9 +36,10 @@ import re
 import sys
 import time
 import traceback
-from datetime import date
+from datetime import UTC, date, datetime
 from typing import Any
 
+from recloop import cli_views as views
 from recloop.config import Settings, mask_url
 
 TELEMETRY_OPT_OUTS = {
@@ -59,6 +65,24 @@ class UserError(ValueError):
 
 def _print(obj: Any) -> None:
     print(json.dumps(obj, indent=2, default=str))
+
+
+def _emit(args: argparse.Namespace, result: Any, view: Any, **kwargs: Any) -> None:
+    """The command's result: JSON with --json (what scripts parse), else `view(console, result, **kwargs)`
+    (`recloop.cli_views`); `kwargs` values that are callables are called only for the human view."""
+    if getattr(args, "json", False):
+        _print(result)
+        return
+    from recloop.terminal import stdout_console
+
+    view(stdout_console(), result, **{k: (v() if callable(v) else v) for k, v in kwargs.items()})
+
+
+def _progress(args: argparse.Namespace, **kwargs: Any):
+    """The command's progress display on stderr (`recloop.terminal.RunProgress`); off with --no-progress."""
+    from recloop.terminal import RunProgress
+
+    return RunProgress(enabled=not getattr(args, "no_progress", False), **kwargs)
 
 
 def _landing(settings: Settings):
@@ -102,9 +126,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             raise UserError(f"--{flag.replace('_', '-')} only applies with --closed-loop: add --closed-loop or drop it")
     config = _sim_config(args, settings)
     summary = simulate(config, _landing(settings), fmt=args.format)
-    _print({"landing": settings.landing_uri, "days": config.days, "start": config.start,
-            "totals": summary.totals, "seconds": round(summary.seconds, 2),
-            "events_per_s": round(summary.events_per_second)})
+    _emit(args, {"landing": settings.landing_uri, "days": config.days, "start": config.start,
+                 "totals": summary.totals, "seconds": round(summary.seconds, 2),
+                 "events_per_s": round(summary.events_per_second)}, views.show_simulated)
     return 0
 
 
@@ -168,8 +192,8 @@ def _closed_loop(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         if service is not None:
             service.close()
-    _print({"landing": settings.landing_uri, "serving": where, "first": config.date_of(first),
-            "days": result.as_dicts()})
+    _emit(args, {"landing": settings.landing_uri, "serving": where, "first": config.date_of(first),
+                 "days": result.as_dicts()}, views.show_closed_loop)
     return 0
 
 
@@ -190,9 +214,11 @@ def cmd_movielens(args: argparse.Namespace) -> int:
         events = tables["events"]["event_time"].cast("int64").to_numpy(zero_copy_only=False) // 86_400_000_000
         partition_range.record_history(landing, written["dates"][0], written["dates"][-1], source=str(args.path),
                                        days_with_events=len(set(events.tolist())))
-    _print({"landing": settings.landing_uri, "rows": written["rows"], "first": written["dates"][0] if written["dates"] else None,
-            "last": written["dates"][-1] if written["dates"] else None, "days": len(written["dates"]),
-            "next": "recloop run  (the whole landed range in one Dagster run); recloop import PATH does both steps"})
+    _emit(args, {"landing": settings.landing_uri, "rows": written["rows"],
+                 "first": written["dates"][0] if written["dates"] else None,
+                 "last": written["dates"][-1] if written["dates"] else None, "days": len(written["dates"]),
+                 "next": "recloop run  (the whole landed range in one Dagster run); recloop import PATH does both steps"},
+          views.show_movielens)
     return 0
 
 
@@ -254,8 +280,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.partition:
         partitions = _partitions(args, settings)
         t0 = time.perf_counter()
-        runs = run_data_plane(partitions, settings=settings)
-        _print({"partitions": _summarise(runs), "seconds": round(time.perf_counter() - t0, 1)})
+        # On a terminal: the running step, gone when done. Otherwise nothing: stderr keeps one line per failure.
+        with _progress(args, plain=False, steps=False, transient=True):
+            runs = run_data_plane(partitions, settings=settings)
+        _emit(args, {"partitions": _summarise(runs), "seconds": round(time.perf_counter() - t0, 1)},
+              views.show_partitions)
         for run in runs:
             if not run.success:
                 print(f"recloop run: {'partition ' + run.partition if run.partition else 'feast apply'} failed: "
@@ -273,23 +302,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         except ValueError:
             raise UserError(f"no partitions to run: the landing zone {settings.landing_uri} has no events; run "
                             "`recloop simulate` or `recloop import PATH` first") from None
-    return _run_history(settings, first, last, progress_bars=not args.no_progress)
+    return _run_history(args, settings, first, last)
 
 
-def _run_history(settings: Settings, first: str, last: str, *, progress_bars: bool,
+def _run_history(args: argparse.Namespace, settings: Settings, first: str, last: str, *,
                  extra: dict[str, Any] | None = None, started: float | None = None) -> int:
-    """The history job over `[first, last]` in one run, with progress bars; prints the summary."""
+    """The history job over `[first, last]` in one run, with its progress (the steps, a bar per stage);
+    prints the summary."""
     from pipelines.run import run_history
-    from recloop import progress
 
     t0 = time.perf_counter()
-    reporter = progress.TerminalReporter() if progress_bars else progress.NullReporter()
-    with progress.reporting(reporter):
+    with _progress(args):
         run = run_history(first, last, settings=settings)
     out = {**(extra or {}), **_history_summary(run, first, last), "seconds": {
         **((extra or {}).get("seconds") or {}), "run": round(time.perf_counter() - t0, 1),
         **({"total": round(time.perf_counter() - started, 1)} if started is not None else {})}}
-    _print(out)
+    _emit(args, out, views.show_history)
     if run.success:
         print(f"done: {first}..{last} is in the lake and the newest snapshot is online. Next: "
               "recloop train --train-period all --test-period 14d", file=sys.stderr)
@@ -328,24 +356,24 @@ def _history_summary(run, first: str, last: str) -> dict[str, Any]:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from recloop import history, progress
+    from recloop import history
     from recloop.lake import open_lake
 
     settings = Settings.from_env()
     started = time.perf_counter()
     source = history.detect(args.path)
     print(f"importing the {source.describe()}", file=sys.stderr)
-    reporter = progress.TerminalReporter() if not args.no_progress else progress.NullReporter()
     lake = open_lake(settings.lake_uri, s3_endpoint_url=settings.s3_endpoint_url)
-    with progress.reporting(reporter):
+    with _progress(args):
         landed = history.land(source, _landing(settings), lake=lake, fmt=args.format)
     seconds = {"land": round(time.perf_counter() - started, 1)}
     summary = {"landing": settings.landing_uri, "landed": landed.summary()}
     if args.land_only:
-        _print({**summary, "seconds": seconds, "next": f"recloop run --start {landed.first} --end {landed.last}"})
+        _emit(args, {**summary, "seconds": seconds, "next": f"recloop run --start {landed.first} --end {landed.last}"},
+              views.show_landed)
         return 0
-    return _run_history(settings, landed.first, landed.last, progress_bars=not args.no_progress,
-                        extra={**summary, "seconds": seconds}, started=started)
+    return _run_history(args, settings, landed.first, landed.last, extra={**summary, "seconds": seconds},
+                        started=started)
 
 
 def _bad_delivery(landing, day: str) -> int:
@@ -399,12 +427,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     steps = 5 if online else 3
     print(f"[1/{steps}] simulating {warm.days} days (~{warm.events_per_day:,} events/day) into {settings.landing_uri}")
     summary = simulate(warm, _landing(settings))
-    print(f"      {summary.totals}")
+    print("      " + ", ".join(f"{n:,} {table}" for table, n in summary.totals.items()))
     partitions = [warm.date_of(i).isoformat() for i in range(warm.days)]
     n_bad = _bad_delivery(_landing(settings), partitions[-1])
     print(f"      plus a late CSV delivery of {n_bad} events for {partitions[-1]}, two good and the rest broken in the usual ways")
     story = None
-    with _demo_receiver() as receiver:
+    # On a terminal, the Dagster step running now under the story (nothing otherwise: the story says it).
+    with _demo_receiver() as receiver, _progress(args, plain=False, steps=False, transient=True):
         print(f"[2/{steps}] running the Dagster data plane for {len(partitions)} days: ingest → GX validation → features → "
               "Feast online store → drift report")
         t0 = time.perf_counter()
@@ -450,9 +479,40 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"  MLflow runs and registry at {mask_url(registry_settings(settings).tracking_uri)}"
               + (" (online experiments: the recloop-online-experiments experiment)" if story else ""))
     print()
-    print("Look at it in the Dagster UI (asset runs, checks, lineage, the drift sensor and the retraining schedule):  "
-          "make ui  →  http://127.0.0.1:3000")
+    for line in _demo_where_to_look(settings, trained=training is not None):
+        print(line)
     return 0 if ok else 1
+
+
+def _tool(name: str) -> str:
+    """How to call one of this installation's commands (`mlflow`, `recloop`): its name when the shell finds
+    this one, else its path beside this Python (a virtualenv that is not activated)."""
+    import shutil
+    from pathlib import Path
+
+    beside = Path(sys.executable).parent / name
+    found = shutil.which(name)
+    if found and (not beside.exists() or Path(found).resolve() == beside.resolve()):
+        return name
+    return str(beside) if beside.exists() else name
+
+
+def _demo_where_to_look(settings: Settings, *, trained: bool) -> list[str]:
+    """The demo's closing lines: the Dagster UI, the MLflow UI on this deployment's store, the API's docs."""
+    from recloop.terminal import API_DOCS, DAGSTER_UI, mlflow_model_url
+
+    lines = ["Look at it:",
+             "  Dagster UI: the asset runs, checks, lineage, the drift sensor and the retraining schedule",
+             f"      make ui  →  {DAGSTER_UI}"]
+    if trained:
+        command, base, model = _mlflow_ui(settings)
+        lines += ["  MLflow UI: the training runs, the registered versions and their aliases, the gate's decisions",
+                  f"      {_tool('mlflow') + command.removeprefix('mlflow') if command else 'open'}  →  "
+                  f"{mlflow_model_url(base, model)}",
+                  "  The recommendation API (the champion, features from Feast) and its interactive docs",
+                  f"      {_tool('recloop')} serve  →  {API_DOCS.format(port=DEFAULT_SERVE_PORT)}",
+                  f"  The champion, the challengers and every decision:  {_tool('recloop')} models"]
+    return lines
 
 
 def _demo_online(settings: Settings, config: Any, args: argparse.Namespace, receiver: Any) -> Any:
@@ -484,8 +544,11 @@ def _demo_online(settings: Settings, config: Any, args: argparse.Namespace, rece
         print(f"      => no final online decision within {args.closed_days} days; champion v{story.champion_after}")
     if receiver is not None:
         print(f"      webhooks received and verified at {receiver.url}:")
+        from recloop.terminal import plain_text
+
         for event in receiver.events:
-            print(f"        {event['type']:18} {event['text'].splitlines()[0][:110]}")
+            # the text chat tools show, without the emoji codes (`:white_check_mark:`) they turn into icons
+            print(f"        {event['type']:18} {plain_text(event['text'].splitlines()[0])[:110]}")
     return story
 
 
@@ -532,11 +595,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         parse_period(args.train_period, what="--train-period")
     if args.test_period:
         parse_period(args.test_period, allow_all=False, what="--test-period")
-    run = run_job("training_job", inst=instance(settings),
-                  run_config_ops=_training_run_config(args.train_days, args.test_days, args.train_period,
-                                                      args.test_period))
+    with _progress(args):
+        run = run_job("training_job", inst=instance(settings),
+                      run_config_ops=_training_run_config(args.train_days, args.test_days, args.train_period,
+                                                          args.test_period))
     summary = _training_summary(run)
-    _print(summary)
+
+    def latency() -> str | None:
+        from recloop.story import latency_line
+
+        return latency_line(run)
+
+    _emit(args, summary, views.show_training, latency=latency, links=lambda: _training_links(settings, summary))
     if summary.get("decision") == "refused":
         print(f"recloop train: version {summary.get('registered_version')} was not promoted: "
               f"{(summary.get('reasons') or ['see the gate check'])[0]}; the champion stays "
@@ -545,6 +615,30 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"recloop train: the training run failed: {run.error}. Details: the Dagster UI (make ui), run "
               f"{run.run_id}, or `recloop --debug train ...`", file=sys.stderr)
     return EXIT_OK if run.success else EXIT_FAILED
+
+
+def _mlflow_ui(settings: Settings) -> tuple[str | None, str, str]:
+    """(the command that starts an MLflow UI on this deployment's store, or None when it is a server; the
+    UI's address; the registered model's name)."""
+    from recloop.registry import registry_settings
+    from recloop.terminal import mlflow_ui
+
+    rs = registry_settings(settings)
+    command, base = mlflow_ui(rs.tracking_uri, masked_uri=mask_url(rs.tracking_uri))
+    return command, base, rs.model_name
+
+
+def _training_links(settings: Settings, summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """Where to look at a training run: its Dagster run, the version in MLflow, the next commands."""
+    from recloop.terminal import dagster_run_url, mlflow_model_url
+
+    command, base, model = _mlflow_ui(settings)
+    links = [("Dagster run", f"{dagster_run_url(summary['run_id'])}  (make ui)")]
+    if summary.get("registered_version") is not None:
+        links.append(("MLflow", mlflow_model_url(base, model, str(summary["registered_version"]))
+                      + (f"  ({command})" if command else "")))
+    links.append(("next", "recloop models (the decisions); recloop serve (the API with the champion)"))
+    return links
 
 
 def _training_run_config(train_days: int, test_days: int, train_period: str | None = None,
@@ -612,7 +706,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return 2
     if args.out:
         write_json(result, args.out)
-    _print(result)
+    _emit(args, result, views.show_evaluation, out=args.out)
     return 0
 
 
@@ -626,25 +720,60 @@ def cmd_rollback(args: argparse.Namespace) -> int:
         print(f"recloop rollback: {err}", file=sys.stderr)
         return 2
     latest = registry.history()[0]
-    _print({"model": registry.model_name, "champion_was": before, "champion_now": after,
-            "why": latest.get("why", [])})
+    _emit(args, {"model": registry.model_name, "champion_was": before, "champion_now": after,
+                 "why": latest.get("why", [])}, views.show_rollback)
     return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:
     from recloop.registry import open_registry
 
+    if args.limit < 0:
+        raise UserError(f"--limit {args.limit} is negative: give how many decisions to show (0 or more)")
     registry = open_registry(Settings.from_env())
     champion = registry.champion()
     challenger = registry.challenger()
-    _print({
+    history = registry.history()
+    result = {
         "model": registry.model_name,
         "champion": champion.version if champion else None,
         "challenger": challenger.version if challenger else None,
         "lineage": registry.lineage(),
-        "history": registry.history()[: args.limit],
-    })
+        "history": history[: args.limit],
+    }
+    from recloop.registry import GateConfig
+
+    metric = GateConfig().primary_metric
+    _emit(args, result, views.show_models, metric=metric, limit=args.limit,
+          aliases=lambda: _alias_rows(registry, history, metric, champion=champion, challenger=challenger))
     return 0
+
+
+def _alias_rows(registry: Any, history: list[dict[str, Any]], metric: str, **known: Any) -> list[tuple[str, Any, str, str]]:
+    """(alias, version, since when, the version's offline primary metric) for champion, challenger and
+    experiment: since the decision that set the alias (the version's registration for a challenger)."""
+    from mlflow.exceptions import MlflowException
+
+    from recloop.registry import RegistryError
+
+    rows = []
+    for alias in ("champion", "challenger", "experiment"):
+        mv = known[alias] if alias in known else getattr(registry, alias)()
+        if mv is None:
+            rows.append((alias, None, "", ""))
+            continue
+        version = str(mv.version)
+        decided = {"champion": ("promoted", "rolled_back"), "experiment": ("experiment_started",)}.get(alias, ())
+        entry = next((e for e in history if e.get("decision") in decided
+                      and version in (str(e.get("version")), str(e.get("to_version")))), None)
+        since = views.when(entry["when"]) if entry else views.when(
+            datetime.fromtimestamp(mv.creation_timestamp / 1000, tz=UTC)) + " (registered)"
+        try:
+            value = registry.version_metrics(version).get(metric)
+        except (MlflowException, RegistryError):  # a version whose run is gone: no metric to show
+            value = None
+        rows.append((alias, version, since, views.num(value)))
+    return rows
 
 
 def cmd_quarantine(args: argparse.Namespace) -> int:
@@ -664,15 +793,24 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
         table = read_quarantine(lake, args.table, day)
     elif lake.has_partition(f"silver/{args.table}", day) or lake.has_partition(f"bronze/{args.table}", day):
         # validated with nothing to quarantine (a range run writes no empty quarantine partition)
-        _print({"table": args.table, "partition": day, "quarantined": 0, "rows": []})
+        _emit(args, {"table": args.table, "partition": day, "quarantined": 0, "rows": []}, views.show_quarantine,
+              reasons={}, id_column=_id_column(args.table))
         return 0
     else:
         print(f"recloop quarantine: {args.table} of {day} was never validated: nothing was delivered for that day "
               f"or the data plane has not run it (recloop run --partition {day})", file=sys.stderr)
         return 2
     rows = table.slice(0, args.limit).to_pylist()
-    _print({"table": args.table, "partition": day, "quarantined": table.num_rows, "rows": rows})
+    from recloop.validation import reason_counts
+
+    _emit(args, {"table": args.table, "partition": day, "quarantined": table.num_rows, "rows": rows},
+          views.show_quarantine, reasons=lambda: reason_counts(table), id_column=_id_column(args.table))
     return 0
+
+
+def _id_column(table: str) -> str:
+    """The column that names a row of `table` (event_id, user_id, video_id, impression_id)."""
+    return {"users": "user_id", "videos": "video_id", "events": "event_id"}.get(table, f"{table.rstrip('s')}_id")
 
 
 def cmd_drift(args: argparse.Namespace) -> int:
@@ -684,9 +822,10 @@ def cmd_drift(args: argparse.Namespace) -> int:
         raise UserError(f"no partitions to report on: the landing zone {settings.landing_uri} has no events; give "
                         "--partition D (or --start/--end), or land data first (recloop simulate, recloop import PATH)")
     inst = instance(settings)
-    runs = [run_job("drift_job", partition=p, inst=inst) for p in partitions]
-    _print({run.partition: {**_summarise([run])[run.partition].get("drift", {}), "success": run.success,
-                            **({"error": run.error} if run.error else {})} for run in runs})
+    with _progress(args, plain=False, steps=False, transient=True):
+        runs = [run_job("drift_job", partition=p, inst=inst) for p in partitions]
+    _emit(args, {run.partition: {**_summarise([run])[run.partition].get("drift", {}), "success": run.success,
+                                 **({"error": run.error} if run.error else {})} for run in runs}, views.show_drift)
     for run in runs:
         if not run.success:
             print(f"recloop drift: partition {run.partition} failed: {run.error}. Details: the Dagster UI (make ui), "
@@ -737,7 +876,7 @@ def cmd_alerts(args: argparse.Namespace) -> int:
         secret, how = _listen_secret(Settings.from_env())
 
         def show(event: dict[str, Any]) -> None:
-            print(json.dumps(event, default=str), flush=True)
+            print(json.dumps(event, default=str) if args.json else views.alert_line(event), flush=True)
 
         try:
             receiver = WebhookReceiver(secret, host=args.host, port=args.port, on_event=show)
@@ -758,12 +897,14 @@ def cmd_alerts(args: argparse.Namespace) -> int:
         _check_endpoint(dispatcher, args.endpoint)
         if args.action == "resend":
             results = dispatcher.resend_dead_letters(args.endpoint)
-            _print([{"endpoint": r.endpoint, "event_id": r.event_id, "outcome": str(r.outcome), "attempts": r.attempts,
-                     "status_code": r.status_code, "error": r.error} for r in results])
+            _emit(args, [{"endpoint": r.endpoint, "event_id": r.event_id, "outcome": str(r.outcome),
+                          "attempts": r.attempts, "status_code": r.status_code, "error": r.error} for r in results],
+                  views.show_resent)
             return 0 if all(str(r.outcome) != "dead_lettered" for r in results) else 1
-        _print([{"endpoint": d.endpoint, "event_id": d.event_id, "type": d.event_type, "status": str(d.status),
-                 "attempts": d.attempts, "last_status_code": d.last_status_code, "last_error": d.last_error,
-                 "updated_at": d.updated_at} for d in dispatcher.store.dead_letters(args.endpoint)])
+        _emit(args, [{"endpoint": d.endpoint, "event_id": d.event_id, "type": d.event_type, "status": str(d.status),
+                      "attempts": d.attempts, "last_status_code": d.last_status_code, "last_error": d.last_error,
+                      "updated_at": d.updated_at} for d in dispatcher.store.dead_letters(args.endpoint)],
+              views.show_dead_letters)
         return 0
     finally:
         dispatcher.store.close()
@@ -787,33 +928,71 @@ def _port(text: str) -> int:
     return port
 
 
+DEFAULT_SERVE_PORT = 8000
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default (unless it says it already, or the option has none: a flag
+    that is off, a value that is absent unless given)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text or not action.option_strings or action.default in (None, False, argparse.SUPPRESS)
+                or isinstance(action, argparse._HelpAction)):
+            return text
+        default = " ".join(map(str, action.default)) if isinstance(action.default, list | tuple) else "%(default)s"
+        return f"{text} (default: {default})"
+
+
+class _RawHelpFormatter(argparse.RawDescriptionHelpFormatter, _HelpFormatter):
+    """The top-level help: the module docstring as written."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="recloop", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="recloop", description=__doc__, formatter_class=_RawHelpFormatter)
     debug_help = f"on failure, show the traceback and Dagster's own log (same as {DEBUG_ENV}=1)"
     parser.add_argument("--debug", action="store_true", help=debug_help)
     # Also accepted after the command (`recloop run --debug ...`); SUPPRESS keeps the one given before it.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
-    subparsers = parser.add_subparsers(dest="command", required=True)
+    # The commands that print a result: tables by default, JSON for scripts.
+    output = argparse.ArgumentParser(add_help=False)
+    output.add_argument("--json", action="store_true",
+                        help="print the result as JSON (for scripts) instead of tables; progress stays on stderr")
+    progress_help = {
+        "plain": "show no progress on stderr (shown by default: live on a terminal, else one line per finished "
+                 "step and stage)",
+        "terminal": "show no progress on stderr (shown by default on a terminal: the Dagster step running)",
+        "run": "show no progress on stderr (shown by default: live on a terminal; for a range, else one line "
+               "per finished step and stage)",
+    }
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     class _Sub:
         @staticmethod
-        def add_parser(name: str, **kwargs: Any) -> argparse.ArgumentParser:
-            return subparsers.add_parser(name, parents=[common], **kwargs)
+        def add_parser(name: str, *, result: bool = True, progress: str | None = None,
+                       **kwargs: Any) -> argparse.ArgumentParser:
+            parents = [common] + ([output] if result else [])
+            kwargs.setdefault("description", kwargs.get("help"))
+            p = subparsers.add_parser(name, parents=parents, formatter_class=_HelpFormatter, **kwargs)
+            if progress:
+                p.add_argument("--no-progress", action="store_true", help=progress_help[progress])
+            return p
 
     sub = _Sub()
 
     def sim_args(p: argparse.ArgumentParser, days: int, events: int, users: int, videos: int) -> None:
         from recloop.data.simulator import SCENARIOS
 
-        p.add_argument("--days", type=int, default=days)
-        p.add_argument("--start", help="first day (YYYY-MM-DD); default RECLOOP_PARTITION_START")
-        p.add_argument("--events-per-day", type=int, default=events)
-        p.add_argument("--initial-users", type=int, default=users)
-        p.add_argument("--initial-videos", type=int, default=videos)
-        p.add_argument("--seed", type=int, default=7)
-        p.add_argument("--scenario", choices=SCENARIOS, default="none")
-        p.add_argument("--drift-day", type=int, default=7, help="0-based index of the first drifted day")
+        p.add_argument("--days", type=int, default=days, help="days to simulate")
+        p.add_argument("--start", metavar="YYYY-MM-DD", help="first day (default: RECLOOP_PARTITION_START, else 2025-01-01)")
+        p.add_argument("--events-per-day", type=int, default=events, metavar="N", help="impressions per day")
+        p.add_argument("--initial-users", type=int, default=users, metavar="N", help="users on the first day")
+        p.add_argument("--initial-videos", type=int, default=videos, metavar="N", help="videos on the first day")
+        p.add_argument("--seed", type=int, default=7, help="random seed: the same seed gives the same world")
+        p.add_argument("--scenario", choices=SCENARIOS, default="none",
+                       help="the drift that starts on --drift-day")
+        p.add_argument("--drift-day", type=int, default=7, metavar="N", help="0-based index of the first drifted day")
 
     p = sub.add_parser("simulate", help="simulate days into the landing zone (--closed-loop: served by the platform)",
                        description=(
@@ -823,9 +1002,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "champion, in process from this home's settings or by a running `recloop serve` "
                            "(--serving-url); users respond by the simulator's ground truth and their watches go "
                            "back as feedback. Prints per-day CTR, watch time, popularity concentration (Gini, "
-                           "top-1%% share) and catalog coverage of what was served."))
+                           "top-1% share) and catalog coverage of what was served."))
     sim_args(p, days=14, events=20_000, users=5_000, videos=2_000)
-    p.add_argument("--format", choices=("parquet", "csv"), default="parquet")
+    p.add_argument("--format", choices=("parquet", "csv"), default="parquet", help="landing file format")
     p.add_argument("--closed-loop", action="store_true",
                    help="serve the simulated sessions with the platform (needs a champion: train first); --days "
                         "then counts closed-loop days")
@@ -836,13 +1015,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --closed-loop: after each day run the data plane for it, and retrain every "
                         "--retrain-every days")
     p.add_argument("--retrain-every", type=int, default=7, metavar="DAYS",
-                   help="with --run-pipeline: closed-loop days between training runs (default 7; 0 never)")
+                   help="with --run-pipeline: closed-loop days between training runs (0: never)")
     p.add_argument("--report-unwatched", action="store_true",
                    help="with --closed-loop: send unwatched impressions as watched_s=0 feedback too (default: "
                         "only watches; the server's impressions log makes the rest served negatives)")
     p.set_defaults(func=cmd_simulate)
 
-    p = sub.add_parser("import", help="import a history: land it, then ingest → GX → features → Feast in one Dagster run",
+    p = sub.add_parser("import", progress="plain",
+                       help="import a history: land it, then ingest → GX → features → Feast in one Dagster run",
                        description=(
                            "Import a history in one command: a MovieLens folder (ML-100K, ML-1M/10M, ml-latest/20M/25M), "
                            "a folder in the landing layout, a folder with users, videos and events files "
@@ -852,86 +1032,102 @@ def build_parser() -> argparse.ArgumentParser:
                            "with a progress bar per stage. The daily partitions then start where the history starts."))
     p.add_argument("path", help="MovieLens folder, folder of users/videos/events files, or an events file")
     p.add_argument("--format", choices=("parquet", "csv"), default="parquet",
-                   help="landing format for a MovieLens folder (default parquet)")
+                   help="landing format for a MovieLens folder")
     p.add_argument("--land-only", action="store_true", help="land the history and stop (run it later with recloop run)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("movielens", help="MovieLens-format folder → landing partitions only (recloop import also runs them)")
-    p.add_argument("path")
-    p.add_argument("--format", choices=("parquet", "csv"), default="parquet")
+    p.add_argument("path", help="a MovieLens folder (ratings and movies files)")
+    p.add_argument("--format", choices=("parquet", "csv"), default="parquet", help="landing file format")
     p.set_defaults(func=cmd_movielens)
 
-    def partition_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--partition", help="one day (YYYY-MM-DD)")
-        p.add_argument("--start", help="first day of a range")
-        p.add_argument("--end", help="last day of a range")
+    def partition_args(p: argparse.ArgumentParser, everything: str) -> None:
+        p.add_argument("--partition", metavar="YYYY-MM-DD", help=f"one day (default: {everything})")
+        p.add_argument("--start", metavar="YYYY-MM-DD", help="first day of a range (with --end)")
+        p.add_argument("--end", metavar="YYYY-MM-DD", help="last day of a range (with --start)")
 
-    p = sub.add_parser("run", help="the data plane: one day (--partition), or a range in one run (--start/--end, or "
-                                   "everything the landing zone holds)")
-    partition_args(p)
-    p.add_argument("--no-progress", action="store_true", help="no progress bars (ranges)")
+    p = sub.add_parser("run", progress="run",
+                       help="the data plane: one day (--partition), or a range in one run (--start/--end, or "
+                            "everything the landing zone holds)")
+    partition_args(p, "every day the landing zone holds events for, in one run")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("demo", help="simulate and run the main job on the embedded default")
+    p = sub.add_parser("demo", result=False, progress="terminal", help="simulate and run the main job on the embedded default",
+                       description=("Build a whole deployment under RECLOOP_HOME and tell what happens: a simulated "
+                                    "week, the Dagster data plane per day, the training job and its gates, then the "
+                                    "closed loop (the platform serves the simulated users) with drift, retraining and "
+                                    "an online experiment (docs/cli.md)."))
     sim_args(p, days=7, events=20_000, users=5_000, videos=2_000)
-    p.add_argument("--closed-days", type=int, default=3,
-                   help="days the platform then serves the simulated users itself (closed loop; 0: skip; default 3)")
-    p.add_argument("--closed-events-per-day", type=int, default=8_000,
-                   help="impressions per closed-loop day (default 8000)")
-    p.add_argument("--explore-share", type=float, default=0.1,
-                   help="share of slots the closed-loop service explores (default 0.1; 0: the model's top only)")
+    p.add_argument("--closed-days", type=int, default=3, metavar="N",
+                   help="days the platform then serves the simulated users itself (closed loop; 0: skip)")
+    p.add_argument("--closed-events-per-day", type=int, default=8_000, metavar="N",
+                   help="impressions per closed-loop day")
+    p.add_argument("--explore-share", type=float, default=0.1, metavar="SHARE",
+                   help="share of slots the closed-loop service explores (0: the model's top only)")
     p.set_defaults(func=cmd_demo, scenario="new_user_wave")
 
-    p = sub.add_parser("train", help="run the Dagster training job: train, evaluate, register, gate, promote")
-    p.add_argument("--train-days", type=int, default=7, help="days with events to train on (default 7)")
-    p.add_argument("--test-days", type=int, default=1, help="newest days with events held out (default 1)")
-    p.add_argument("--train-period", help="instead of --train-days: a calendar period such as 90d, 6m, 1y, or 'all' "
-                                          "(every day before the held-out period)")
-    p.add_argument("--test-period", help="instead of --test-days: the newest calendar period held out, e.g. 14d, 2w, 1m")
+    p = sub.add_parser("train", progress="plain",
+                       help="run the Dagster training job: train, evaluate, register, gate, promote")
+    p.add_argument("--train-days", type=int, default=7, metavar="N", help="days with events to train on")
+    p.add_argument("--test-days", type=int, default=1, metavar="N", help="newest days with events held out")
+    p.add_argument("--train-period", metavar="PERIOD",
+                   help="instead of --train-days: a calendar period such as 90d, 6m, 1y, or 'all' (every day before "
+                        "the held-out period)")
+    p.add_argument("--test-period", metavar="PERIOD",
+                   help="instead of --test-days: the newest calendar period held out, e.g. 14d, 2w, 1m")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="evaluate the baselines on your own train/test interaction files")
-    p.add_argument("--train", required=True, help="MovieLens folder, ratings file or events file")
-    p.add_argument("--test", required=True)
-    p.add_argument("--valid", help="validation interactions for tuning the CF baseline (default: carved from train)")
-    p.add_argument("--k", type=int, nargs="+", default=[5, 10, 20, 50])
-    p.add_argument("--out", help="write the JSON result here as well")
+    p.add_argument("--train", required=True, metavar="PATH", help="MovieLens folder, ratings file or events file")
+    p.add_argument("--test", required=True, metavar="PATH", help="the held-out interactions, in the same formats")
+    p.add_argument("--valid", metavar="PATH",
+                   help="validation interactions for tuning the CF baseline (default: carved from train)")
+    p.add_argument("--k", type=int, nargs="+", default=[5, 10, 20, 50], metavar="K", help="cut-offs to evaluate at")
+    p.add_argument("--out", metavar="PATH", help="write the JSON result here as well (default: only print it)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("rollback", help="move the champion alias back to the previous champion that loads, or to --to VERSION",
                        description=("Move the champion alias back: to the newest earlier champion whose bundle downloads, "
                                     "passes its checksums and loads (corrupt ones are skipped and named), or with --to "
                                     "to any version the gate promoted before. Serving follows the alias."))
-    p.add_argument("--to", metavar="VERSION", help="the version to make champion (one the gate promoted before)")
-    p.add_argument("--reason", default="manual rollback")
+    p.add_argument("--to", metavar="VERSION",
+                   help="the version to make champion, one the gate promoted before (default: the previous champion "
+                        "that loads)")
+    p.add_argument("--reason", default="manual rollback", help="why, recorded with the decision")
     p.set_defaults(func=cmd_rollback)
 
     p = sub.add_parser("models", help="champion, challenger and the promotion history")
-    p.add_argument("--limit", type=int, default=10)
+    p.add_argument("--limit", type=int, default=10, metavar="N", help="decisions to show, newest first")
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("serve", help="the recommendation API: champion from MLflow, features from Feast (docs/serving.md)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=_port, default=8000)
-    p.add_argument("--log-level", default="info")
+    p = sub.add_parser("serve", result=False,
+                       help="the recommendation API: champion from MLflow, features from Feast (docs/serving.md)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=_port, default=DEFAULT_SERVE_PORT,
+                   help="port to listen on (the API's docs: http://HOST:PORT/docs)")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug", "trace"),
+                   help="uvicorn's log level")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("drift", help="(re)run the drift report of partitions against the champion's training window")
-    partition_args(p)
+    partition_args(p, "every day the landing zone holds events for")
     p.set_defaults(func=cmd_drift)
 
     p = sub.add_parser("alerts", help="alert webhooks: list dead letters, re-send them, or listen as a test receiver")
-    p.add_argument("action", choices=("dead-letters", "resend", "listen"))
-    p.add_argument("--endpoint", help="only this endpoint's dead letters")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=_port, default=9000)
+    p.add_argument("action", choices=("dead-letters", "resend", "listen"),
+                   help="dead-letters: list what could not be delivered; resend: send it again; listen: a local "
+                        "receiver that verifies and prints what it receives")
+    p.add_argument("--endpoint", metavar="NAME", help="only this endpoint's dead letters (default: every endpoint's)")
+    p.add_argument("--host", default="127.0.0.1", help="listen: address to listen on")
+    p.add_argument("--port", type=_port, default=9000, help="listen: port to listen on (0: any free port)")
     p.set_defaults(func=cmd_alerts)
 
-    p = sub.add_parser("quarantine", help="show quarantined rows and reasons")
-    p.add_argument("--table", default="events")
-    p.add_argument("--partition", required=True)
-    p.add_argument("--limit", type=int, default=20)
+    p = sub.add_parser("quarantine", help="show quarantined rows and reasons",
+                       description=("The rows validation quarantined from one day of a table: how many per reason, "
+                                    "then the first rows with the file and line they came from."))
+    p.add_argument("--table", default="events", help="users, videos or events")
+    p.add_argument("--partition", required=True, metavar="YYYY-MM-DD", help="the day")
+    p.add_argument("--limit", type=int, default=20, metavar="N", help="rows to show")
     p.set_defaults(func=cmd_quarantine)
     return parser
 
@@ -985,6 +1181,12 @@ def _dispatch(args: argparse.Namespace) -> int:
             traceback.print_exc()
         print(f"recloop {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader of stdout went away (`recloop models | head`): not an error of the command. Python's
+        # own flush at exit would fail again on the closed pipe: point stdout at /dev/null first.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except _user_errors() as err:
         # The user's input (a day outside the partitions, a bad date or period, a file recloop cannot read,
         # an unknown name, a setting): one sentence, exit code 2, no traceback unless asked for.

@@ -1,15 +1,17 @@
-"""Progress of long steps (a history import goes through thousands of days): a bar per stage on the
-terminal when a command asks for one, log lines otherwise.
+"""Progress of long steps (a history import goes through thousands of days, a training run through a
+dozen Dagster steps): a bar per stage and the running step on the terminal when a command asks for it,
+log lines otherwise.
 
 The bulk functions (`recloop.ingestion.ingest_range`, `recloop.validation.validate_range`,
-`recloop.features.compute_features_range`, ...) report through `stage(...)`; which reporter listens is
+`recloop.features.compute_features_range`, ...) report through `stage(...)`, and `pipelines.run` reports
+the Dagster events of the runs it executes in process through `run_event(...)`; which reporter listens is
 decided by whoever runs them:
 
-* `recloop import` / `recloop run --start --end` install a `TerminalReporter` (tqdm bars on stderr) around
-  the in-process Dagster run, so the assets' stages draw bars on the user's terminal;
+* the `recloop` command installs a `recloop.terminal.RunProgress` around its runs (rich bars and a
+  spinner on stderr when it is a terminal, plain lines otherwise);
 * a Dagster asset installs a `LogReporter` on its run log when nobody listens yet (runs launched from the
   UI or by the daemon): a line every 10 %;
-* nothing installed: the stages cost nothing.
+* nothing installed: the stages and events cost nothing.
 
 The reporter is process-wide (not a context variable): Dagster's in-process executor may run a step in
 another thread than the one that started the run.
@@ -18,7 +20,7 @@ another thread than the one that started the run.
 from __future__ import annotations
 
 import contextlib
-import sys
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -33,6 +35,9 @@ class Stage(Protocol):
 
 class Reporter(Protocol):
     def stage(self, name: str, total: int, unit: str) -> contextlib.AbstractContextManager[Stage]: ...
+
+    # Optional: `run_event(job, kind, step)` receives the Dagster events of the runs `pipelines.run`
+    # executes (see `run_event` below).
 
 
 class _NullStage:
@@ -49,35 +54,6 @@ class NullReporter:
     @contextlib.contextmanager
     def stage(self, name: str, total: int, unit: str) -> Iterator[Stage]:
         yield _NullStage()
-
-
-class TerminalReporter:
-    """One tqdm bar per stage on stderr (left on screen when the stage ends)."""
-
-    def __init__(self, file: Any = None, disable: bool | None = None) -> None:
-        self.file = file or sys.stderr
-        # No bars when stderr is not a terminal (CI logs, pipes), unless asked for.
-        self.disable = (not getattr(self.file, "isatty", lambda: False)()) if disable is None else disable
-
-    @contextlib.contextmanager
-    def stage(self, name: str, total: int, unit: str) -> Iterator[Stage]:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, desc=f"{name:<22}", unit=f" {unit}", file=self.file, disable=self.disable,
-                   dynamic_ncols=True, leave=True, mininterval=0.2,
-                   bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}{unit} [{elapsed}<{remaining}{postfix}]")
-
-        class _Bar:
-            def update(self, n: int = 1) -> None:
-                bar.update(n)
-
-            def note(self, text: str) -> None:
-                bar.set_postfix_str(text, refresh=False)
-
-        try:
-            yield _Bar()
-        finally:
-            bar.close()
 
 
 class LogReporter:
@@ -122,6 +98,24 @@ def current() -> Reporter:
 def stage(name: str, total: int, unit: str = "day") -> contextlib.AbstractContextManager[Stage]:
     """A stage of `total` units on the current reporter: `with stage("validate", n) as s: s.update()`."""
     return _current.stage(name, total, unit)
+
+
+def listening() -> bool:
+    """Whether the current reporter wants the Dagster events of runs (`pipelines.run` subscribes only then)."""
+    return callable(getattr(_current, "run_event", None))
+
+
+def run_event(job: str, kind: str, step: str | None) -> None:
+    """One Dagster event of a run executed in process, for the current reporter: `job` names the run (the
+    job, and its partition when it has one), `kind` is the event type (`STEP_START`, `STEP_SUCCESS`,
+    `PIPELINE_SUCCESS`, ...), `step` the step key. A reporter's error never reaches the run."""
+    handler = getattr(_current, "run_event", None)
+    if handler is None:
+        return
+    try:
+        handler(job, kind, step)
+    except Exception:  # noqa: BLE001 - a progress display must not fail the run it shows
+        logging.getLogger(__name__).debug("the progress display failed on %s of %s", kind, job, exc_info=True)
 
 
 @contextlib.contextmanager

@@ -779,10 +779,15 @@ def read_quarantine(lake: Lake, table_name: str, partition: str) -> pa.Table:
 
 def quarantine_summary(lake: Lake, table_name: str, partition: str) -> dict[str, int]:
     """Quarantined rows of a partition counted by reason kind."""
-    t = read_quarantine(lake, table_name, partition)
+    return reason_counts(read_quarantine(lake, table_name, partition))
+
+
+def reason_counts(quarantined: pa.Table) -> dict[str, int]:
+    """Quarantined rows counted by reason kind (a row with two reasons counts for both), most frequent
+    first: e.g. {"watched_s=<value> is not a number": 3, ...}."""
     counts: Counter[str] = Counter()
-    for text in t.column("reason").to_pylist():
-        for part in text.split("; "):
+    for text in quarantined.column("reason").to_pylist():
+        for part in (text or "").split("; "):
             counts[_reason_kind(part)] += 1
     return dict(counts.most_common())
 

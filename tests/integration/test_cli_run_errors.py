@@ -1,5 +1,5 @@
 """`recloop run` on a day the GX schema check stops: the command names the reason (the missing column, the
-unreadable file) in one line and in its JSON, exits 1, and shows no Dagster stack trace (`--debug` does)."""
+unreadable file) in one line and in its result (`--json`), exits 1, and shows no Dagster stack trace (`--debug` does)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def broken_day(recloop_env):
 
 def test_a_schema_failure_prints_the_gx_reason(broken_day, capsys, monkeypatch):
     monkeypatch.delenv("RECLOOP_DEBUG", raising=False)
-    code = cli.main(["run", "--partition", DAY])
+    code = cli.main(["run", "--partition", DAY, "--json"])
     out, err = capsys.readouterr()
     assert code == 1
     for text in (err, out):
@@ -44,7 +44,7 @@ def test_a_schema_failure_prints_the_gx_reason(broken_day, capsys, monkeypatch):
     assert "liked" in lines[0] and "part-9.parquet" in lines[0]
 
     # The range (history) job: the same reasons in its summary.
-    code = cli.main(["run", "--start", DAY, "--end", DAY, "--no-progress"])
+    code = cli.main(["run", "--start", DAY, "--end", DAY, "--no-progress", "--json"])
     out, err = capsys.readouterr()
     assert code == 1 and "Stack Trace" not in err and "Traceback" not in err
     summary = json.loads(out)

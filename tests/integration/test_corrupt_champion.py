@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 SIM = SimConfig(seed=5, days=4, initial_users=500, initial_videos=250, events_per_day=2_500, new_users_per_day=15,
                 new_videos_per_day=10)
 DAYS = [SIM.date_of(i).isoformat() for i in range(SIM.days)]
-TRAIN = ["train", "--train-days", "2", "--test-days", "1"]
+TRAIN = ["train", "--train-days", "2", "--test-days", "1", "--json"]
 
 
 def stored_bundle(registry, version: str) -> Path:

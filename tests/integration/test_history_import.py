@@ -50,7 +50,7 @@ def _ml_slice(folder: Path, ratings: pd.DataFrame, source: Path) -> Path:
 def _cli(capsys, *argv: str) -> tuple[int, dict | None, str]:
     from recloop.cli import main
 
-    rc = main(list(argv))
+    rc = main([*argv, "--json"])  # the result as JSON (every command used here takes --json)
     out, err = capsys.readouterr()
     try:
         return rc, json.loads(out) if out.strip() else None, err

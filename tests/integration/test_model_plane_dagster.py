@@ -79,7 +79,7 @@ def test_training_cycle_promotes_then_gate_refuses_an_equal_challenger(recloop_e
     # `model/champion` is not materialized, the champion stays and one model.refused webhook goes out.
     monkeypatch.delenv("RECLOOP_DEBUG", raising=False)
     capsys.readouterr()
-    code = cli.main(["train", "--train-days", "3", "--test-days", "1"])
+    code = cli.main(["train", "--train-days", "3", "--test-days", "1", "--json"])
     out, err = capsys.readouterr()
     assert code == 0, err
     for text in (out, err):

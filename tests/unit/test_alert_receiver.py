@@ -121,7 +121,7 @@ def test_listen_never_prints_the_secret(tmp_path):
     env = {**os.environ, "RECLOOP_HOME": str(tmp_path / "home"), "PYTHONPATH": str(REPO)}
     env.pop("RECLOOP_ALERT_WEBHOOK_SECRET", None)
     env.pop("RECLOOP_DEBUG", None)
-    proc = subprocess.Popen([sys.executable, "-m", "recloop.cli", "alerts", "listen", "--port", "0"], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "recloop.cli", "alerts", "listen", "--port", "0", "--json"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         lines = [proc.stderr.readline() for _ in range(3)]
@@ -150,7 +150,7 @@ def test_listen_with_the_secret_in_the_environment_does_not_echo_it(tmp_path):
     secret = new_secret()
     env = {**os.environ, "RECLOOP_HOME": str(tmp_path / "home"), "PYTHONPATH": str(REPO),
            "RECLOOP_ALERT_WEBHOOK_SECRET": secret}
-    proc = subprocess.Popen([sys.executable, "-m", "recloop.cli", "alerts", "listen", "--port", "0"], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "recloop.cli", "alerts", "listen", "--port", "0", "--json"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         lines = [proc.stderr.readline() for _ in range(3)]

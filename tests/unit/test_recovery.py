@@ -215,7 +215,7 @@ def test_corrupt_champion_one_alert_training_skips_it_rollback_recovers(webhook_
     v4 = registry.register(run_id)  # registered, never promoted
 
     def rollback(*args: str) -> tuple[int, str, str]:
-        code = main(["rollback", *args])
+        code = main(["rollback", *args, "--json"])
         out, err = capsys.readouterr()
         return code, out, err
 
