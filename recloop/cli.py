@@ -499,16 +499,17 @@ def _tool(name: str) -> str:
 
 def _demo_where_to_look(settings: Settings, *, trained: bool) -> list[str]:
     """The demo's closing lines: the Dagster UI, the MLflow UI on this deployment's store, the API's docs."""
-    from recloop.terminal import API_DOCS, DAGSTER_UI, mlflow_model_url
+    from recloop.links import dagster_ui_url
+    from recloop.terminal import API_DOCS, mlflow_model_url
 
     lines = ["Look at it:",
              "  Dagster UI: the asset runs, checks, lineage, the drift sensor and the retraining schedule",
-             f"      make ui  →  {DAGSTER_UI}"]
+             f"      make ui  →  {dagster_ui_url()}"]
     if trained:
-        command, base, model = _mlflow_ui(settings)
+        command, _, model = _mlflow_ui(settings)
         lines += ["  MLflow UI: the training runs, the registered versions and their aliases, the gate's decisions",
                   f"      {_tool('mlflow') + command.removeprefix('mlflow') if command else 'open'}  →  "
-                  f"{mlflow_model_url(base, model)}",
+                  f"{mlflow_model_url(model)}",
                   "  The recommendation API (the champion, features from Feast) and its interactive docs",
                   f"      {_tool('recloop')} serve  →  {API_DOCS.format(port=DEFAULT_SERVE_PORT)}",
                   f"  The champion, the challengers and every decision:  {_tool('recloop')} models"]
@@ -632,10 +633,10 @@ def _training_links(settings: Settings, summary: dict[str, Any]) -> list[tuple[s
     """Where to look at a training run: its Dagster run, the version in MLflow, the next commands."""
     from recloop.terminal import dagster_run_url, mlflow_model_url
 
-    command, base, model = _mlflow_ui(settings)
+    command, _, model = _mlflow_ui(settings)
     links = [("Dagster run", f"{dagster_run_url(summary['run_id'])}  (make ui)")]
     if summary.get("registered_version") is not None:
-        links.append(("MLflow", mlflow_model_url(base, model, str(summary["registered_version"]))
+        links.append(("MLflow", mlflow_model_url(model, str(summary["registered_version"]))
                       + (f"  ({command})" if command else "")))
     links.append(("next", "recloop models (the decisions); recloop serve (the API with the champion)"))
     return links

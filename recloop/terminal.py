@@ -20,8 +20,11 @@ import threading
 import time
 from collections.abc import Iterator
 from typing import IO, Any
+from urllib.parse import quote
 
 from rich.console import Console
+
+from recloop import links
 
 # Width of the output when it is not a terminal (a pipe, a file, a test's capture): wide enough that a
 # table's one-line reasons are not folded, narrow enough to read in a log viewer. COLUMNS overrides it.
@@ -30,8 +33,6 @@ PLAIN_WIDTH = 120
 # Without a terminal, a running stage says how far it got this often (and when it is done).
 PLAIN_EVERY_S = 15.0
 
-DAGSTER_UI = "http://127.0.0.1:3000"  # `make ui` (dagster dev -h 127.0.0.1 -p 3000)
-MLFLOW_UI = "http://127.0.0.1:5000"  # `mlflow ui`'s default address
 API_DOCS = "http://127.0.0.1:{port}/docs"  # `recloop serve` (default port 8000)
 
 
@@ -79,23 +80,25 @@ def plain_text(text: str) -> str:
 
 
 def dagster_run_url(run_id: str) -> str:
-    """The run's page in the Dagster UI of `make ui`."""
-    return f"{DAGSTER_UI}/runs/{run_id}"
+    """The run's page in the Dagster UI (`make ui`; $RECLOOP_DAGSTER_URL, `recloop.links`)."""
+    return f"{links.dagster_ui_url()}/runs/{run_id}"
 
 
 def mlflow_ui(tracking_uri: str, *, masked_uri: str | None = None) -> tuple[str | None, str]:
     """(the command that starts an MLflow UI on this store, or None when the store is a server already;
-    the UI's address). `masked_uri`: the tracking URI to print (a database URL without its password)."""
+    the UI's address as a browser reaches it: $RECLOOP_MLFLOW_UI_URL, `recloop.links`). `masked_uri`: the
+    tracking URI to print (a database URL without its password)."""
     scheme = tracking_uri.split(":", 1)[0].lower() if "://" in tracking_uri else ""
-    if scheme in ("http", "https"):
-        return None, tracking_uri.rstrip("/")
-    return f"mlflow ui --backend-store-uri {shlex.quote(masked_uri or tracking_uri)}", MLFLOW_UI
+    command = None if scheme in ("http", "https") else (
+        f"mlflow ui --backend-store-uri {shlex.quote(masked_uri or tracking_uri)}")
+    return command, links.mlflow_ui_url()
 
 
-def mlflow_model_url(base: str, model_name: str, version: str | None = None) -> str:
-    """A registered model (or one of its versions) in the MLflow UI at `base`."""
-    url = f"{base}/#/models/{model_name}"
-    return f"{url}/versions/{version}" if version else url
+def mlflow_model_url(model_name: str, version: str | None = None) -> str:
+    """A registered model (or one of its versions) in the MLflow UI."""
+    if version:
+        return links.mlflow_model_version_url(model_name, version)
+    return f"{links.mlflow_ui_url()}/#/models/{quote(model_name, safe='')}?{links.ML_VIEW}"
 
 
 # --- progress ---------------------------------------------------------------------------------------
