@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from recloop.validation import SchemaReport, ValidationResult
 
 __all__ = [
+    "AUTOMATION_ENV",
     "COOLDOWN_ENV",
     "CRON_ENV",
     "TIMEZONE_ENV",
@@ -54,6 +55,7 @@ __all__ = [
     "SchemaCheck",
     "Validation",
     "apply_feature_repo",
+    "automation_enabled",
     "build_training_set",
     "candidate_version",
     "check_gate",
@@ -67,10 +69,12 @@ __all__ = [
     "compute_features_range",
     "corrupt_model_alert",
     "corrupt_model_alerts",
+    "drift_links",
     "drift_record_key",
     "drift_report",
     "episode_start",
     "evaluate_candidate",
+    "evaluation_figures",
     "gate_config",
     "history_range",
     "impression_outcomes",
@@ -80,6 +84,7 @@ __all__ = [
     "ingest_range",
     "jsonable",
     "materialize_online",
+    "mlflow_run_link",
     "online_experiment_step",
     "online_experiments_enabled",
     "online_summary",
@@ -96,6 +101,7 @@ __all__ = [
     "TrafficOutcome",
     "validate",
     "validate_range",
+    "version_links",
 ]
 
 log = logging.getLogger(__name__)
@@ -752,7 +758,28 @@ def evaluate_candidate(lake: Lake, registry: Registry, workdir: Path, *, setting
         "champion_version": ev.champion_version,
         "champion_compared": _champion_compared(ev.champion_version, skipped),
         "champions_skipped": skipped,
+        "figures": evaluation_figures(ev.metrics),
     }
+
+
+# What the promotion gate compares (`recloop.registry.GateConfig`'s metrics), as flat plottable numbers.
+GATE_FIGURES = ("ndcg_at_10", "coverage", "diversity", "popularity_concentration")
+
+
+def evaluation_figures(metrics: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """The numbers the promotion gate weighs, per recommender evaluated on the same split, flat and finite:
+    `challenger_<m>`, `champion_<m>` (when a champion was compared), `popularity_<m>` for the primary
+    metric, coverage, diversity and popularity concentration, and `ndcg_at_10_vs_champion` (the ratio)."""
+    from recloop import model_plane
+
+    roles = (("challenger", metrics.get(model_plane.PRIMARY) or {}), ("champion", metrics.get("champion") or {}),
+             ("popularity", metrics.get("popularity") or {}))
+    out = {f"{role}_{m}": float(values[m]) for role, values in roles for m in GATE_FIGURES
+           if isinstance(values.get(m), (int, float)) and math.isfinite(float(values[m]))}
+    ours, theirs = out.get("challenger_ndcg_at_10"), out.get("champion_ndcg_at_10")
+    if ours is not None and theirs:
+        out["ndcg_at_10_vs_champion"] = ours / theirs
+    return out
 
 
 def champion_candidates(registry: Registry) -> list[tuple[str, Callable[[], Path]]]:
@@ -798,6 +825,49 @@ def corrupt_model_alerts(evaluation: Mapping[str, Any]) -> list[Alert]:
 
 
 VERSION_FILE = "version.txt"
+# The offline metrics a registered version shows first (its run's `eval.full.*`).
+KEY_METRICS = ("ndcg_at_10", "recall_at_10", "map_at_10", "hit_rate_at_10", "coverage", "diversity",
+               "novelty_at_10", "popularity_concentration")
+
+
+def _run_experiment(registry: Registry, run_id: str | None) -> str | None:
+    """The experiment id of MLflow run `run_id`, None when there is no run or the store does not know it."""
+    from mlflow.exceptions import MlflowException
+
+    if not run_id:
+        return None
+    try:
+        return registry.client.get_run(run_id).info.experiment_id
+    except MlflowException:
+        return None
+
+
+def mlflow_run_link(registry: Registry, run_id: str | None, *, artifact: str | None = None) -> str | None:
+    """The MLflow UI's URL of run `run_id` (`recloop.links`; with `artifact`, that artifact's view), None
+    when there is no run or the tracking store does not know it."""
+    from recloop import links
+
+    experiment_id = _run_experiment(registry, run_id)
+    if experiment_id is None or run_id is None:
+        return None
+    return links.mlflow_run_url(experiment_id, run_id, artifact=artifact)
+
+
+def version_links(registry: Registry, version: str | int) -> dict[str, str]:
+    """The MLflow UI's URLs of a registered version (`model_version_url`) and of the run that logged it
+    (`mlflow_run_url`, with `mlflow_run_id`), as far as the registry knows them."""
+    from mlflow.exceptions import MlflowException
+
+    from recloop import links
+
+    out = {"model_version_url": links.mlflow_model_version_url(registry.model_name, version)}
+    try:
+        run_id = registry.client.get_model_version(registry.model_name, str(version)).run_id
+    except MlflowException:
+        return out
+    if run_id and (url := mlflow_run_link(registry, run_id)):
+        out.update(mlflow_run_id=run_id, mlflow_run_url=url)
+    return out
 
 
 def register_candidate(registry: Registry, workdir: Path) -> dict[str, Any]:
@@ -807,8 +877,11 @@ def register_candidate(registry: Registry, workdir: Path) -> dict[str, Any]:
 
     version = model_plane.register_candidate(registry, Path(workdir))
     (Path(workdir) / VERSION_FILE).write_text(version)
+    metrics = registry.version_metrics(version)
     return {"version": version, "model_name": registry.model_name,
-            "model_uri": f"models:/{registry.model_name}/{version}"}
+            "model_uri": f"models:/{registry.model_name}/{version}",
+            "metrics": {k: float(metrics[k]) for k in KEY_METRICS if k in metrics},
+            **version_links(registry, version)}
 
 
 def candidate_version(workdir: Path) -> str:
@@ -879,6 +952,17 @@ class GateOutcome:
         d = self.decision
         return {"version": self.version, "promote": bool(d.promote), "compared_to": d.compared_to,
                 "reasons": list(d.reasons), "checks": dict(d.checks), "metrics": dict(d.metrics)}
+
+    def figures(self) -> dict[str, float]:
+        """The decision's numbers the gate weighs, flat and plottable: `<role>_<metric>` for the challenger,
+        the champion (or popularity, the first model's bar) and the metrics of `GATE_FIGURES`, and
+        `sanity_*` (identical list share, distinct items)."""
+        out = {}
+        for key, value in self.decision.metrics.items():
+            role, _, metric = key.partition(".")
+            if (metric in GATE_FIGURES or role == "sanity") and isinstance(value, (int, float)) and math.isfinite(value):
+                out[f"{role}_{metric}"] = float(value)
+        return out
 
 
 def check_gate(registry: Registry, workdir: Path, *, config: GateConfig | None = None, run_id: str) -> GateOutcome:
@@ -1153,6 +1237,22 @@ class DriftOutcome:
     def explanation(self) -> str:
         return "; ".join(self.reasons) or self.status
 
+    @property
+    def compared(self) -> bool:
+        """Whether the day was compared with the champion's training window at all: a champion, validated
+        events on the day, enough rows on both sides for a decision, at least one column or signal tested.
+        A day that was not says nothing about drift (no `no_drift` verdict)."""
+        s = self.summary
+        tested = s.get("columns.tested", 0.0) + sum(1 for k in s if k.startswith("signal.") and k.count(".") == 1)
+        return self.champion_version is not None and s.get("decided", 0.0) >= 1.0 and tested > 0
+
+    @property
+    def nothing_compared(self) -> str:
+        """Why nothing was compared ("" when something was)."""
+        if self.compared:
+            return ""
+        return f"nothing compared: {self.explanation}"
+
     def record(self) -> dict[str, Any]:
         """The decision as plain values: what `read_drift_record` returns, what Airflow passes on."""
         return {
@@ -1233,6 +1333,25 @@ def _drift_outcome(partition: str, version: str, episode: str | None, reference:
                         list(reference), result.report_uri, run_id, status, alert)
 
 
+REPORT_ARTIFACT = "drift_report.html"
+
+
+def drift_links(registry: Registry, outcome: DriftOutcome) -> dict[str, str]:
+    """Where a browser opens the day's drift report: `report_url`, the report in the MLflow UI (the drift
+    run's `drift_report.html` artifact; the lake copy as a file:// or s3:// URL when the run is unknown),
+    and `mlflow_run_url`, the drift run."""
+    from recloop import links
+
+    out = {}
+    run_id, experiment_id = outcome.mlflow_run_id, _run_experiment(registry, outcome.mlflow_run_id)
+    if run_id and experiment_id is not None:
+        out["mlflow_run_url"] = links.mlflow_run_url(experiment_id, run_id)
+    if outcome.report_uri:  # the run carries the HTML only when a report was written
+        out["report_url"] = (links.mlflow_run_url(experiment_id, run_id, artifact=REPORT_ARTIFACT)
+                             if run_id and experiment_id is not None else links.location_url(outcome.report_uri))
+    return out
+
+
 def _write_record(lake: Lake, outcome: DriftOutcome) -> None:
     record = {**outcome.record(), "decided_at": datetime.now(UTC).isoformat()}
     lake.write_bytes(drift_record_key(outcome.partition), json.dumps(record, indent=1, default=str).encode())
@@ -1247,6 +1366,22 @@ def retrain_schedule() -> tuple[str, str]:
     """(cron, timezone) of the retraining cadence ($RECLOOP_RETRAIN_CRON, default daily 03:00, in
     $RECLOOP_RETRAIN_TIMEZONE, default UTC): the floor under drift-triggered retraining."""
     return os.environ.get(CRON_ENV) or "0 3 * * *", os.environ.get(TIMEZONE_ENV) or "UTC"
+
+
+AUTOMATION_ENV = "RECLOOP_DAGSTER_AUTOMATION"
+
+
+def automation_enabled() -> bool:
+    """Whether the code location's automation starts on by itself ($RECLOOP_DAGSTER_AUTOMATION = on /
+    off, default off): the retraining schedule, the drift sensor and the failure alerts. Off, a UI left
+    running on the demo's home trains nothing by itself: turn each on in the UI (Automation), or set it on
+    (the production stack does). Raises ValueError on another value."""
+    raw = (os.environ.get(AUTOMATION_ENV) or "off").strip().lower()
+    if raw in ("on", "true", "1", "yes"):
+        return True
+    if raw in ("off", "false", "0", "no"):
+        return False
+    raise ValueError(f"{AUTOMATION_ENV} must be on or off, got {raw!r}")
 
 
 def retraining_key(partition: str, champion_version: str | int) -> str:
