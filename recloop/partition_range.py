@@ -150,14 +150,19 @@ def record_history(landing: Lake, first: str, last: str, *, source: str, days_wi
 
 
 def landed_days(landing: Lake) -> list[str]:
-    """Every `events/date=D` partition of the landing zone from `MIN_DAY` on, in order (one listing)."""
-    days = [d for d in landing.partitions("events") if d >= MIN_DAY.isoformat()]
-    if days:
-        return days
-    # CSV-only landing zones: `partitions` lists Parquet files; look for any file.
-    found = sorted({part.removeprefix("date=") for key in landing.list_keys("events/")
-                    for part in key.split("/") if part.startswith("date=")})
-    return [d for d in found if d >= MIN_DAY.isoformat()]
+    """Every day from `MIN_DAY` on with a delivered file in `events/date=D` of the landing zone (Parquet,
+    CSV or JSON; hidden `_`/`.` files aside), in order: one listing."""
+    found = {part.removeprefix("date=") for key in landing.list_keys("events/")
+             if not key.rsplit("/", 1)[-1].startswith(("_", "."))
+             for part in key.split("/")[:-1] if part.startswith("date=")}
+    return sorted(d for d in found if _is_day(d) and d >= MIN_DAY.isoformat())
+
+
+def _is_day(text: str) -> bool:
+    try:
+        return date.fromisoformat(text).isoformat() == text
+    except ValueError:
+        return False
 
 
 def earliest_landed_day(landing: Lake) -> str | None:

@@ -190,8 +190,13 @@ def test_partitions_end_where_the_setting_says(recloop_env, monkeypatch):
     monkeypatch.setenv("RECLOOP_PARTITION_END", "data")
     keys = defs().resolve_job_def("data_plane_job").partitions_def.get_partition_keys()
     assert keys == ["2025-01-01", "2025-01-02", "2025-01-03"]
-    monkeypatch.delenv("RECLOOP_PARTITION_END")  # the default: up to yesterday
+    # Pinned, no day is due any more: no freshness deadline to turn the assets overdue.
+    fresh = {s.key.to_user_string(): s.freshness_policy for s in defs().resolve_all_asset_specs()}
+    assert fresh["silver/events"] is None and fresh["feast/online_features"] is None
+    monkeypatch.delenv("RECLOOP_PARTITION_END")  # the default: up to yesterday, each day due by 06:00 UTC
     assert len(defs().resolve_job_def("data_plane_job").partitions_def.get_partition_keys()) > 300
+    fresh = {s.key.to_user_string(): s.freshness_policy for s in defs().resolve_all_asset_specs()}
+    assert fresh["silver/events"] is not None and fresh["feast/online_features"] is not None
     # The checks of partitioned assets are partitioned too: their evaluations name their day.
     graph = defs().resolve_asset_graph()
     checks = {f"{k.asset_key.to_user_string()}:{k.name}": graph.get_check_spec(k) for k in graph.asset_check_keys}
@@ -267,3 +272,14 @@ def test_runs_are_recorded_under_the_location_the_ui_loads():
     tool = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["dagster"]
     assert (tool["code_location_name"], tool["module_name"]) == (LOCATION, MODULE)
     assert "dagster dev -h" in (REPO_ROOT / "Makefile").read_text()  # make ui loads [tool.dagster]
+
+
+def test_the_data_end_counts_every_delivered_file(home, monkeypatch):
+    from recloop import partition_range as pr
+
+    settings, landing = home
+    landing.write_bytes("events/date=2025-01-04/late.csv", b"event_id\ne1\n")  # a CSV-only day is data too
+    landing.write_bytes("events/date=2025-01-09/_SUCCESS", b"")  # a marker is not
+    landing.write_bytes("events/date=someday/x.csv", b"event_id\n")  # nor a folder that is not a day
+    monkeypatch.setenv("RECLOOP_PARTITION_END", "data")
+    assert pr.resolve(settings, landing=landing, today=TODAY).last == date(2025, 1, 4)
