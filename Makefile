@@ -33,9 +33,11 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest
 
+# `dagster dev` loads pyproject.toml's [tool.dagster]: module pipelines.definitions as code location
+# `recloop`, the name the compose stack gives it and the CLI's runs are recorded under (pipelines/run.py).
 ui: setup
 	mkdir -p "$(DAGSTER_HOME)"
-	$(BIN)/dagster dev -m pipelines.definitions -h 127.0.0.1 -p 3000
+	$(BIN)/dagster dev -h 127.0.0.1 -p 3000
 
 # The MLflow UI on the embedded store (runs, models, aliases): http://127.0.0.1:5000 (docs/model_plane.md).
 mlflow: setup

@@ -1,13 +1,19 @@
 """Running the code location's jobs from Python (the `recloop` CLI, benchmarks, tests) against the same
 Dagster instance the UI reads, so every run shows up in `dagster dev` afterwards.
 
-Runs started here execute in this process (`execute_in_process`), whatever executor the jobs are
-configured with (`RECLOOP_DAGSTER_EXECUTOR`): that executor applies to runs the webserver, schedules and
-sensors launch through the daemon. In production the instance is deploy/dagster.yaml (PostgreSQL), so
-runs started here are recorded where the deployment's UI reads them."""
+Runs started here execute in this process (as `execute_in_process` does), whatever executor the jobs
+are configured with (`RECLOOP_DAGSTER_EXECUTOR`): that executor applies to runs the webserver, schedules
+and sensors launch through the daemon. In production the instance is deploy/dagster.yaml (PostgreSQL), so
+runs started here are recorded where the deployment's UI reads them.
+
+Each run is created with the origin of the code location the UI loads (`job_origin`: the location
+`recloop` of pyproject.toml's [tool.dagster], which `make ui` and the compose stack's workspace both load),
+as a run the webserver launched would be: it is listed under its job, its schedule or sensor, and on the
+Overview timeline (which leaves out runs without an origin), and can be re-executed from the UI."""
 
 import os
 import uuid
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +53,52 @@ def dagster_home(settings: Settings) -> Path:
         config.write_text(PRODUCTION_DAGSTER_YAML.read_text() if settings.is_production else DAGSTER_YAML)
     os.environ["DAGSTER_HOME"] = str(home)
     return home
+
+
+# The code location as the UI loads it: pyproject.toml's [tool.dagster] (`make ui` runs `dagster dev`
+# on it), and deploy/workspace.yaml's location name (tests/integration/test_compose.py checks they agree).
+MODULE = "pipelines.definitions"
+LOCATION = "recloop"
+
+
+def job_origin(job_name: str) -> Any:
+    """The `RemoteJobOrigin` of `job_name` in the code location the UI loads: what Dagster gives a run
+    the webserver launches, and what the UI groups runs by (repository `__repository__@recloop`)."""
+    from dagster._core.remote_origin import (
+        ManagedGrpcPythonEnvCodeLocationOrigin,
+        RemoteJobOrigin,
+        RemoteRepositoryOrigin,
+    )
+    from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
+
+    target = LoadableTargetOrigin(executable_path=sys.executable, module_name=MODULE,
+                                  working_directory=str(REPO_ROOT))
+    location = ManagedGrpcPythonEnvCodeLocationOrigin(loadable_target_origin=target, location_name=LOCATION)
+    # A `Definitions` object's repository is `__repository__` (dagster's SINGLETON_REPOSITORY_NAME).
+    return RemoteJobOrigin(repository_origin=RemoteRepositoryOrigin(location, "__repository__"), job_name=job_name)
+
+
+def _execute(job: dg.JobDefinition, *, inst: dg.DagsterInstance, partition_key: str | None, tags: dict[str, str] | None,
+             run_config: dict[str, Any], run_id: str | None = None) -> Any:
+    """`job.execute_in_process(...)` (in-process executor, in-memory IO), the run created with the code
+    location's origin (`job_origin`). Raises `dg.DagsterUnknownPartitionError` for a day that is not one
+    of the job's partitions, as `execute_in_process` does."""
+    from dagster._core.definitions.job_base import InMemoryJob
+    from dagster._core.definitions.partitions.context import partition_loading_context
+    from dagster._core.execution.api import create_execution_plan, execute_run
+    from dagster._core.execution.execute_in_process import merge_run_tags
+
+    ephemeral = job.as_ephemeral_job(resource_defs={}, input_values={})
+    if partition_key and ephemeral.partitions_def:
+        with partition_loading_context(dynamic_partitions_store=inst) as ctx:
+            ephemeral.validate_partition_key(partition_key=partition_key, selected_asset_keys=set(), context=ctx)
+    wrapped = InMemoryJob(job_def=ephemeral)
+    run_tags = merge_run_tags(job_def=job, partition_key=partition_key, tags=tags, asset_selection=[],
+                              instance=inst, run_config=run_config)
+    plan = create_execution_plan(wrapped, run_config=run_config, instance_ref=inst.get_ref() if inst.is_persistent else None)
+    run = inst.create_run_for_job(job_def=ephemeral, run_config=run_config, tags={**ephemeral.run_tags, **run_tags},
+                                  execution_plan=plan, remote_job_origin=job_origin(job.name), run_id=run_id)
+    return execute_run(wrapped, run, inst)
 
 
 def instance(settings: Settings) -> dg.DagsterInstance:
@@ -131,7 +183,8 @@ def run_job(
     tags: dict[str, str] | None = None,
     run_config_resources: dict[str, Any] | None = None,
 ) -> PartitionRun:
-    """Executes `job_name` (for `partition`) in process and collects what it materialized and checked.
+    """Executes `job_name` (for `partition`) in process, recorded in `inst` as a run of the code location
+    the UI loads (`job_origin`), and collects what it materialized and checked.
     A partition outside the deployment's daily partitions raises `recloop.partition_range.OutsideRange`
     (one sentence) before anything runs. A failed run's `error` names the cause: the reasons of the checks
     that stopped it (a GX schema failure says which column is missing or which file is unreadable), else
@@ -152,14 +205,12 @@ def run_job(
     run_id = str(uuid.uuid4())
     _forward_events(inst, run_id, f"{job_name} {partition}" if partition else job_name)
     try:
-        result = job.execute_in_process(
-            partition_key=partition,
-            instance=inst,
-            tags=tags,
-            raise_on_error=False,
-            run_config=run_config,
-            run_id=run_id,
-        )
+        if inst is None:  # no instance to record in: an ephemeral one, as Dagster's own default
+            result = job.execute_in_process(partition_key=partition, tags=tags, raise_on_error=False,
+                                            run_config=run_config, run_id=run_id)
+        else:
+            result = _execute(job, inst=inst, partition_key=partition, tags=tags, run_config=run_config,
+                              run_id=run_id)
     except dg.DagsterUnknownPartitionError:
         # The range changed between the check and the load (data landed or removed meanwhile).
         from recloop.partition_range import OutsideRange

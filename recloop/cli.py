@@ -36,7 +36,7 @@ import re
 import sys
 import time
 import traceback
-from datetime import UTC, date, datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from recloop import cli_views as views
@@ -412,6 +412,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.closed_days < 0:
         raise UserError(f"--closed-days must be >= 0, got {args.closed_days}")
     settings = Settings.from_env()
+    # The demo's data ends with its last simulated day: the daily partitions end there too, for the runs
+    # below and for `make ui` on this home afterwards (not every day up to today, all missing).
+    from recloop.partition_range import END_DATA, pin_end
+
+    pin_end(settings, END_DATA, set_by="recloop demo")
     # The demo's latency budget: the gate's default (25 ms p99) is meant for a quiet serving host, and the
     # demo replays requests on a laptop that is also running everything else. The ratio to the champion
     # (RECLOOP_LATENCY_MAX_RATIO) still applies. Set RECLOOP_LATENCY_BUDGET_MS to judge by your own budget.

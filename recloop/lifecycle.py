@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from recloop.validation import SchemaReport, ValidationResult
 
 __all__ = [
+    "AUTOMATION_ENV",
     "COOLDOWN_ENV",
     "CRON_ENV",
     "TIMEZONE_ENV",
@@ -54,6 +55,7 @@ __all__ = [
     "SchemaCheck",
     "Validation",
     "apply_feature_repo",
+    "automation_enabled",
     "build_training_set",
     "candidate_version",
     "check_gate",
@@ -67,10 +69,12 @@ __all__ = [
     "compute_features_range",
     "corrupt_model_alert",
     "corrupt_model_alerts",
+    "drift_links",
     "drift_record_key",
     "drift_report",
     "episode_start",
     "evaluate_candidate",
+    "evaluation_figures",
     "gate_config",
     "history_range",
     "impression_outcomes",
@@ -752,7 +756,28 @@ def evaluate_candidate(lake: Lake, registry: Registry, workdir: Path, *, setting
         "champion_version": ev.champion_version,
         "champion_compared": _champion_compared(ev.champion_version, skipped),
         "champions_skipped": skipped,
+        "figures": evaluation_figures(ev.metrics),
     }
+
+
+# What the promotion gate compares (`recloop.registry.GateConfig`'s metrics), as flat plottable numbers.
+GATE_FIGURES = ("ndcg_at_10", "coverage", "diversity", "popularity_concentration")
+
+
+def evaluation_figures(metrics: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """The numbers the promotion gate weighs, per recommender evaluated on the same split, flat and finite:
+    `challenger_<m>`, `champion_<m>` (when a champion was compared), `popularity_<m>` for the primary
+    metric, coverage, diversity and popularity concentration, and `ndcg_at_10_vs_champion` (the ratio)."""
+    from recloop import model_plane
+
+    roles = (("challenger", metrics.get(model_plane.PRIMARY) or {}), ("champion", metrics.get("champion") or {}),
+             ("popularity", metrics.get("popularity") or {}))
+    out = {f"{role}_{m}": float(values[m]) for role, values in roles for m in GATE_FIGURES
+           if isinstance(values.get(m), (int, float)) and math.isfinite(float(values[m]))}
+    ours, theirs = out.get("challenger_ndcg_at_10"), out.get("champion_ndcg_at_10")
+    if ours is not None and theirs:
+        out["ndcg_at_10_vs_champion"] = ours / theirs
+    return out
 
 
 def champion_candidates(registry: Registry) -> list[tuple[str, Callable[[], Path]]]:
@@ -798,6 +823,9 @@ def corrupt_model_alerts(evaluation: Mapping[str, Any]) -> list[Alert]:
 
 
 VERSION_FILE = "version.txt"
+# The offline metrics a registered version shows first (its run's `eval.full.*`).
+KEY_METRICS = ("ndcg_at_10", "recall_at_10", "map_at_10", "hit_rate_at_10", "coverage", "diversity",
+               "novelty_at_10", "popularity_concentration")
 
 
 def register_candidate(registry: Registry, workdir: Path) -> dict[str, Any]:
@@ -808,8 +836,11 @@ def register_candidate(registry: Registry, workdir: Path) -> dict[str, Any]:
 
     version = model_plane.register_candidate(registry, Path(workdir))
     (Path(workdir) / VERSION_FILE).write_text(version)
+    metrics = registry.version_metrics(version)
     return {"version": version, "model_name": registry.model_name,
-            "model_uri": f"models:/{registry.model_name}/{version}", **registry.version_links(version)}
+            "model_uri": f"models:/{registry.model_name}/{version}",
+            "metrics": {k: float(metrics[k]) for k in KEY_METRICS if k in metrics},
+            **registry.version_links(version)}
 
 
 def candidate_version(workdir: Path) -> str:
@@ -880,6 +911,17 @@ class GateOutcome:
         d = self.decision
         return {"version": self.version, "promote": bool(d.promote), "compared_to": d.compared_to,
                 "reasons": list(d.reasons), "checks": dict(d.checks), "metrics": dict(d.metrics)}
+
+    def figures(self) -> dict[str, float]:
+        """The decision's numbers the gate weighs, flat and plottable: `<role>_<metric>` for the challenger,
+        the champion (or popularity, the first model's bar) and the metrics of `GATE_FIGURES`, and
+        `sanity_*` (identical list share, distinct items)."""
+        out = {}
+        for key, value in self.decision.metrics.items():
+            role, _, metric = key.partition(".")
+            if (metric in GATE_FIGURES or role == "sanity") and isinstance(value, (int, float)) and math.isfinite(value):
+                out[f"{role}_{metric}"] = float(value)
+        return out
 
 
 def check_gate(registry: Registry, workdir: Path, *, config: GateConfig | None = None, run_id: str) -> GateOutcome:
@@ -1155,6 +1197,22 @@ class DriftOutcome:
     def explanation(self) -> str:
         return "; ".join(self.reasons) or self.status
 
+    @property
+    def compared(self) -> bool:
+        """Whether the day was compared with the champion's training window at all: a champion, validated
+        events on the day, enough rows on both sides for a decision, at least one column or signal tested.
+        A day that was not says nothing about drift (no `no_drift` verdict)."""
+        s = self.summary
+        tested = s.get("columns.tested", 0.0) + sum(1 for k in s if k.startswith("signal.") and k.count(".") == 1)
+        return self.champion_version is not None and s.get("decided", 0.0) >= 1.0 and tested > 0
+
+    @property
+    def nothing_compared(self) -> str:
+        """Why nothing was compared ("" when something was)."""
+        if self.compared:
+            return ""
+        return f"nothing compared: {self.explanation}"
+
     def record(self) -> dict[str, Any]:
         """The decision as plain values: what `read_drift_record` returns, what Airflow passes on."""
         return {
@@ -1236,6 +1294,25 @@ def _drift_outcome(partition: str, version: str, episode: str | None, reference:
                         list(reference), result.report_uri, run_id, status, alert, result.summary_uri)
 
 
+REPORT_ARTIFACT = "drift_report.html"
+
+
+def drift_links(registry: Registry, outcome: DriftOutcome) -> dict[str, str]:
+    """Where a browser opens the day's drift report: `report_url`, the report in the MLflow UI (the drift
+    run's `drift_report.html` artifact; the lake copy as a file:// or s3:// URL when the run is unknown),
+    and `mlflow_run_url`, the drift run."""
+    from recloop import links
+
+    out = {}
+    run_url = registry.run_url(outcome.mlflow_run_id)
+    if run_url:
+        out["mlflow_run_url"] = run_url
+    if outcome.report_uri:  # the run carries the HTML only when a report was written
+        out["report_url"] = (registry.run_url(outcome.mlflow_run_id, artifact=REPORT_ARTIFACT) if run_url
+                             else links.location_url(outcome.report_uri))
+    return out
+
+
 def _write_record(lake: Lake, outcome: DriftOutcome) -> None:
     record = {**outcome.record(), "decided_at": datetime.now(UTC).isoformat()}
     lake.write_bytes(drift_record_key(outcome.partition), json.dumps(record, indent=1, default=str).encode())
@@ -1250,6 +1327,22 @@ def retrain_schedule() -> tuple[str, str]:
     """(cron, timezone) of the retraining cadence ($RECLOOP_RETRAIN_CRON, default daily 03:00, in
     $RECLOOP_RETRAIN_TIMEZONE, default UTC): the floor under drift-triggered retraining."""
     return os.environ.get(CRON_ENV) or "0 3 * * *", os.environ.get(TIMEZONE_ENV) or "UTC"
+
+
+AUTOMATION_ENV = "RECLOOP_DAGSTER_AUTOMATION"
+
+
+def automation_enabled() -> bool:
+    """Whether the code location's automation starts on by itself ($RECLOOP_DAGSTER_AUTOMATION = on /
+    off, default off): the retraining schedule, the drift sensor and the failure alerts. Off, a UI left
+    running on the demo's home trains nothing by itself: turn each on in the UI (Automation), or set it on
+    (the production stack does). Raises ValueError on another value."""
+    raw = (os.environ.get(AUTOMATION_ENV) or "off").strip().lower()
+    if raw in ("on", "true", "1", "yes"):
+        return True
+    if raw in ("off", "false", "0", "no"):
+        return False
+    raise ValueError(f"{AUTOMATION_ENV} must be on or off, got {raw!r}")
 
 
 def retraining_key(partition: str, champion_version: str | int) -> str:

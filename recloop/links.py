@@ -7,6 +7,10 @@ run, and the tags that record the Dagster run on what it created in MLflow.
 * `RECLOOP_DAGSTER_URL` (default `http://127.0.0.1:3000`: `make ui`, or the compose stack's Dagster
   webserver) is where a browser reaches the Dagster UI.
 
+The MLflow UI routes (MLflow 3): `#/experiments/<id>/runs/<run>` (a run), `.../artifacts/<path>` (one of
+its artifacts, HTML rendered in place), `#/models/<name>/versions/<n>` (a registered version). Lake
+locations become `file://` URLs (`location_url`). Pure URL building: no MLflow call here.
+
 MLflow 3's UI opens an experiment in its GenAI view (traces, sessions) unless told otherwise: the links
 below carry `workflowType=machine_learning`, which opens the classic runs view; the experiments recloop
 creates are also tagged `mlflow.experimentKind = custom_model_development` (`recloop.registry`).
@@ -15,6 +19,7 @@ creates are also tagged `mlflow.experimentKind = custom_model_development` (`rec
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from urllib.parse import quote
 
 MLFLOW_UI_ENV = "RECLOOP_MLFLOW_UI_URL"
@@ -49,9 +54,13 @@ def mlflow_experiment_url(experiment_id: str) -> str:
     return f"{mlflow_ui_url()}/#/experiments/{experiment_id}/runs?{ML_VIEW}"
 
 
-def mlflow_run_url(experiment_id: str, run_id: str) -> str:
-    """The run's page in the MLflow UI (params, metrics and their curves, datasets, artifacts)."""
-    return f"{mlflow_ui_url()}/#/experiments/{experiment_id}/runs/{run_id}?{ML_VIEW}"
+def mlflow_run_url(experiment_id: str, run_id: str, *, artifact: str | None = None) -> str:
+    """The run's page in the MLflow UI (params, metrics and their curves, datasets, artifacts); with
+    `artifact` (a path inside the run's artifacts), that artifact's view."""
+    url = f"{mlflow_ui_url()}/#/experiments/{experiment_id}/runs/{run_id}"
+    if artifact:
+        url += f"/artifacts/{quote(artifact.lstrip('/'))}"
+    return f"{url}?{ML_VIEW}"
 
 
 def mlflow_model_version_url(model_name: str, version: str | int) -> str:
@@ -69,3 +78,10 @@ def dagster_run_tags(run_id: str | None) -> dict[str, str]:
     if not run_id:
         return {}
     return {DAGSTER_RUN_ID_TAG: str(run_id), DAGSTER_RUN_URL_TAG: dagster_run_url(str(run_id))}
+
+
+def location_url(location: str) -> str:
+    """A lake location as a URL: `file://` for a local path, as it is for `s3://…` or `http(s)://…`."""
+    if "://" in location:
+        return location
+    return Path(location).resolve().as_uri()

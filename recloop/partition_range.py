@@ -8,8 +8,13 @@ one range `[first, last]`:
   `recloop movielens`) and the earliest `events/date=D` folder in the landing zone. `RECLOOP_PARTITION_START`,
   when set, overrides it (an operator who wants to hide older data); with no data at all it is 2025-01-01
   (the simulator's default first day).
-* `last` is the last complete UTC day (yesterday): Dagster's daily partitions end there, and a day
-  becomes a partition once it has ended.
+* `last` is the last complete UTC day (yesterday) by default: Dagster's daily partitions end there, and a
+  day becomes a partition once it has ended. A deployment whose data stops at a known day (the demo's
+  simulated January, an imported history) pins the end instead, so the UI shows the days that have data
+  rather than hundreds of missing ones up to today: `RECLOOP_PARTITION_END` (a day, `data` for the last
+  day with events in the landing zone, or `today` for the default), else the pin `recloop demo` writes
+  in `<RECLOOP_HOME>/partitions.json` (`pin_end`), which a later `make ui` on the same home reads. A
+  pinned end never goes past yesterday.
 
 A day outside the range is refused with one sentence (`OutsideRange`), never a Dagster traceback.
 
@@ -23,6 +28,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -31,6 +37,11 @@ if TYPE_CHECKING:
 
 RECORD_KEY = "_recloop/history.json"
 ENV_VAR = "RECLOOP_PARTITION_START"
+END_ENV_VAR = "RECLOOP_PARTITION_END"
+# The pinned end of a home (`pin_end`): `{"end": "data" | "YYYY-MM-DD", "set_by": ..., "set_at": ...}`.
+PIN_FILE = "partitions.json"
+END_DATA = "data"
+END_TODAY = "today"
 DEFAULT_FIRST = date(2025, 1, 1)
 # The earliest day a partition may be: the Unix epoch (event times are epoch-based; Dagster's daily
 # partitions do not reach year 1). A landed folder before it (a stray `date=0001-01-01`) is not a partition.
@@ -59,6 +70,9 @@ class PartitionRange:
     last: date
     source: str
     imported: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+    # Why the range ends at `last`; `pinned` when it is a fixed day rather than "the last complete day".
+    end_source: str = "the last complete day (UTC)"
+    pinned: bool = False
 
     def __contains__(self, day: object) -> bool:
         d = day if isinstance(day, date) else parse_day(str(day))
@@ -79,6 +93,11 @@ class PartitionRange:
                 f"{what} {d.isoformat()} is outside the daily partitions ({self.describe()}), which start at "
                 f"{self.first.isoformat()}, {self.source}; land or import that day's data first "
                 "(recloop import PATH)")
+        if d > self.last and self.pinned:
+            raise OutsideRange(
+                f"{what} {d.isoformat()} is outside the daily partitions ({self.describe()}), which end at "
+                f"{self.last.isoformat()}, {self.end_source}; set {END_ENV_VAR}=today (or a later day) to "
+                "go further")
         if d > self.last:
             raise OutsideRange(
                 f"{what} {d.isoformat()} is outside the daily partitions ({self.describe()}): a day becomes a "
@@ -130,16 +149,89 @@ def record_history(landing: Lake, first: str, last: str, *, source: str, days_wi
     return record
 
 
+def landed_days(landing: Lake) -> list[str]:
+    """Every day from `MIN_DAY` on with a delivered file in `events/date=D` of the landing zone (Parquet,
+    CSV or JSON; hidden `_`/`.` files aside), in order: one listing."""
+    found = {part.removeprefix("date=") for key in landing.list_keys("events/")
+             if not key.rsplit("/", 1)[-1].startswith(("_", "."))
+             for part in key.split("/")[:-1] if part.startswith("date=")}
+    return sorted(d for d in found if _is_day(d) and d >= MIN_DAY.isoformat())
+
+
+def _is_day(text: str) -> bool:
+    try:
+        return date.fromisoformat(text).isoformat() == text
+    except ValueError:
+        return False
+
+
 def earliest_landed_day(landing: Lake) -> str | None:
     """The earliest `events/date=D` partition of the landing zone (one listing), or None."""
-    days = [d for d in landing.partitions("events") if d >= MIN_DAY.isoformat()]
-    if days:
-        return days[0]
-    # CSV-only landing zones: `partitions` lists Parquet files; look for any file.
-    found = sorted({part.removeprefix("date=") for key in landing.list_keys("events/")
-                    for part in key.split("/") if part.startswith("date=")})
-    found = [d for d in found if d >= MIN_DAY.isoformat()]
-    return found[0] if found else None
+    days = landed_days(landing)
+    return days[0] if days else None
+
+
+# --------------------------------------------------------------------------------------------------
+# The end of the range
+# --------------------------------------------------------------------------------------------------
+
+
+def pin_path(settings: Settings) -> Path:
+    """Where a home keeps its pinned end (`pin_end`)."""
+    return Path(settings.home) / PIN_FILE
+
+
+def pin_end(settings: Settings, end: str = END_DATA, *, set_by: str) -> Path:
+    """Pins the end of this home's daily partitions (`data`: the last day with events in the landing
+    zone; or a day, YYYY-MM-DD) for every later load of the definitions on the same RECLOOP_HOME
+    (`make ui` after `make demo`); `RECLOOP_PARTITION_END` still wins. Returns the file written."""
+    value = str(end).strip().lower()
+    if value != END_DATA:
+        value = parse_day(value, what="the partition end").isoformat()
+    path = pin_path(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"end": value, "set_by": set_by,
+                                "set_at": datetime.now(UTC).isoformat(timespec="seconds")}, indent=1) + "\n")
+    return path
+
+
+def _pinned_end(settings: Settings) -> tuple[str, str] | None:
+    """(end, why) when RECLOOP_PARTITION_END or the home's pin fixes the end, None for the default."""
+    explicit = (os.environ.get(END_ENV_VAR) or "").strip().lower()
+    if explicit:
+        return None if explicit == END_TODAY else (explicit, f"as {END_ENV_VAR}={explicit} sets")
+    path = pin_path(settings)
+    try:
+        pin = json.loads(path.read_text())
+        end = str(pin.get("end") or "").strip().lower()
+    except FileNotFoundError:
+        return None
+    except (ValueError, OSError, AttributeError):
+        raise BadDay(f"{path} is not a partition pin (JSON with an \"end\"): delete it, or set {END_ENV_VAR}") from None
+    if not end or end == END_TODAY:
+        return None
+    return end, f"as {pin.get('set_by') or 'a pin'} set in {path} (delete it to follow today)"
+
+
+def _resolve_end(settings: Settings, days: list[str], yesterday: date) -> tuple[date, str, bool]:
+    """(last, why, pinned) of the range (see the module docstring)."""
+    pinned = _pinned_end(settings)
+    if pinned is None:
+        return yesterday, "the last complete day (UTC)", False
+    end, why = pinned
+    if end == END_DATA:
+        if not days:
+            return yesterday, "the last complete day (UTC): the landing zone holds no events yet", False
+        last, why = parse_day(days[-1]), f"the last day with events in the landing zone, {why}"
+    else:
+        try:
+            last = parse_day(end)
+        except BadDay:
+            raise BadDay(f"the partition end {end!r} ({why}) is not a day: write YYYY-MM-DD, {END_DATA} (the last "
+                         f"day with events in the landing zone) or {END_TODAY}") from None
+    if last >= yesterday:
+        return yesterday, "the last complete day (UTC)", False
+    return last, why, True
 
 
 def resolve(settings: Settings | None = None, *, landing: Lake | None = None, today: date | None = None) -> PartitionRange:
@@ -152,19 +244,25 @@ def resolve(settings: Settings | None = None, *, landing: Lake | None = None, to
 
         landing = open_lake(settings.landing_uri, s3_endpoint_url=settings.s3_endpoint_url)
     today = today or datetime.now(UTC).date()
-    last = today - timedelta(days=1)
     record = read_record(landing)
     imported = tuple((e["first"], e["last"]) for e in record.get("imports", []) if e.get("first") and e.get("last"))
+    days = landed_days(landing)
+    last, end_source, pinned = _resolve_end(settings, days, today - timedelta(days=1))
     explicit = os.environ.get(ENV_VAR)
     if explicit:
         first = parse_day(explicit, what=ENV_VAR)
         if first < MIN_DAY:
             raise BadDay(f"{ENV_VAR} {first.isoformat()} is before {MIN_DAY.isoformat()}, the earliest day a partition "
                          f"can be: set a later day or unset it")
-        return PartitionRange(first, last, f"as {ENV_VAR} sets", imported)
-    candidates = [d for d in (record.get("first_day"), earliest_landed_day(landing)) if d and d >= MIN_DAY.isoformat()]
-    if not candidates:
-        return PartitionRange(DEFAULT_FIRST, last, "the default (the landing zone holds no events yet)", imported)
-    first = min(candidates)
-    return PartitionRange(parse_day(first), last, f"the earliest day with events in the landing zone {landing.uri()}",
-                          imported)
+        source = f"as {ENV_VAR} sets"
+    else:
+        candidates = [d for d in (record.get("first_day"), days[0] if days else None) if d and d >= MIN_DAY.isoformat()]
+        if candidates:
+            first = parse_day(min(candidates))
+            source = f"the earliest day with events in the landing zone {landing.uri()}"
+        else:
+            first, source = DEFAULT_FIRST, "the default (the landing zone holds no events yet)"
+    if pinned and last < first:
+        raise BadDay(f"the daily partitions would end at {last.isoformat()} ({end_source}), before they start at "
+                     f"{first.isoformat()} ({source}): set {END_ENV_VAR} to a later day, or to today")
+    return PartitionRange(first, last, source, imported, end_source, pinned)

@@ -859,11 +859,18 @@ class Registry:
         """Give the run a new name (e.g. the version it was registered as, once known)."""
         self.client.update_run(run_id, name=name)
 
-    def run_url(self, run_id: str) -> str:
-        """The run's page in the MLflow UI (`recloop.links.mlflow_run_url`)."""
+    def run_url(self, run_id: str | None, *, artifact: str | None = None) -> str | None:
+        """The run's page in the MLflow UI (`recloop.links.mlflow_run_url`; with `artifact`, that artifact's
+        view), None when there is no run or the tracking store does not know it."""
         from recloop.links import mlflow_run_url
 
-        return mlflow_run_url(self.client.get_run(run_id).info.experiment_id, run_id)
+        if not run_id:
+            return None
+        try:
+            experiment_id = self.client.get_run(run_id).info.experiment_id
+        except MlflowException:
+            return None
+        return mlflow_run_url(experiment_id, run_id, artifact=artifact)
 
     def version_links(self, version: str | int) -> dict[str, str]:
         """The version's source run and the MLflow UI pages of the run and the version."""
@@ -871,8 +878,8 @@ class Registry:
 
         mv = self._version(version)
         out = {"mlflow_version_url": mlflow_model_version_url(self.model_name, mv.version)}
-        if mv.run_id:
-            out.update(mlflow_run_id=mv.run_id, mlflow_run_url=self.run_url(mv.run_id))
+        if mv.run_id and (url := self.run_url(mv.run_id)):
+            out.update(mlflow_run_id=mv.run_id, mlflow_run_url=url)
         return out
 
     def set_challenger(self, version: str | int) -> None:

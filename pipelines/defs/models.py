@@ -4,7 +4,13 @@ failed run: the gate check fails with WARN severity (its description and metadat
 asset materializes nothing, so the run succeeds and the alias stays where it was. Thin adapters over
 `recloop.model_plane` and `recloop.lifecycle` (shared with the Airflow DAGs in dags/); every number worth
 plotting is asset metadata. The latency gate (`recloop.latency`) is a second blocking check beside the
-promotion gate, with the same WARN discipline: a version it refuses is not promoted either."""
+promotion gate, with the same WARN discipline: a version it refuses is not promoted either.
+
+What the gate weighs is plottable: the evaluation's materialization carries the challenger's and the
+champion's primary metric, coverage, diversity and concentration as numbers (Dagster plots them across
+training runs), the gate checks carry the same figures and the p99 latencies; the registered version, its
+checks and the champion link to the MLflow run and model version (`recloop.links`,
+RECLOOP_MLFLOW_UI_URL)."""
 
 from dataclasses import replace
 from pathlib import Path
@@ -74,6 +80,18 @@ class GateRunConfig(dg.Config):
 
 def _numbers(d: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in d.items() if isinstance(v, (int, float, str, bool))}
+
+
+def _floats(d: dict[str, Any]) -> dict[str, Any]:
+    """Numbers as Dagster float metadata (plotted on an asset's materializations)."""
+    return {k: dg.MetadataValue.float(float(v)) for k, v in d.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _links(out: dict[str, Any]) -> dict[str, Any]:
+    """The MLflow UI URLs of `Registry.version_links` as clickable metadata."""
+    names = {"mlflow_run_url": "mlflow_run", "mlflow_version_url": "model_version"}
+    return {names[k]: dg.MetadataValue.url(v) for k, v in out.items() if k in names and v}
 
 
 @dg.asset(
@@ -155,6 +173,8 @@ def evaluation(context: dg.AssetExecutionContext, lake: LakeResource, workspace:
         "sanity": dg.MetadataValue.json(out["sanity"]),
         "champion_compared": out["champion_compared"],
         "champions_skipped": dg.MetadataValue.json(out["champions_skipped"]),
+        # What the promotion gate weighs, plotted across training runs: challenger_*, champion_*, popularity_*.
+        **_floats(out["figures"]),
     })
 
 
@@ -173,9 +193,13 @@ def _gate_config(config: GateRunConfig | None = None) -> GateConfig:
 def registered_version(context: dg.AssetExecutionContext, workspace: ModelWorkspaceResource,
                        registry: MlflowRegistryResource) -> dg.MaterializeResult:
     out = lifecycle.register_candidate(registry.open(context.run.run_id), workspace.dir())
-    context.log.info(f"registered version {out['version']} as challenger: {out.get('mlflow_run_url', '')}")
-    return dg.MaterializeResult(metadata={**out, **{k: dg.MetadataValue.url(v) for k, v in out.items()
-                                                    if k.endswith("_url")}})
+    context.log.info(f"registered version {out['version']} as challenger")
+    return dg.MaterializeResult(metadata={
+        "version": out["version"], "model_name": out["model_name"], "model_uri": out["model_uri"],
+        **_floats(out["metrics"]),
+        **_links(out),
+        "mlflow_run_id": out.get("mlflow_run_id", ""),
+    })
 
 
 @dg.asset_check(
@@ -189,7 +213,8 @@ def registered_version(context: dg.AssetExecutionContext, workspace: ModelWorksp
 )
 def promotion_gate(context: dg.AssetCheckExecutionContext, config: GateRunConfig, workspace: ModelWorkspaceResource,
                    registry: MlflowRegistryResource, alerts: AlertsResource) -> dg.AssetCheckResult:
-    gate = lifecycle.check_gate(registry.open(context.run.run_id), workspace.dir(), config=_gate_config(config), run_id=context.run.run_id)
+    the_registry = registry.open(context.run.run_id)
+    gate = lifecycle.check_gate(the_registry, workspace.dir(), config=_gate_config(config), run_id=context.run.run_id)
     alerts.send(context.log, gate.alert)
     out = gate.summary()
     # WARN, not ERROR: a refusal must not fail the run (Dagster blocks downstream steps only on ERROR);
@@ -200,6 +225,9 @@ def promotion_gate(context: dg.AssetCheckExecutionContext, config: GateRunConfig
         description=out["reasons"][0],
         metadata={"version": out["version"], "compared_to": out["compared_to"],
                   "decision": "promoted" if gate.passed else "refused",
+                  # The figures the decision weighed, as numbers: challenger_ndcg_at_10, champion_coverage, ...
+                  **_floats(gate.figures()),
+                  **_links(the_registry.version_links(out["version"])),
                   "reasons": dg.MetadataValue.json(out["reasons"]),
                   "checks": dg.MetadataValue.json(out["checks"]),
                   "metrics": dg.MetadataValue.json(out["metrics"])},
@@ -219,7 +247,8 @@ def promotion_gate(context: dg.AssetCheckExecutionContext, config: GateRunConfig
 def latency_gate(context: dg.AssetCheckExecutionContext, config: GateRunConfig, workspace: ModelWorkspaceResource,
                  registry: MlflowRegistryResource, feast: FeastResource, alerts: AlertsResource) -> dg.AssetCheckResult:
     settings = replace(feast.settings(), feast_project=feast.project)
-    gate = lifecycle.check_latency(registry.open(context.run.run_id), workspace.dir(), settings=settings,
+    the_registry = registry.open(context.run.run_id)
+    gate = lifecycle.check_latency(the_registry, workspace.dir(), settings=settings,
                                    gate=_gate_config(config), run_id=context.run.run_id)
     alerts.send(context.log, gate.alert)
     out = gate.summary()
@@ -231,8 +260,10 @@ def latency_gate(context: dg.AssetCheckExecutionContext, config: GateRunConfig, 
         description=out["reasons"][0],
         metadata={"version": out["version"], "decision": out["status"], "compared_to": out["compared_to"] or "",
                   "requests_from": figures.get("source", ""),
-                  **{f"{role}_{k}": figures[role][k] for role in ("challenger", "champion") if figures.get(role)
-                     for k in ("p50_ms", "p95_ms", "p99_ms", "max_ms")},
+                  **_floats({f"{role}_{k}": figures[role][k] for role in ("challenger", "champion")
+                             if isinstance(figures.get(role), dict)
+                             for k in ("p50_ms", "p95_ms", "p99_ms", "max_ms") if k in figures[role]}),
+                  **_links(the_registry.version_links(out["version"])),
                   "reasons": dg.MetadataValue.json(out["reasons"]),
                   "checks": dg.MetadataValue.json(out["checks"]),
                   "figures": dg.MetadataValue.json(figures)},
@@ -245,9 +276,9 @@ def latency_gate(context: dg.AssetCheckExecutionContext, config: GateRunConfig, 
                        "stays; the gate check says why)."))
 def champion(context: dg.AssetExecutionContext, config: GateRunConfig, workspace: ModelWorkspaceResource,
              registry: MlflowRegistryResource, alerts: AlertsResource):
+    the_registry = registry.open()
     try:
-        promotion = lifecycle.promote_candidate(registry.open(context.run.run_id), workspace.dir(),
-                                                config=_gate_config(config),
+        promotion = lifecycle.promote_candidate(the_registry, workspace.dir(), config=_gate_config(config),
                                                 run_id=context.run.run_id)
     except lifecycle.GateRefused as refused:
         # A refusal: recorded and alerted by the gate check; nothing to materialize (a generator that yields
@@ -261,6 +292,7 @@ def champion(context: dg.AssetExecutionContext, config: GateRunConfig, workspace
     alerts.send(context.log, promotion.alert)
     out = promotion.summary()
     yield dg.MaterializeResult(metadata={"champion": out["champion"], "compared_to": out["compared_to"],
+                                          **_links(the_registry.version_links(out["champion"])),
                                           "lineage": dg.MetadataValue.json(out["lineage"]),
                                           "reasons": dg.MetadataValue.json(out["reasons"])})
 

@@ -49,10 +49,11 @@ def _markdown(rows: list[dict[str, Any]]) -> str:
 )
 def experiment(context: dg.AssetExecutionContext, config: ExperimentRunConfig, lake: LakeResource,
                registry: MlflowRegistryResource, alerts: AlertsResource) -> dg.MaterializeResult:
-    reg = registry.open(context.run.run_id)
-    outcome = lifecycle.online_experiment_step(lake.open(), reg, as_of=config.AsOf or None,
+    the_registry = registry.open(context.run.run_id)
+    outcome = lifecycle.online_experiment_step(lake.open(), the_registry, as_of=config.AsOf or None,
                                                mode=config.Mode or None, run_id=context.run.run_id)
     out = outcome.summary()
+    run_url = the_registry.run_url(out["mlflow_run_id"])
     context.log.info(out["status"])
     alerts.send(context.log, outcome.alert)
     return dg.MaterializeResult(metadata={
@@ -69,7 +70,7 @@ def experiment(context: dg.AssetExecutionContext, config: ExperimentRunConfig, l
         "looks": dg.MetadataValue.json(out["looks"]),
         "reasons": dg.MetadataValue.json(out["reasons"]),
         "mlflow_run_id": out["mlflow_run_id"],
-        **({"mlflow_run_url": dg.MetadataValue.url(reg.run_url(out["mlflow_run_id"]))} if out["mlflow_run_id"] else {}),
+        **({"mlflow_run": dg.MetadataValue.url(run_url)} if run_url else {}),
         "lineage": dg.MetadataValue.json(out["lineage"]),
     })
 
@@ -81,7 +82,7 @@ def _served_traffic(daily: dg.PartitionsDefinition) -> dg.AssetsDefinition:
         group_name="online",
         deps=[OUTCOMES, silver_key("videos")],
         kinds={"python"},
-        check_specs=[dg.AssetCheckSpec(TRAFFIC_CHECK, asset=SERVED_TRAFFIC, description=(
+        check_specs=[dg.AssetCheckSpec(TRAFFIC_CHECK, asset=SERVED_TRAFFIC, partitions_def=daily, description=(
             "Warns when the day's served traffic concentrated (Gini, top-1% share), lost coverage or moved between "
             "categories beyond the thresholds (RECLOOP_TRAFFIC_MAX_GINI_INCREASE and the others of docs/online.md) against the reference window."))],
         description=("What the recommender actually served on the day: Gini and top-1% share of impressions over the "
@@ -95,7 +96,9 @@ def _served_traffic(daily: dg.PartitionsDefinition) -> dg.AssetsDefinition:
             context.log.info(outcome.status)
             return dg.MaterializeResult(
                 metadata={"status": outcome.status, "breached": False},
-                check_results=[dg.AssetCheckResult(check_name=TRAFFIC_CHECK, passed=True, description=outcome.status)])
+                check_results=[dg.AssetCheckResult(check_name=TRAFFIC_CHECK, passed=True,
+                                                   description=f"{context.partition_key}: {outcome.status}",
+                                                   metadata={"partition": context.partition_key})])
         report = outcome.report
         return dg.MaterializeResult(
             metadata={
@@ -108,7 +111,8 @@ def _served_traffic(daily: dg.PartitionsDefinition) -> dg.AssetsDefinition:
             },
             check_results=[dg.AssetCheckResult(
                 check_name=TRAFFIC_CHECK, passed=not report.breached, severity=dg.AssetCheckSeverity.WARN,
-                description=report.status, metadata={"checks": dg.MetadataValue.json(report.checks)})],
+                description=f"{context.partition_key}: {report.status}",
+                metadata={"partition": context.partition_key, "checks": dg.MetadataValue.json(report.checks)})],
         )
 
     return served_traffic

@@ -39,9 +39,10 @@ def _silver_asset(table: str, daily: dg.PartitionsDefinition) -> dg.AssetsDefini
         deps=deps,
         kinds={"parquet", "great_expectations"},
         check_specs=[
-            dg.AssetCheckSpec("row_conservation", asset=silver_key(table), blocking=True,
+            # Partitioned like the asset: each evaluation is recorded for its day.
+            dg.AssetCheckSpec("row_conservation", asset=silver_key(table), blocking=True, partitions_def=daily,
                               description="accepted + quarantined = ingested, exactly"),
-            dg.AssetCheckSpec("quarantine_rate", asset=silver_key(table), blocking=True,
+            dg.AssetCheckSpec("quarantine_rate", asset=silver_key(table), blocking=True, partitions_def=daily,
                               description="share of quarantined rows at most the configured maximum"),
         ],
         description=(
@@ -80,15 +81,17 @@ def _silver_asset(table: str, daily: dg.PartitionsDefinition) -> dg.AssetsDefini
                 dg.AssetCheckResult(
                     check_name="row_conservation",
                     passed=out["conserved"],
-                    metadata={"ingested": out["ingested"], "accepted": out["accepted"],
-                              "quarantined": out["quarantined"]},
+                    description=(f"{context.partition_key}: {out['accepted']} accepted + {out['quarantined']} "
+                                 f"quarantined {'=' if out['conserved'] else '!='} {out['ingested']} ingested"),
+                    metadata={"partition": context.partition_key, "ingested": out["ingested"],
+                              "accepted": out["accepted"], "quarantined": out["quarantined"]},
                 ),
                 dg.AssetCheckResult(
                     check_name="quarantine_rate",
                     passed=outcome.rate_ok,
                     severity=dg.AssetCheckSeverity.ERROR,
-                    description=outcome.rate_description,
-                    metadata={"quarantine_rate": out["quarantine_rate"],
+                    description=f"{context.partition_key}: {outcome.rate_description}",
+                    metadata={"partition": context.partition_key, "quarantine_rate": out["quarantine_rate"],
                               "max_quarantine_rate": out["max_quarantine_rate"]},
                 ),
             ],

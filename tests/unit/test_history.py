@@ -203,6 +203,8 @@ def test_partition_range_follows_the_landing_zone(tmp_path, monkeypatch):
     from recloop import partition_range as pr
 
     monkeypatch.delenv("RECLOOP_PARTITION_START", raising=False)
+    monkeypatch.delenv("RECLOOP_PARTITION_END", raising=False)
+    monkeypatch.setenv("RECLOOP_HOME", str(tmp_path / "home"))  # no pinned end (a demo's) from elsewhere
     landing = LocalLake(tmp_path / "landing")
     today = date(2026, 1, 10)
     empty = pr.resolve(landing=landing, today=today)
