@@ -255,9 +255,11 @@ def test_no_drift_has_no_verdict_on_a_day_compared_with_nothing(recloop_env, mon
     check = compared.check_metadata["monitoring/drift:no_drift"]
     assert check["partition"] == day and compared.check_descriptions["monitoring/drift:no_drift"].startswith(day)
     run_url = f"http://127.0.0.1:5000/#/experiments/{experiment}/runs/{run_id}"
-    assert check["mlflow_run"] == run_url and check["report"] == f"{run_url}/artifacts/drift_report.html"
+    view = "?workflowType=machine_learning"
+    report = f"{run_url}/artifacts/drift_report.html{view}"
+    assert check["mlflow_run"] == run_url + view and check["report"] == report
     meta = compared.materialized["monitoring/drift"]
-    assert meta["report"] == f"{run_url}/artifacts/drift_report.html" and meta["mlflow_run"] == run_url
+    assert meta["report"] == report and meta["mlflow_run"] == run_url + view
     event = inst.fetch_materializations(dg.AssetKey(["monitoring", "drift"]), limit=1).records[0]
     assert isinstance(event.asset_materialization.metadata["report"], dg.UrlMetadataValue)
     assert [r.partition for r in inst.event_log_storage.get_asset_check_execution_history(key, limit=5)] == [day, day]
