@@ -738,7 +738,7 @@ def evaluate_candidate(lake: Lake, registry: Registry, workdir: Path, *, setting
     skipped = ev.extras.get("champions_skipped", [])
     table = {name: {m: round(v, 4) for m, v in values.items() if m in (
         "recall_at_10", "ndcg_at_10", "map_at_10", "hit_rate_at_10", "coverage", "diversity", "novelty_at_10",
-        "popularity_concentration")} for name, values in ev.metrics.items()}
+        "popularity_concentration", "coverage_common", "diversity_common")} for name, values in ev.metrics.items()}
     als, ease = ev.metrics.get("als", {}), ev.metrics.get("ease", {})
     full, pop = ev.metrics[model_plane.PRIMARY], ev.metrics["popularity"]
     return {
@@ -751,6 +751,9 @@ def evaluate_candidate(lake: Lake, registry: Registry, workdir: Path, *, setting
         "ndcg_at_10_vs_ease": (round(full["ndcg_at_10"] / ease["ndcg_at_10"], 3)
                                if ease.get("ndcg_at_10") else float("inf")),
         "users_evaluated": ev.result["recommenders"][model_plane.PRIMARY]["users_evaluated"],
+        # With a champion: how many of them both models know (`coverage_common`, `diversity_common`).
+        "users_evaluated_common": ((ev.result.get("segments") or {}).get(model_plane.COMMON) or {}).get(
+            "users_evaluated"),
         "by_recommender": table,
         "sanity": ev.sanity,
         "champion_version": ev.champion_version,

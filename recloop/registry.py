@@ -213,6 +213,14 @@ class GateConfig:
     # Guardrails against the champion.
     min_coverage_ratio: float = 0.8
     min_diversity_ratio: float = 0.9
+    # Coverage and diversity like for like: the champion serves users who joined after its training window
+    # its cold-start list (popular, then fresh: diverse, and nothing a personalised list covers), so on all
+    # evaluated users its numbers are partly not its personalisation's. When both metric dicts carry the
+    # same guardrail metric on the users both models know (`<metric><common_suffix>`, with their number
+    # `users_evaluated<common_suffix>`, equal in both: the evaluation's `common` segment), the two ratios
+    # are judged on those users; otherwise on all evaluated users. None: always on all evaluated users.
+    # The primary metric and the concentration guardrails stay on all evaluated users.
+    common_suffix: str | None = "_common"
     max_concentration_increase: float = 0.1
     # Absolute guardrail, also for the first model: at most this share of the slots for the top 1% most
     # popular videos — or, on data where collaborative filtering itself concentrates more (a small
@@ -264,6 +272,21 @@ def _concentration_margin(challenger: Mapping[str, Any], config: "GateConfig") -
     return margin, f" (standard error {se:.4f} over users: judged at {level - margin:.4f})"
 
 
+def _common_pair(challenger: Mapping[str, Any], champion: Mapping[str, Any], key: str,
+                 suffix: str | None) -> tuple[int, float, float] | None:
+    """(number of users, challenger's, champion's) `key` on the users both models know, when both metric
+    dicts have it for the same number of users (`users_evaluated<suffix>`); else None."""
+    if not suffix:
+        return None
+    ours, theirs = _num(challenger, f"{key}{suffix}"), _num(champion, f"{key}{suffix}")
+    users = _num(challenger, f"users_evaluated{suffix}")
+    if ours is None or theirs is None or users is None or users < 1:
+        return None
+    if _num(champion, f"users_evaluated{suffix}") != users:
+        return None  # not the same users: nothing like for like to compare
+    return int(users), ours, theirs
+
+
 def _num(metrics: Mapping[str, Any] | None, key: str) -> float | None:
     if not metrics or metrics.get(key) is None:
         return None
@@ -293,7 +316,9 @@ def decide(
         challenger: flat offline metrics of the challenger (`ndcg_at_10`, `coverage`, `diversity`,
             `popularity_concentration`, ...).
         champion: the same metrics of the current champion on the same evaluation data, or None when
-            there is no champion yet (then the popularity baseline is the bar).
+            there is no champion yet (then the popularity baseline is the bar). With `coverage_common`,
+            `diversity_common` and `users_evaluated_common` in both (the users both models know), the
+            relative coverage and diversity guardrails compare on those users (`GateConfig.common_suffix`).
         popularity: the popularity baseline's metrics on the same evaluation data.
         sanity: `finite_weights` (bool), `identical_list_share` (0..1), `distinct_items` (int).
         config: the rules; defaults to `GateConfig()`.
@@ -362,6 +387,19 @@ def decide(
             ("diversity_guardrail", config.diversity_metric, config.min_diversity_ratio),
         ):
             ours, theirs = _num(challenger, key), _num(champion, key)
+            common = _common_pair(challenger, champion, key, config.common_suffix)
+            if common is not None:
+                users, mine, champs = common
+                floor = ratio * champs
+                ok = math.isfinite(mine) and mine >= floor
+                record(
+                    name,
+                    ok,
+                    f"challenger {key} {mine:.4f} vs champion {champs:.4f} on the {users} users both models "
+                    f"know; needs >= {floor:.4f} ({ratio:.0%} of champion's; on all evaluated users: "
+                    f"challenger {_fmt(ours)} vs champion {_fmt(theirs)})",
+                )
+                continue
             if theirs is None:
                 reasons.append(f"SKIP {name}: champion v{version} has no {key}")
                 continue

@@ -9,7 +9,7 @@ import math
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 import numpy as np
 import pandas as pd
@@ -68,6 +68,8 @@ class EvaluationResult(TypedDict):
     users_evaluated: int
     platform: str | None  # the name of recloop's own recommender among `recommenders`, if it is there
     recommenders: dict[str, RecommenderResult]
+    # Only when `evaluate(..., segments=...)` asked for them: name -> {"users_evaluated", "recommenders"}.
+    segments: NotRequired[dict[str, dict[str, Any]]]
 
 
 PROTOCOL = {
@@ -189,6 +191,7 @@ def evaluate(
     split: Mapping[str, Any] | None = None,
     history: pd.DataFrame | None = None,
     platform: str | None = None,
+    segments: Mapping[str, Iterable[str]] | None = None,
 ) -> EvaluationResult:
     """Evaluate fitted recommenders on `test` (JSON-ready result, see :class:`EvaluationResult`).
 
@@ -200,6 +203,11 @@ def evaluate(
     cut-offs use the prefix of that list. `platform` names the recommender that is recloop's own model
     (recorded in the result as ``platform``). Its answer is checked (one list per user, at most k distinct videos, none
     excluded); a breach raises ValueError.
+
+    `segments` (name -> user ids): the same lists scored again on the evaluated users of each segment
+    (users outside the evaluated set are ignored), in the result's ``segments``: name ->
+    ``{"users_evaluated", "recommenders": {name: {"users_evaluated", "metrics", "beyond_accuracy"}}}``;
+    read them flat with ``flat_metrics(result, name, segment=...)``.
     """
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1 or main_k < 1:
@@ -215,17 +223,12 @@ def evaluate(
     category = pd.Series(cat["category"].astype(str).to_numpy(), index=cat["video_id"].to_numpy())
     k_max = max(max(ks), main_k)
 
-    out: dict[str, RecommenderResult] = {}
-    for name, rec in recommenders.items():
-        t0 = time.perf_counter()
-        recs = rec.recommend(users, k_max, exclude=seen) if users else []
-        seconds = time.perf_counter() - t0
-        recs = [list(map(str, r)) for r in recs]
-        _check_lists(name, users, recs, k_max, seen)
-        accuracy = accuracy_metrics(recs, truth, sorted(set(ks) | {main_k})) if users else {}
+    def score(recs: list[list[str]], truth: list[set[str]]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(accuracy at each k, beyond-accuracy at main_k) of these users' lists."""
+        accuracy = accuracy_metrics(recs, truth, sorted(set(ks) | {main_k})) if recs else {}
         main = [r[:main_k] for r in recs]
         beyond: dict[str, Any] = {"k": main_k}
-        if users:
+        if recs:
             beyond.update({m: accuracy[main_k][m] for m in ACCURACY_METRICS})
             beyond.update(
                 catalog_coverage=catalog_coverage(main, catalog_size),
@@ -235,16 +238,34 @@ def evaluate(
                 popularity_concentration_stderr=popularity_concentration_stderr(main, popularity),
                 identical_list_share=identical_list_share(main),
             )
-        metrics: dict[str, Any] = {
-                str(k): {m: accuracy[k][m] for m in ACCURACY_METRICS} if users else dict.fromkeys(ACCURACY_METRICS)
-                for k in ks
-        }
+        metrics = {str(k): ({m: accuracy[k][m] for m in ACCURACY_METRICS} if recs
+                            else dict.fromkeys(ACCURACY_METRICS)) for k in ks}
+        return metrics, beyond
+
+    # Each segment: the positions, among the evaluated users, of its users (the others are not evaluated).
+    position = {u: i for i, u in enumerate(users)}
+    segment_rows = {str(seg): sorted({position[u] for u in map(str, members) if u in position})
+                    for seg, members in (segments or {}).items()}
+    segment_results: dict[str, dict[str, RecommenderResult]] = {seg: {} for seg in segment_rows}
+
+    out: dict[str, RecommenderResult] = {}
+    for name, rec in recommenders.items():
+        t0 = time.perf_counter()
+        recs = rec.recommend(users, k_max, exclude=seen) if users else []
+        seconds = time.perf_counter() - t0
+        recs = [list(map(str, r)) for r in recs]
+        _check_lists(name, users, recs, k_max, seen)
+        metrics, beyond = score(recs, truth)
         result: RecommenderResult = {
             "users_evaluated": len(users),
             "metrics": metrics,
             "beyond_accuracy": beyond,
             "seconds": {"recommend": round(seconds, 3)},
         }
+        for segment, rows in segment_rows.items():
+            seg_metrics, seg_beyond = score([recs[i] for i in rows], [truth[i] for i in rows])
+            segment_results[segment][name] = {"users_evaluated": len(rows), "metrics": seg_metrics,
+                                              "beyond_accuracy": seg_beyond}
         params = getattr(rec, "params", None)
         if isinstance(params, Mapping):
             result["params"] = dict(params)
@@ -267,13 +288,26 @@ def evaluate(
         "platform": platform,
         "recommenders": out,
     }
+    if segments is not None:
+        result_all["segments"] = {
+            seg: {"users_evaluated": len(segment_rows[seg]), "recommenders": segment_results[seg]}
+            for seg in segment_rows
+        }
     return _jsonable(result_all)
 
 
-def flat_metrics(result: Mapping[str, Any], recommender: str) -> dict[str, float]:
+def flat_metrics(
+    result: Mapping[str, Any], recommender: str, *, segment: str | None = None
+) -> dict[str, float]:
     """One recommender's numbers as flat names (``recall_at_10``, ``catalog_coverage_at_10``, ...), e.g.
-    for MLflow; metrics that are undefined (None) are left out."""
-    r = result["recommenders"][recommender]
+    for MLflow; metrics that are undefined (None) are left out. With `segment`: the same names on that
+    segment's users (`evaluate(..., segments=...)`); {} when the result has no such segment."""
+    if segment is not None:
+        r = ((result.get("segments") or {}).get(segment) or {}).get("recommenders", {}).get(recommender)
+        if r is None:
+            return {}
+    else:
+        r = result["recommenders"][recommender]
     flat: dict[str, float] = {}
     for k, values in r["metrics"].items():
         for m, v in values.items():

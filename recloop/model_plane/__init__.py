@@ -18,6 +18,7 @@ is `recloop.training`, its ANN index `recloop.index`.
 """
 
 from recloop.model_plane.steps import (
+    COMMON,
     EVALUATION,
     FIT_REPORT,
     PLAN,
@@ -27,6 +28,7 @@ from recloop.model_plane.steps import (
     build_ann_index,
     build_training_set,
     evaluate_candidate,
+    evaluation_metrics,
     fit_config,
     gate_decision,
     gate_metrics,
@@ -39,7 +41,7 @@ from recloop.model_plane.steps import (
 )
 
 __all__ = [
-    "EVALUATION", "FIT_REPORT", "PLAN", "PRIMARY", "Evaluation", "TrainingPlan", "build_ann_index",
-    "build_training_set", "evaluate_candidate", "fit_config", "gate_decision", "gate_metrics", "load_evaluation",
-    "plan_window", "register_candidate", "train_ranking", "train_retrieval", "workdir_for",
+    "COMMON", "EVALUATION", "FIT_REPORT", "PLAN", "PRIMARY", "Evaluation", "TrainingPlan", "build_ann_index",
+    "build_training_set", "evaluate_candidate", "evaluation_metrics", "fit_config", "gate_decision", "gate_metrics",
+    "load_evaluation", "plan_window", "register_candidate", "train_ranking", "train_retrieval", "workdir_for",
 ]

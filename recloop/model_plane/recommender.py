@@ -110,6 +110,11 @@ class MultiStageRecommender:
         """Each candidate source alone (a full recommender's parts, for evaluation)."""
         return {s: self.source_only(s) for s in self.sources} if self.mode == PRIMARY else {}
 
+    def knows(self, user_ids: Sequence[str]) -> np.ndarray:
+        """Whether each user is in the training window's users (gets personalised lists); the others get
+        the cold-start list of `recommend` (popular, then fresh)."""
+        return self.history.users.get_indexer(pd.Index([str(u) for u in user_ids], dtype=object)) >= 0
+
     @property
     def params(self) -> dict[str, Any]:
         if self.mode != PRIMARY:

@@ -31,6 +31,9 @@ WINDOW = "window"
 EVALUATION = "evaluation.json"
 FIT_REPORT = "fit_report.json"
 PRIMARY = "recloop"  # the platform's full recommender, in evaluation results and the gate
+# The evaluation segment of the users both the candidate and the champion know (in both training windows'
+# users); its metrics carry this suffix (`coverage_common`, `users_evaluated_common`), read by the gate.
+COMMON = "common"
 
 
 @dataclass(frozen=True)
@@ -291,6 +294,21 @@ def gate_metrics(flat: dict[str, float], k: int = 10) -> dict[str, float]:
     return out
 
 
+def evaluation_metrics(result: dict[str, Any], name: str, k: int = 10) -> dict[str, float]:
+    """One recommender's flat metrics for the gate and MLflow (`gate_metrics`), plus, when the evaluation
+    has the segment of the users both the candidate and the champion know, the same names on it with the
+    suffix `_common` (`coverage_common`, `diversity_common`, `ndcg_at_10_common`, ...) and their number,
+    `users_evaluated_common`."""
+    from recloop.evaluation import flat_metrics
+
+    out = gate_metrics(flat_metrics(result, name), k)
+    common = gate_metrics(flat_metrics(result, name, segment=COMMON), k)
+    if common:
+        out.update({f"{m}_{COMMON}": v for m, v in common.items()})
+        out[f"users_evaluated_{COMMON}"] = float(result["segments"][COMMON]["users_evaluated"])
+    return out
+
+
 def _events(lake: Lake, partitions: list[str]) -> pd.DataFrame:
     import pyarrow as pa
 
@@ -311,7 +329,9 @@ def evaluate_candidate(
     """Evaluates, on the plan's held-out days with full ranking and every video a user watched in the
     window excluded: the platform's recommender (`recloop`) and each of its candidate sources alone,
     popularity, tuned ALS and tuned EASE — and the current champion on the very same split, so the
-    gate compares like with like.
+    gate compares like with like. With a champion, the lists are also scored on the segment `common`: the
+    evaluated users both the candidate and the champion know (in both training windows' users; the
+    others get a model's cold-start list), on which the gate compares coverage and diversity.
 
     The champion is the first of `champions` (version, bundle download), newest first, whose bundle
     loads: `champion_bundle` first when given. One that does not (a corrupt file, an older bundle
@@ -320,7 +340,6 @@ def evaluate_candidate(
     from recloop.evaluation import (
         PopularityRecommender,
         evaluate,
-        flat_metrics,
         interactions_from_events,
         time_split,
         tuned_cf_factory,
@@ -352,16 +371,24 @@ def evaluate_candidate(
         champion.name = "champion"
         recommenders["champion"] = champion
     extras: dict[str, Any] = {"champions_skipped": skipped} if skipped else {}
-    result = evaluate(recommenders, split.train, split.test, catalog=videos, ks=ks, split=split.description,
-                      history=watched, platform=PRIMARY)
     test_users = sorted(set(split.test["user_id"].astype(str)))
+    segments = None
+    if champion is not None:
+        both = candidate.knows(test_users) & champion.knows(test_users)
+        segments = {COMMON: [u for u, known in zip(test_users, both) if known]}
+    result = evaluate(recommenders, split.train, split.test, catalog=videos, ks=ks, split=split.description,
+                      history=watched, platform=PRIMARY, segments=segments)
+    if champion is not None:
+        result["segments"][COMMON]["description"] = (
+            f"evaluated users both the candidate and champion v{champion_version} know (in both training "
+            "windows' users): the relative coverage and diversity guardrails compare on them")
     raw_sanity = sanity(candidate, test_users[:2000], k=10)
     checks = {
         "finite_weights": bool(raw_sanity["weights_finite"]),
         "identical_list_share": float(raw_sanity["share_same_top_k"]),
         "distinct_items": int(raw_sanity["distinct_items"]),
     }
-    metrics = {name: gate_metrics(flat_metrics(result, name)) for name in recommenders}
+    metrics = {name: evaluation_metrics(result, name) for name in recommenders}
     (wd / EVALUATION).write_text(json.dumps({"result": result, "sanity": checks, "champion_version": champion_version,
                                              "extras": extras}, indent=2, default=str))
     return Evaluation(result=result, metrics=metrics, sanity=checks, champion_version=champion_version, extras=extras)
@@ -388,11 +415,9 @@ def load_newest_champion(
 
 
 def load_evaluation(workdir: Path) -> Evaluation:
-    from recloop.evaluation import flat_metrics
-
     raw = json.loads((Path(workdir) / EVALUATION).read_text())
     result = raw["result"]
-    metrics = {name: gate_metrics(flat_metrics(result, name)) for name in result["recommenders"]}
+    metrics = {name: evaluation_metrics(result, name) for name in result["recommenders"]}
     return Evaluation(result=result, metrics=metrics, sanity=raw["sanity"], champion_version=raw.get("champion_version"),
                       extras=raw.get("extras", {}))
 

@@ -306,6 +306,31 @@ def test_evaluate_counts_users_and_round_trips_as_json(tmp_path):
     assert ev.flat_metrics(result, "pop")["recall_at_1"] == 1.0
 
 
+def test_segments_score_the_same_lists_on_a_subset_of_the_evaluated_users(sim):
+    """A segment's numbers are those of the same recommenders evaluated on that segment's users alone."""
+    split, videos = sim["split"], sim["known_videos"]
+    fitted = {"popularity": ev.popularity_factory(split.train, videos),
+              "als": ev.tuned_cf_factory("als", {"factors": (16,), "regularization": (1.0,), "alpha": (10.0,),
+                                                 "iterations": (5,)})(split.train, videos)}
+    users = sorted(set(split.test["user_id"]))
+    half = users[::2] + ["nobody", users[0]]  # an unknown user is ignored, a repeated one counted once
+    catalog = sim["videos"]  # every video of train and test: the same catalogue size for both evaluations
+    result = ev.evaluate(fitted, split.train, split.test, catalog=catalog, ks=(5, 10),
+                         segments={"half": half, "empty": []})
+    alone = ev.evaluate(fitted, split.train, split.test[split.test["user_id"].isin(half)], catalog=catalog, ks=(5, 10))
+    segment = result["segments"]["half"]
+    assert 0 < segment["users_evaluated"] == alone["users_evaluated"] < result["users_evaluated"]
+    for name in fitted:
+        got, want = segment["recommenders"][name], alone["recommenders"][name]
+        assert got["metrics"] == want["metrics"] and got["beyond_accuracy"] == want["beyond_accuracy"]
+        assert ev.flat_metrics(result, name, segment="half") == ev.flat_metrics(alone, name)
+        assert ev.flat_metrics(result, name, segment="half") != ev.flat_metrics(result, name)
+        assert ev.flat_metrics(result, name, segment="empty") == {}  # nothing scored on no users
+        assert ev.flat_metrics(result, name, segment="other") == {}
+    assert "segments" not in alone  # only when asked for
+    assert json.loads(json.dumps(result)) == result
+
+
 # --- file mode ---------------------------------------------------------------------------------------
 
 T0 = 978_300_760

@@ -289,3 +289,65 @@ def test_the_margin_follows_the_online_experiments_switch(monkeypatch: pytest.Mo
     monkeypatch.setenv("RECLOOP_GATE_NONINFERIORITY_MARGIN", "1.5")
     with pytest.raises(ValueError, match="RECLOOP_GATE_NONINFERIORITY_MARGIN"):
         lifecycle.gate_config()
+
+
+# --- relative guardrails like for like ----------------------------------------------------------------
+
+# A champion trained before many users joined: on all evaluated users its diversity is mostly the cold-start
+# list it serves the newcomers (popular, then fresh: very diverse); on the 120 users both models know it is
+# its personalised lists'.
+CHAMPION_WAVE = {**CHAMPION, "diversity": 0.52, "coverage": 0.146,
+                 "diversity_common": 0.22, "coverage_common": 0.146, "users_evaluated_common": 120}
+
+
+def wave_challenger(**overrides: float) -> dict[str, float]:
+    return challenger(**{"ndcg_at_10": 0.330, "diversity": 0.27, "coverage": 0.125, "diversity_common": 0.23,
+                         "coverage_common": 0.124, "users_evaluated_common": 120, "ndcg_at_10_common": 0.15,
+                         **overrides})
+
+
+def test_coverage_and_diversity_are_compared_on_the_users_both_models_know() -> None:
+    decision = gate(wave_challenger(), champ=CHAMPION_WAVE)
+    assert decision.promote, decision.reasons
+    text = reason(decision, "diversity_guardrail")
+    assert text.startswith("PASS") and "on the 120 users both models know" in text
+    assert "0.2300" in text and "0.2200" in text and "0.1980" in text  # ours, the champion's, 0.9 x theirs
+    assert "0.2700" in text and "0.5200" in text  # the all-users numbers, said too
+    assert "on the 120 users both models know" in reason(decision, "coverage_guardrail")
+    # The primary metric stays on all evaluated users (the challenger is worse on the common users' NDCG).
+    assert "0.3300" in reason(decision, "primary_metric") and "both models know" not in reason(decision, "primary_metric")
+    assert decision.metrics["champion.diversity_common"] == pytest.approx(0.22)
+    # The same numbers without the like-for-like rule: the cold-start lists' diversity refuses it.
+    assert gate(wave_challenger(), champ=CHAMPION_WAVE, config=GateConfig(common_suffix=None)).failed == [
+        "diversity_guardrail"]
+
+
+def test_like_for_like_refuses_what_all_users_would_pass() -> None:
+    # On all users 0.125 >= 0.8 x 0.146 = 0.1168; on the common users 0.10 < 0.1168.
+    decision = gate(wave_challenger(coverage_common=0.10), champ=CHAMPION_WAVE)
+    assert decision.failed == ["coverage_guardrail"]
+    assert "0.1000 vs champion 0.1460 on the 120 users both models know" in reason(decision, "coverage_guardrail")
+
+
+def test_like_for_like_needs_the_same_users_on_both_sides_else_all_users() -> None:
+    only_challenger = gate(wave_challenger(), champ={k: v for k, v in CHAMPION_WAVE.items() if not k.endswith("_common")})
+    assert only_challenger.failed == ["diversity_guardrail"]  # 0.27 < 0.9 x 0.52, on all users
+    assert "both models know" not in reason(only_challenger, "diversity_guardrail")
+    other_users = gate(wave_challenger(users_evaluated_common=80), champ=CHAMPION_WAVE)
+    assert other_users.failed == ["diversity_guardrail"]
+    assert "both models know" not in reason(other_users, "diversity_guardrail")
+    nobody = gate(wave_challenger(users_evaluated_common=0), champ={**CHAMPION_WAVE, "users_evaluated_common": 0})
+    assert nobody.failed == ["diversity_guardrail"]
+    # A non-finite common number fails rather than passes.
+    assert "diversity_guardrail" in gate(wave_challenger(diversity_common=math.nan), champ=CHAMPION_WAVE).failed
+
+
+def test_like_for_like_keeps_the_non_inferiority_rule_and_the_concentration_guardrails_on_all_users() -> None:
+    config = GateConfig(noninferiority_margin=0.05)
+    decision = gate(wave_challenger(ndcg_at_10=0.195), champ=CHAMPION_WAVE, config=config)  # -2.5 %
+    assert decision.promote, decision.reasons
+    assert "non-inferiority" in reason(decision, "primary_metric")
+    # Concentration is judged on all users even when a common-users number would pass.
+    too_concentrated = gate(wave_challenger(popularity_concentration=0.45, popularity_concentration_common=0.2),
+                            champ=CHAMPION_WAVE, config=config)
+    assert too_concentrated.failed == ["concentration_increase_guardrail"]

@@ -152,6 +152,64 @@ def test_bundle_round_trip_recommends_the_same(sim, tmp_path):
     assert loaded.recommend(users, 10) == fitted.recommender.recommend(users, 10)
 
 
+class _OlderChampion:
+    """In the champion's role, a model trained before some of today's users joined: the fitted recommender's
+    lists for the users it knows, and for the others its cold-start list (popular, then fresh), as
+    `MultiStageRecommender.recommend` serves users it does not know."""
+
+    def __init__(self, recommender, known):
+        self.recommender, self.known, self.name = recommender, set(known), "champion"
+
+    def knows(self, user_ids):
+        return np.array([u in self.known for u in user_ids], dtype=bool)
+
+    def recommend(self, user_ids, k, *, exclude=None):
+        users = [str(u) for u in user_ids]
+        out = self.recommender.recommend(users, k, exclude=exclude)
+        new = [i for i, u in enumerate(users) if u not in self.known]
+        aliases = [f"not-yet-joined:{users[i]}" for i in new]
+        cold = self.recommender.recommend(aliases, k, exclude={a: set(exclude.get(users[i], ())) if exclude else set()
+                                                                for a, i in zip(aliases, new)})
+        for i, lst in zip(new, cold):
+            out[i] = lst
+        return out
+
+
+# Before test_a_new_upload_...: that one extends the shared recommender's two-tower index in place.
+def test_evaluation_scores_the_guardrails_again_on_the_users_both_models_know(sim, tmp_path, monkeypatch):
+    from recloop.config import Settings
+    from recloop.model_plane import steps
+
+    lake, history, fitted = sim
+    monkeypatch.setenv("RECLOOP_HOME", str(tmp_path / "home"))
+    wd = tmp_path / "candidate"
+    plan = steps.TrainingPlan(train_partitions=DAYS[:-1], test_partitions=DAYS[-1:])
+    steps.build_training_set(Settings.from_env(), lake, plan, wd)
+    save_bundle(wd / "bundle", fitted.recommender, metadata={"plan": {"train_partitions": DAYS[:-1]}})
+    test_users = sorted(set(steps._events(lake, plan.test_partitions)["user_id"].astype(str)))
+    known = [u for u in test_users if u in set(history.users)][::2]  # the champion knows every other one
+    champion = _OlderChampion(fitted.recommender, known)
+    monkeypatch.setattr(steps, "load_newest_champion", lambda candidates, store=None: (champion, "7", []))
+
+    ev = steps.evaluate_candidate(lake, wd, store=LakeSnapshots(lake), ks=(10,), champions=[("7", lambda: wd)],
+                                  als_grid={"factors": [16], "regularization": [1.0], "alpha": [10.0], "iterations": [5]})
+    segment = ev.result["segments"][steps.COMMON]
+    evaluated = ev.result["users_evaluated"]
+    assert 0 < segment["users_evaluated"] < evaluated and "champion v7" in segment["description"]
+    ours, theirs = ev.metrics[steps.PRIMARY], ev.metrics["champion"]
+    assert ours["users_evaluated_common"] == theirs["users_evaluated_common"] == segment["users_evaluated"]
+    # The champion's lists for the users it knows are the candidate's: like for like, the numbers are equal;
+    # on all users they differ by the cold-start lists of the users it does not know.
+    for key in ("coverage", "diversity", "ndcg_at_10"):
+        assert ours[f"{key}_common"] == pytest.approx(theirs[f"{key}_common"]), key
+    assert ours["diversity"] != pytest.approx(theirs["diversity"])
+    assert steps.load_evaluation(wd).metrics == ev.metrics  # what the gate reads after the step
+    decision = steps.gate_decision(wd)
+    assert decision.checks["diversity_guardrail"] and decision.checks["coverage_guardrail"]
+    text = next(r for r in decision.reasons if " diversity_guardrail:" in r)
+    assert f"on the {segment['users_evaluated']} users both models know" in text
+
+
 def test_a_new_upload_enters_the_catalog_through_its_metadata(sim):
     _, history, fitted = sim
     new = history.catalog.iloc[[0]].assign(video_id="v-new", upload_time=history.cutoff + pd.Timedelta(hours=2))
