@@ -351,3 +351,20 @@ def test_like_for_like_keeps_the_non_inferiority_rule_and_the_concentration_guar
     too_concentrated = gate(wave_challenger(popularity_concentration=0.45, popularity_concentration_common=0.2),
                             champ=CHAMPION_WAVE, config=config)
     assert too_concentrated.failed == ["concentration_increase_guardrail"]
+
+
+def test_coverage_floor_follows_classical_cf_trained_on_the_same_window_when_it_is_lower() -> None:
+    """Newer (closed-loop) data covers fewer videos: a challenger as broad as ALS/EASE trained on its own
+    window passes; one narrower than those too is refused; a broad reference never raises the bar."""
+    narrower = challenger(coverage=0.25)  # < 0.8 x champion's 0.40
+
+    def judged(reference: dict) -> GateDecision:
+        return decide(challenger=narrower, champion=CHAMPION, popularity=POPULARITY, sanity=SANE,
+                      champion_version="3", reference=reference)
+
+    assert gate(narrower).failed == ["coverage_guardrail"]
+    data_allows = judged({"als": {"coverage": 0.24}, "ease": {"coverage": 0.28}})
+    assert data_allows.promote, data_allows.reasons
+    assert "ease's 0.2800 on this window" in reason(data_allows, "coverage_guardrail")
+    assert judged({"als": {"coverage": 0.24}, "ease": {"coverage": 0.35}}).failed == ["coverage_guardrail"]
+    assert judged({"ease": {"coverage": 0.90}}).failed == ["coverage_guardrail"]
