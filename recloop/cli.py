@@ -1064,8 +1064,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "closed loop (the platform serves the simulated users) with drift, retraining and "
                                     "an online experiment (docs/cli.md)."))
     sim_args(p, days=7, events=20_000, users=5_000, videos=2_000)
-    p.add_argument("--closed-days", type=int, default=3, metavar="N",
-                   help="days the platform then serves the simulated users itself (closed loop; 0: skip)")
+    p.add_argument("--closed-days", type=int, default=7, metavar="N",
+                   help="at most this many days the platform then serves the simulated users itself (closed "
+                        "loop; it ends the day the online experiment decides; 0: skip)")
     p.add_argument("--closed-events-per-day", type=int, default=8_000, metavar="N",
                    help="impressions per closed-loop day")
     p.add_argument("--explore-share", type=float, default=0.1, metavar="SHARE",

@@ -32,7 +32,7 @@ def test_drift_alerts_once_and_retrains_once_through_the_gate(recloop_env, recei
     from recloop.registry import open_registry
 
     settings = recloop_env
-    config = SimConfig(seed=5, days=7, initial_users=1_500, initial_videos=500, events_per_day=8_000,
+    config = SimConfig(seed=5, days=7, initial_users=800, initial_videos=300, events_per_day=4_000,
                        new_users_per_day=30, new_videos_per_day=15, scenario="device_shift", drift_day=5)
     simulate(config, open_lake(settings.landing_uri))
     days = [config.date_of(i).isoformat() for i in range(config.days)]
