@@ -53,8 +53,9 @@ def test_drift_alerts_once_and_retrains_once_through_the_gate(recloop_env, recei
     mlflow_ui = "http://127.0.0.1:5000/#/"
     registered = first.materialized["model/registered_version"]
     assert registered["version"] == "1" and registered["mlflow_run"].startswith(f"{mlflow_ui}experiments/")
-    assert registered["mlflow_run"].endswith(f"/runs/{registered['mlflow_run_id']}")
-    assert registered["model_version"] == f"{mlflow_ui}models/recloop-recommender/versions/1"
+    view = "?workflowType=machine_learning"  # MLflow's classic view, not the GenAI one (recloop.links)
+    assert registered["mlflow_run"].endswith(f"/runs/{registered['mlflow_run_id']}{view}")
+    assert registered["model_version"] == f"{mlflow_ui}models/recloop-recommender/versions/1{view}"
     assert all(isinstance(registered[k], float) for k in ("ndcg_at_10", "recall_at_10", "coverage", "diversity"))
     evaluation = first.materialized["model/evaluation"]
     assert evaluation["challenger_ndcg_at_10"] == evaluation["ndcg_at_10"] and "popularity_ndcg_at_10" in evaluation
@@ -88,14 +89,14 @@ def test_drift_alerts_once_and_retrains_once_through_the_gate(recloop_env, recei
     assert f"Drift report of {days[5]}: DRIFTED".encode() in lake.read_bytes(report_key)
     summary = json.loads(lake.read_bytes(summary_key(days[5])))  # the report's summary, next to it
     assert summary["champion_version"] == "1" and "device" in summary["columns"]["drifted_names"]
-    assert summary["report"] == drift["report"] and summary["reasons"] == drift["reasons"]
+    assert summary["report"] == drift["report_in_lake"] and summary["reasons"] == drift["reasons"]
     registry = open_registry(settings)
     mlflow_run = registry.client.get_run(drift["mlflow_run_id"])
     assert mlflow_run.data.tags["recloop.report_uri"] == drift["report_in_lake"]
     assert mlflow_run.data.tags["recloop.drifted"] == "true"
     # The report opens in the MLflow UI: the drift run's HTML artifact.
     run_url = f"{mlflow_ui}experiments/{mlflow_run.info.experiment_id}/runs/{drift['mlflow_run_id']}"
-    assert drift["mlflow_run"] == run_url and drift["report"] == f"{run_url}/artifacts/drift_report.html"
+    assert drift["mlflow_run"] == run_url + view and drift["report"] == f"{run_url}/artifacts/drift_report.html{view}"
     assert "drift_report.html" in [a.path for a in registry.client.list_artifacts(drift["mlflow_run_id"])]
     alerts = receiver.of_type("drift.detected")
     assert len(alerts) == 1
