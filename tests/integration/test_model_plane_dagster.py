@@ -64,7 +64,7 @@ def test_training_cycle_promotes_then_gate_refuses_an_equal_challenger(recloop_e
     # Linked both ways: the MLflow run names the Dagster run, the asset's metadata links the MLflow run.
     assert run.data.tags["dagster.run_id"] == first.run_id
     assert run.data.tags["dagster.run_url"].endswith(f"/runs/{first.run_id}")
-    assert m["model/registered_version"]["mlflow_run_url"].endswith(
+    assert m["model/registered_version"]["mlflow_run"].endswith(
         f"/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}?workflowType=machine_learning")
     assert {d.tags[0].value for d in run.inputs.dataset_inputs} == {"training", "evaluation"}
     assert registry.client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
