@@ -13,7 +13,7 @@ export GX_ANALYTICS_ENABLED := false
 export DAGSTER_DISABLE_TELEMETRY := true
 export FEAST_USAGE := False
 
-.PHONY: setup demo test ui mlflow bench bench-import clean
+.PHONY: setup system-packages demo test ui mlflow bench bench-import clean
 
 # torch is installed first and pinned: a bare or ranged requirement pulls a multi-GB CUDA build.
 # constraints.txt pins every other package to the versions the suite was run with.
@@ -27,10 +27,16 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 
 setup: $(BIN)/.installed
 
+# What the tests need from Debian besides Python: docker-compose (validates docker-compose.yml) and
+# chromium (the browser tests drive it with Playwright; no browser download). Installed when root with
+# apt-get, otherwise named (those tests then skip, and fail under CI=true).
+system-packages:
+	@bash .ci/system-packages
+
 demo: setup
 	$(BIN)/recloop demo
 
-test: setup
+test: setup system-packages
 	$(BIN)/python -m pytest
 
 # `dagster dev` loads pyproject.toml's [tool.dagster]: module pipelines.definitions as code location

@@ -1,7 +1,8 @@
 """Shared fixtures: telemetry off, an isolated RECLOOP_HOME per test, and the real servers.
 
-Tests marked `postgres` or `redis` use the servers on this machine. When a server is unreachable they
-skip on a developer's machine, but fail with a clear message in CI (CI=true): a CI run must exercise them.
+Tests marked `postgres` or `redis` use the servers on this machine, tests marked `browser` Debian's
+Chromium (`chromium`). When a server or the browser is missing they skip on a developer's machine, but
+fail with a clear message in CI (CI=true): a CI run must exercise them (`unavailable`).
 S3 is moto's standalone server, started on loopback by the `s3_endpoint` fixture (no MinIO binary here);
 each test gets its own bucket (`s3_bucket`), PostgreSQL databases (`pg_database`, `make_pg_database`)
 and Feast project in Redis (`redis_feast_project`), all removed afterwards.
@@ -58,14 +59,19 @@ def _reachable(url: str, default_port: int) -> str | None:
         return f"{host}:{port} unreachable ({err})"
 
 
+def unavailable(message: str) -> None:
+    """Something a test needs is missing: skip on a developer's machine, fail in CI (CI=true), where every
+    test must run."""
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"CI=true: {message}", pytrace=False)
+    pytest.skip(message)
+
+
 def require_server(name: str, url: str, default_port: int) -> None:
     problem = _reachable(url, default_port)
     if problem is None:
         return
-    message = f"{name} is needed by this test but {problem}; start it or set the test URL"
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail(f"CI=true: {message}", pytrace=False)
-    pytest.skip(message)
+    unavailable(f"{name} is needed by this test but {problem}; start it or set the test URL")
 
 
 @pytest.fixture()
@@ -185,10 +191,9 @@ def s3_bucket(s3_endpoint, monkeypatch):
     client.delete_bucket(Bucket=bucket)
 
 
-@pytest.fixture()
-def recloop_env(tmp_path, monkeypatch):
-    """An isolated embedded deployment under tmp_path: landing, lake, Feast and Dagster homes."""
-    home = tmp_path / "recloop"
+def _isolated_home(home: Path, monkeypatch: pytest.MonkeyPatch):
+    """RECLOOP_HOME (landing, lake, Feast) and DAGSTER_HOME under `home`, a fresh Feast project, none of
+    the deployment's service settings; returns the Settings."""
     monkeypatch.setenv("RECLOOP_HOME", str(home))
     (home / "dagster").mkdir(parents=True)
     monkeypatch.setenv("DAGSTER_HOME", str(home / "dagster"))
@@ -198,6 +203,39 @@ def recloop_env(tmp_path, monkeypatch):
     from recloop.config import Settings
 
     return Settings.from_env()
+
+
+@pytest.fixture()
+def recloop_env(tmp_path, monkeypatch):
+    """An isolated embedded deployment under tmp_path: landing, lake, Feast and Dagster homes."""
+    return _isolated_home(tmp_path / "recloop", monkeypatch)
+
+
+@pytest.fixture(scope="session")
+def isolated_home():
+    """`isolated_home(home, monkeypatch)`: what `recloop_env` sets up, for a fixture of wider scope (one
+    deployment shared by a module's tests, with its own `pytest.MonkeyPatch.context()`)."""
+    return _isolated_home
+
+
+# --- the browser ---------------------------------------------------------------------------------------
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's Chromium for Playwright (`executable_path`): Playwright's own browser builds are never
+    downloaded. `make system-packages` installs it (as root); a missing browser or `playwright` package
+    skips on a developer's machine and fails in CI."""
+    import importlib.util
+
+    if importlib.util.find_spec("playwright") is None:
+        unavailable('the Python package playwright is needed by the browser tests: pip install -c constraints.txt -e ".[dev]"')
+    if not os.access(CHROMIUM, os.X_OK):
+        unavailable(f"Chromium is needed by the browser tests but {CHROMIUM} is missing: "
+                    "apt-get install chromium fonts-dejavu-core (or `make system-packages` as root)")
+    return CHROMIUM
 
 
 @pytest.fixture()
