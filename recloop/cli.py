@@ -1064,7 +1064,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "closed loop (the platform serves the simulated users) with drift, retraining and "
                                     "an online experiment (docs/cli.md)."))
     sim_args(p, days=7, events=20_000, users=5_000, videos=2_000)
-    p.add_argument("--closed-days", type=int, default=7, metavar="N",
+    p.add_argument("--closed-days", type=int, default=12, metavar="N",
                    help="at most this many days the platform then serves the simulated users itself (closed "
                         "loop; it ends the day the online experiment decides; 0: skip)")
     p.add_argument("--closed-events-per-day", type=int, default=8_000, metavar="N",

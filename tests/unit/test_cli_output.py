@@ -59,7 +59,7 @@ def test_every_option_has_help_and_says_its_default():
     ("quarantine", ["--table TABLE", "(default: events)", "(default: 20)", "--json"]),
     ("evaluate", ["(default: 5 10 20 50)", "--json"]),
     ("serve", ["(default: 127.0.0.1)", "(default: 8000)", "(default: info)"]),
-    ("demo", ["(default: 7)", "(default: 8000)", "(default: new_user_wave)"]),
+    ("demo", ["(default: 12)", "(default: 8000)", "(default: new_user_wave)"]),
 ])
 def test_help_of_each_command_shows_the_defaults(capsys, command, expected):
     code, out, _ = run(capsys, command, "--help")
