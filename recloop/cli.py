@@ -511,7 +511,7 @@ def _demo_where_to_look(settings: Settings, *, trained: bool) -> list[str]:
              "  Dagster UI: the asset runs, checks, lineage, the drift sensor and the retraining schedule",
              f"      make ui  →  {dagster_ui_url()}"]
     if trained:
-        command, _, model = _mlflow_ui(settings)
+        command, model = _mlflow_ui(settings)
         lines += ["  MLflow UI: the training runs, the registered versions and their aliases, the gate's decisions",
                   f"      {_tool('mlflow') + command.removeprefix('mlflow') if command else 'open'}  →  "
                   f"{mlflow_model_url(model)}",
@@ -623,22 +623,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     return EXIT_OK if run.success else EXIT_FAILED
 
 
-def _mlflow_ui(settings: Settings) -> tuple[str | None, str, str]:
+def _mlflow_ui(settings: Settings) -> tuple[str | None, str]:
     """(the command that starts an MLflow UI on this deployment's store, or None when it is a server; the
-    UI's address; the registered model's name)."""
+    registered model's name)."""
     from recloop.registry import registry_settings
-    from recloop.terminal import mlflow_ui
+    from recloop.terminal import mlflow_ui_command
 
     rs = registry_settings(settings)
-    command, base = mlflow_ui(rs.tracking_uri, masked_uri=mask_url(rs.tracking_uri))
-    return command, base, rs.model_name
+    return mlflow_ui_command(rs.tracking_uri, masked_uri=mask_url(rs.tracking_uri)), rs.model_name
 
 
 def _training_links(settings: Settings, summary: dict[str, Any]) -> list[tuple[str, str]]:
     """Where to look at a training run: its Dagster run, the version in MLflow, the next commands."""
     from recloop.terminal import dagster_run_url, mlflow_model_url
 
-    command, _, model = _mlflow_ui(settings)
+    command, model = _mlflow_ui(settings)
     links = [("Dagster run", f"{dagster_run_url(summary['run_id'])}  (make ui)")]
     if summary.get("registered_version") is not None:
         links.append(("MLflow", mlflow_model_url(model, str(summary["registered_version"]))

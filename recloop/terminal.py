@@ -84,14 +84,14 @@ def dagster_run_url(run_id: str) -> str:
     return f"{links.dagster_ui_url()}/runs/{run_id}"
 
 
-def mlflow_ui(tracking_uri: str, *, masked_uri: str | None = None) -> tuple[str | None, str]:
-    """(the command that starts an MLflow UI on this store, or None when the store is a server already;
-    the UI's address as a browser reaches it: $RECLOOP_MLFLOW_UI_URL, `recloop.links`). `masked_uri`: the
-    tracking URI to print (a database URL without its password)."""
+def mlflow_ui_command(tracking_uri: str, *, masked_uri: str | None = None) -> str | None:
+    """The command that starts an MLflow UI on this store, None when the store is a server already (its UI
+    is at $RECLOOP_MLFLOW_UI_URL, `recloop.links`). `masked_uri`: the tracking URI to print (a database URL
+    without its password)."""
     scheme = tracking_uri.split(":", 1)[0].lower() if "://" in tracking_uri else ""
-    command = None if scheme in ("http", "https") else (
-        f"mlflow ui --backend-store-uri {shlex.quote(masked_uri or tracking_uri)}")
-    return command, links.mlflow_ui_url()
+    if scheme in ("http", "https"):
+        return None
+    return f"mlflow ui --backend-store-uri {shlex.quote(masked_uri or tracking_uri)}"
 
 
 def mlflow_model_url(model_name: str, version: str | None = None) -> str:
