@@ -22,7 +22,7 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip wheel
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev,airflow]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev,airflow,spark]"
 	touch $@
 
 setup: $(BIN)/.installed
