@@ -24,6 +24,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 ENVIRONMENTS = ("local", "production")
 EXECUTORS = ("multiprocess", "in_process")
+# Engines of the feature snapshots (recloop.features: DuckDB in process; recloop.spark_features: Spark).
+FEATURE_ENGINES = ("duckdb", "spark")
+# A Spark master URL: local, local[N], local[*], local[N,F], spark://..., yarn, k8s://..., mesos://...
+_SPARK_MASTER = re.compile(r"^(local(\[(\d+|\*)(,\d+)?\])?|yarn|(spark|k8s|mesos)://\S+)$")
 
 # Settings field -> the environment variable it is read from.
 ENV_VARS: dict[str, str] = {
@@ -44,6 +48,8 @@ ENV_VARS: dict[str, str] = {
     "dagster_pg_url": "RECLOOP_DAGSTER_PG_URL",
     "dagster_executor": "RECLOOP_DAGSTER_EXECUTOR",
     "dagster_max_concurrent": "RECLOOP_DAGSTER_MAX_CONCURRENT",
+    "feature_engine": "RECLOOP_FEATURE_ENGINE",
+    "spark_master": "RECLOOP_SPARK_MASTER",
     "partition_start": "RECLOOP_PARTITION_START",
     "max_quarantine_rate": "RECLOOP_MAX_QUARANTINE_RATE",
 }
@@ -145,6 +151,28 @@ def _check(kind: str, value: str) -> bool:
     raise AssertionError(kind)
 
 
+def feature_engine_problems(engine: str, master: str) -> list[str]:
+    """What is wrong with RECLOOP_FEATURE_ENGINE / RECLOOP_SPARK_MASTER (nothing: an empty list)."""
+    out = []
+    if engine not in FEATURE_ENGINES:
+        out.append(f"RECLOOP_FEATURE_ENGINE: must be one of {', '.join(FEATURE_ENGINES)}, got {engine!r}")
+    if not _SPARK_MASTER.match(master or ""):
+        out.append(f"RECLOOP_SPARK_MASTER: {master!r} is not a Spark master URL (expected local[2], local[*], "
+                   "spark://host:7077, yarn or k8s://https://host:443)")
+    return out
+
+
+def feature_engine_from_env() -> tuple[str, str]:
+    """`(engine, spark master)` of this process's environment, checked like `Settings.from_env()` checks them
+    (read on their own: computing features needs no other setting). Raises `SettingsError`."""
+    engine = _env("RECLOOP_FEATURE_ENGINE", "duckdb").strip().lower()
+    master = _env("RECLOOP_SPARK_MASTER", "local[2]").strip()
+    problems = feature_engine_problems(engine, master)
+    if problems:
+        raise SettingsError(_env("RECLOOP_ENV", "local"), problems)
+    return engine, master
+
+
 @dataclass(frozen=True, repr=False)
 class Settings:
     env: str = "local"
@@ -171,6 +199,10 @@ class Settings:
     # or in_process.
     dagster_executor: str = "multiprocess"
     dagster_max_concurrent: int = 2
+    # What computes the feature snapshots: duckdb (in process) or spark (the same snapshots as Spark jobs on
+    # `spark_master`; recloop.spark_features).
+    feature_engine: str = "duckdb"
+    spark_master: str = "local[2]"
     partition_start: date = date(2025, 1, 1)
     # Largest share of a partition's rows that may be quarantined before its validation check fails.
     max_quarantine_rate: float = 0.2
@@ -190,6 +222,7 @@ class Settings:
         if isinstance(self.dagster_max_concurrent, bool) or not isinstance(self.dagster_max_concurrent, int) \
                 or self.dagster_max_concurrent < 1:
             out.append(f"RECLOOP_DAGSTER_MAX_CONCURRENT: must be a whole number >= 1, got {self.dagster_max_concurrent!r}")
+        out += feature_engine_problems(self.feature_engine, self.spark_master)
         if not self.is_production:
             return out
         for name, (kind, expected) in _PRODUCTION_REQUIRED.items():
@@ -252,6 +285,8 @@ class Settings:
             dagster_pg_url=_env("RECLOOP_DAGSTER_PG_URL"),
             dagster_executor=_env("RECLOOP_DAGSTER_EXECUTOR", "multiprocess"),
             dagster_max_concurrent=number("RECLOOP_DAGSTER_MAX_CONCURRENT", "2", int),
+            feature_engine=_env("RECLOOP_FEATURE_ENGINE", "duckdb").strip().lower(),
+            spark_master=_env("RECLOOP_SPARK_MASTER", "local[2]").strip(),
             partition_start=day("RECLOOP_PARTITION_START", "2025-01-01"),
             max_quarantine_rate=number("RECLOOP_MAX_QUARANTINE_RATE", "0.2", float),
         )

@@ -1,4 +1,4 @@
-"""Features: daily point-in-time snapshots computed in DuckDB, served through Feast.
+"""Features: daily point-in-time snapshots computed in DuckDB (or Spark), served through Feast.
 
 Two halves, no Dagster in either:
 
@@ -7,7 +7,9 @@ Two halves, no Dagster in either:
   snapshot is written to `features/<view>/date=D/part-0.parquet`; a rerun replaces the partition.
   `compute_features_range(lake, first, last)` computes the same snapshots for a whole range in bulk (a
   history import): the days with events and the day before each (`snapshot_days`), a few DuckDB queries
-  per chunk of days instead of one per day.
+  per chunk of days instead of one per day. With `RECLOOP_FEATURE_ENGINE=spark` both compute the same
+  snapshots as Spark jobs instead (`recloop.spark_features`, on `RECLOOP_SPARK_MASTER`) and write the same
+  partitions.
 * The Feast wrapper (`feature_store`, `apply_repo`, `materialize_partition`, `online_features`,
   `training_set`, `feature_freshness`) drives Feast's own apply / materialize / retrieval on the repo in
   `feature_repo/`, whose `feature_store.yaml` takes its paths from `RECLOOP_*` environment variables
@@ -195,9 +197,28 @@ def compute_features(lake: Lake, partition: str) -> dict[str, WrittenPartition]:
     counts only events before `D+1 00:00 UTC`, and writes `features/<view>/date=D/part-0.parquet` for each
     view, replacing any earlier run of the same partition.
     """
+    engine, master = feature_engine()
+    if engine == "spark":
+        from recloop import spark_features
+
+        return spark_features.write_snapshots(lake, [partition], master=master)[partition]
     tables = compute_feature_tables(lake, partition)
     return {view: lake.write_partition(feature_dataset(view), partition, t, **SNAPSHOT_PARQUET)
             for view, t in tables.items()}
+
+
+def feature_engine() -> tuple[str, str]:
+    """`(engine, spark master)`: what computes the snapshots (`RECLOOP_FEATURE_ENGINE`: duckdb, the default,
+    or spark, `recloop.spark_features` on `RECLOOP_SPARK_MASTER`). Raises `SettingsError` for a bad value and
+    `SparkUnavailable` (one) when spark is chosen without pyspark or Java 17+."""
+    from recloop.config import feature_engine_from_env
+
+    engine, master = feature_engine_from_env()
+    if engine == "spark":
+        from recloop import spark_features
+
+        spark_features.check_available()
+    return engine, master
 
 
 # How snapshots are written: without dictionaries (on ml-latest-small's 31 M video rows, zstd alone is
@@ -561,7 +582,16 @@ def compute_features_range(lake: Lake, first: str, last: str, **chunking: int) -
     def write(day: str, tables: dict[str, pa.Table]) -> dict[str, WrittenPartition]:
         return {view: lake.write_partition(feature_dataset(view), day, t, **SNAPSHOT_PARQUET) for view, t in tables.items()}
 
+    engine, master = feature_engine()
     with progress.stage("features", len(days), "day") as bar, ThreadPoolExecutor(WRITE_THREADS) as pool:
+        if engine == "spark" and days:
+            from recloop import spark_features
+
+            for day, written_views in spark_features.write_snapshots(lake, days, master=master).items():
+                for view, written in written_views.items():
+                    rows[view] += written.rows
+                    size[view] += written.bytes
+                bar.update(1)
         # Parquet encoding releases the GIL: the next days are computed while the last ones are written.
         pending: list = []
 
@@ -572,9 +602,10 @@ def compute_features_range(lake: Lake, first: str, last: str, **chunking: int) -
                     size[view] += written.bytes
                 bar.update(1)
 
-        for day, tables in compute_feature_tables_range(lake, days, **chunking):
-            pending.append(pool.submit(write, day, tables))
-            drain(4 * WRITE_THREADS)
+        if engine == "duckdb":
+            for day, tables in compute_feature_tables_range(lake, days, **chunking):
+                pending.append(pool.submit(write, day, tables))
+                drain(4 * WRITE_THREADS)
         drain(0)
         wanted = set(days)
         deleted = 0

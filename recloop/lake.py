@@ -104,6 +104,14 @@ class Lake(ABC):
         finally:
             tmp.unlink(missing_ok=True)
 
+    def adopt_partition_file(self, dataset: str, partition: str, path: Path) -> WrittenPartition:
+        """Make the finished local Parquet file `path` (written by another engine, e.g. Spark) the whole of
+        `dataset`'s `partition` as `part-0.parquet`, replacing any earlier content as `write_partition` does:
+        in a local lake a rename (`path` is moved) when it is on the lake's file system, an upload in S3."""
+        rows = pq.ParquetFile(path).metadata.num_rows
+        self._commit_partition_file(partition_key(dataset, partition), Path(path))
+        return self.partition_written(dataset, partition, rows)
+
     def partition_written(self, dataset: str, partition: str, rows: int) -> WrittenPartition:
         """What a finished `partition_writer` block wrote: its file's URI and size, and `rows`."""
         key = f"{partition_key(dataset, partition)}/{PART_FILE}"
@@ -219,6 +227,7 @@ class LocalLake(Lake):
 
     def _commit_partition_file(self, prefix: str, path: Path) -> None:
         target = self._path(prefix)
+        target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
             os.replace(path, staging / PART_FILE)

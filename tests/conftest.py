@@ -42,7 +42,7 @@ for _key, _value in {
 PRODUCTION_VARS = (
     "RECLOOP_S3_ENDPOINT_URL", "RECLOOP_REDIS_URL", "RECLOOP_FEAST_REGISTRY_URL", "RECLOOP_MLFLOW_TRACKING_URI",
     "RECLOOP_MLFLOW_ARTIFACT_URI", "RECLOOP_ALERTS_DB_URL", "RECLOOP_DAGSTER_PG_URL", "RECLOOP_DAGSTER_EXECUTOR",
-    "RECLOOP_DAGSTER_MAX_CONCURRENT", "MLFLOW_S3_ENDPOINT_URL",
+    "RECLOOP_DAGSTER_MAX_CONCURRENT", "MLFLOW_S3_ENDPOINT_URL", "RECLOOP_FEATURE_ENGINE", "RECLOOP_SPARK_MASTER",
 )
 
 PG_DSN = os.environ.get("RECLOOP_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -276,3 +276,38 @@ def ml_latest_small() -> Path:
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
         pytest.fail(f"CI=true: {message}", pytrace=False)
     pytest.skip(message)
+
+
+# --- Spark -------------------------------------------------------------------------------------------
+
+# Test-only Spark settings for a small data set on a shared machine: the JVM's quick compiler only, no
+# whole-stage code generation, no adaptive re-planning, two shuffle partitions (start-up and the first queries
+# take a third of the time; results do not depend on them: bench/feature_engines.py runs the defaults).
+SPARK_TEST_CONF = {
+    "spark.driver.extraJavaOptions": "-XX:TieredStopAtLevel=1",
+    "spark.sql.codegen.wholeStage": "false",
+    "spark.sql.adaptive.enabled": "false",
+    "spark.sql.shuffle.partitions": "2",
+}
+
+
+@pytest.fixture(scope="session")
+def spark_session():
+    """The process's Spark session of recloop.spark_features on local[2], started once for the test session
+    (stopped at exit). pyspark or Java 17+ missing: skips on a developer's machine, fails in CI
+    (`.ci/system-packages` installs a JRE)."""
+    from recloop import spark_features
+
+    try:
+        spark_features.check_available()
+    except spark_features.SparkUnavailable as err:
+        unavailable(str(err))
+    return spark_features.session("local[2]", conf=SPARK_TEST_CONF)
+
+
+@pytest.fixture()
+def spark_engine(spark_session, monkeypatch):
+    """RECLOOP_FEATURE_ENGINE=spark (local[2]) for one test: recloop.features computes on Spark."""
+    monkeypatch.setenv("RECLOOP_FEATURE_ENGINE", "spark")
+    monkeypatch.setenv("RECLOOP_SPARK_MASTER", "local[2]")
+    return spark_session
