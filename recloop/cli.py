@@ -277,6 +277,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipelines.run import run_data_plane
 
     settings = Settings.from_env()
+    _feature_engine_ready()
     if args.partition:
         partitions = _partitions(args, settings)
         t0 = time.perf_counter()
@@ -305,12 +306,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     return _run_history(args, settings, first, last)
 
 
+def _feature_engine_ready() -> None:
+    """Before a run computes features: RECLOOP_FEATURE_ENGINE=spark without pyspark or Java 17+ is one line
+    naming what is missing (a SettingsError), not a failed step."""
+    from recloop.features import feature_engine
+
+    feature_engine()
+
+
 def _run_history(args: argparse.Namespace, settings: Settings, first: str, last: str, *,
                  extra: dict[str, Any] | None = None, started: float | None = None) -> int:
     """The history job over `[first, last]` in one run, with its progress (the steps, a bar per stage);
     prints the summary."""
     from pipelines.run import run_history
 
+    _feature_engine_ready()
     t0 = time.perf_counter()
     with _progress(args):
         run = run_history(first, last, settings=settings)

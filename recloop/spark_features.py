@@ -32,6 +32,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 import uuid
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
@@ -100,9 +101,15 @@ def java_version(java: str) -> int | None:
     return int(match.group(2) or 0) if major == 1 else major
 
 
+_CHECKED: list[str] = []  # the Java found fit, once per process and JAVA_HOME
+
+
 def check_available() -> None:
     """Raise `SparkUnavailable` (a clear message, no traceback in the CLI) unless pyspark and Java 17+ are here."""
     import importlib.util
+
+    if os.environ.get("JAVA_HOME", "") in _CHECKED:
+        return
 
     if importlib.util.find_spec("pyspark") is None:
         raise SparkUnavailable('the Python package pyspark is not installed: pip install -c constraints.txt -e ".[spark]" '
@@ -117,6 +124,7 @@ def check_available() -> None:
     if version is None or version < MIN_JAVA:
         raise SparkUnavailable(f"Spark needs Java {MIN_JAVA} or newer; {java} is "
                                f"{'of unknown version' if version is None else f'Java {version}'}")
+    _CHECKED.append(java_home or "")
 
 
 def session(master: str = DEFAULT_MASTER, conf: dict[str, str] | None = None) -> "SparkSession":
@@ -245,7 +253,7 @@ SELECT d, snap, user_id,
        sum(l) / sum(n)                                                  AS like_rate_28d,
        coalesce(CAST(unix_micros(snap) - unix_micros(max(last_watch)) AS DOUBLE) / {_DAY_US}, 28D)
                                                                         AS days_since_last_watch,
-       count(DISTINCT CASE WHEN w > 0 THEN ed END)                      AS active_days_28d
+       size(collect_set(CASE WHEN w > 0 THEN ed END))                   AS active_days_28d
 FROM ({_spread(_USER_GRAIN)})
 GROUP BY d, snap, user_id
 """
@@ -416,6 +424,7 @@ def write_snapshots(lake: Lake, days: Sequence[str], *, master: str = DEFAULT_MA
     try:
         frames = snapshot_frames(spark, lake, days, created)
         for view in FEATURE_VIEWS:
+            started = time.perf_counter()
             target = staging / view
             (frames[view].repartition("date").sortWithinPartitions("date", *ENTITY_KEYS[view])
              .write.mode("overwrite").partitionBy("date")
@@ -431,6 +440,7 @@ def write_snapshots(lake: Lake, days: Sequence[str], *, master: str = DEFAULT_MA
                              else FEATURE_SCHEMAS[view].empty_table())
                     out[day][view] = lake.write_partition(dataset, day, table.cast(FEATURE_SCHEMAS[view]),
                                                           **SNAPSHOT_PARQUET)
+            log.info("Spark wrote %s for %d day(s) in %.1f s", view, len(days), time.perf_counter() - started)
     finally:
         spark.catalog.clearCache()  # the videos of each day, persisted for two views
         shutil.rmtree(staging, ignore_errors=True)
