@@ -36,7 +36,7 @@ import time
 import uuid
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -442,27 +442,7 @@ def write_snapshots(lake: Lake, days: Sequence[str], *, master: str = DEFAULT_MA
                                                           **SNAPSHOT_PARQUET)
             log.info("Spark wrote %s for %d day(s) in %.1f s", view, len(days), time.perf_counter() - started)
     finally:
-        spark.catalog.clearCache()  # the videos of each day, persisted for two views
+        if spark.catalog.tableExists("vid"):
+            spark.catalog.uncacheTable("vid")  # the videos of each day, persisted for two views
         shutil.rmtree(staging, ignore_errors=True)
-    return out
-
-
-def snapshot_tables(lake: Lake, days: Sequence[str], *, master: str = DEFAULT_MASTER) -> dict[str, dict[str, pa.Table]]:
-    """The snapshots of `days` as Arrow tables, collected to this process (nothing written; for tests and
-    small ranges): `{day: {view: table}}`, rows sorted by the view's keys."""
-    from recloop.features import ENTITY_KEYS, FEATURE_SCHEMAS, FEATURE_VIEWS
-
-    days = sorted(set(days))
-    spark = session(master)
-    out: dict[str, dict[str, Any]] = {day: {} for day in days}
-    try:
-        frames = snapshot_frames(spark, lake, days, datetime.now(timezone.utc))
-        for view in FEATURE_VIEWS:
-            table = frames[view].toArrow()
-            for day in days:
-                part = table.filter(pa.compute.equal(table["date"], pa.scalar(date.fromisoformat(day), pa.date32())))
-                out[day][view] = (part.drop_columns(["date"]).sort_by([(k, "ascending") for k in ENTITY_KEYS[view]])
-                                  .cast(FEATURE_SCHEMAS[view]))
-    finally:
-        spark.catalog.clearCache()
     return out

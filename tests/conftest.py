@@ -291,18 +291,19 @@ SPARK_TEST_CONF = {
 }
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def spark_session():
-    """The process's Spark session of recloop.spark_features on local[2], started once for the test session
-    (stopped at exit). pyspark or Java 17+ missing: skips on a developer's machine, fails in CI
-    (`.ci/system-packages` installs a JRE)."""
+    """The process's Spark session of recloop.spark_features on local[2], started once for a test module and
+    stopped after it (its JVM holds a GB or two). pyspark or Java 17+ missing: skips on a developer's machine,
+    fails in CI (`.ci/system-packages` installs a JRE)."""
     from recloop import spark_features
 
     try:
         spark_features.check_available()
     except spark_features.SparkUnavailable as err:
         unavailable(str(err))
-    return spark_features.session("local[2]", conf=SPARK_TEST_CONF)
+    yield spark_features.session("local[2]", conf=SPARK_TEST_CONF)
+    spark_features.stop()
 
 
 @pytest.fixture()
