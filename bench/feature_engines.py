@@ -153,7 +153,7 @@ def main() -> int:
     parser.add_argument("--home", help="a RECLOOP_HOME whose lake/silver is there already (one size only)")
     parser.add_argument("--engines", nargs="+", default=["duckdb", "spark"], choices=["duckdb", "spark"])
     parser.add_argument("--spark-driver-memory", default="4g", help="the local JVM's heap (spark.driver.memory)")
-    parser.add_argument("--png", default=str(BENCH / "feature_engines.png"))
+    parser.add_argument("--png", default=str(BENCH / "out" / "feature_engines.png"), help="the chart (git-ignored folder)")
     parser.add_argument("--child", choices=["duckdb", "spark"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -187,6 +187,7 @@ def main() -> int:
     out = {"benchmark": "feature_engines", "cores": os.cpu_count(), "spark_master": "local[2]",
            "note": "2 cores shared with other agents' work: timings are noisy", "results": results}
     if args.png:
+        Path(args.png).parent.mkdir(parents=True, exist_ok=True)
         chart(results, Path(args.png))
         out["png"] = args.png
     print(json.dumps(out, indent=2))
