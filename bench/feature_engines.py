@@ -131,7 +131,7 @@ def chart(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     sizes = [r["events"] for r in results]
-    labels = [f"{n / 1e6:g}M events" for n in sizes]
+    labels = [f"{n / 1e6:.2g}M events" for n in sizes]
     fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.38
     for i, engine in enumerate(("duckdb", "spark")):
