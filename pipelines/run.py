@@ -236,8 +236,9 @@ def run_job(
     tags: dict[str, str] | None = None,
     run_config_resources: dict[str, Any] | None = None,
 ) -> PartitionRun:
-    """Executes `job_name` (for `partition`) in process, recorded in `inst` as a run of the code location
-    the UI loads (`job_origin`), and collects what it materialized and checked.
+    """Executes `job_name` (for `partition`) in process (with RECLOOP_DAGSTER_EXECUTOR=celery: its steps on
+    the Celery workers, after checking one listens), recorded in `inst` as a run of the code location the
+    UI loads (`job_origin`), and collects what it materialized and checked.
     A partition outside the deployment's daily partitions raises `recloop.partition_range.OutsideRange`
     (one sentence) before anything runs. A failed run's `error` names the cause: the reasons of the checks
     that stopped it (a GX schema failure says which column is missing or which file is unreadable), else

@@ -22,7 +22,13 @@ def executor_for(settings: Settings) -> dg.ExecutorDefinition:
     if settings.dagster_executor == "in_process":
         return dg.in_process_executor
     if settings.dagster_executor == "celery":
+        import warnings
+
         from dagster_celery import celery_executor
+
+        # dagster-celery registers its (identical) step task again for every step it submits; Celery 5.7
+        # warns each time. Nothing to act on: keep it out of the runs' output.
+        warnings.filterwarnings("ignore", message=r"Task name 'execute_plan' is already registered")
 
         from recloop.scaleout import executor_config
 
