@@ -916,13 +916,17 @@ class Registry:
         view), None when there is no run or the tracking store does not know it."""
         from recloop.links import mlflow_run_url
 
+        experiment_id = self.run_experiment(run_id)
+        return mlflow_run_url(experiment_id, run_id, artifact=artifact) if experiment_id else None
+
+    def run_experiment(self, run_id: str | None) -> str | None:
+        """The id of the experiment the run belongs to; None when there is no run or the store does not know it."""
         if not run_id:
             return None
         try:
-            experiment_id = self.client.get_run(run_id).info.experiment_id
+            return self.client.get_run(run_id).info.experiment_id
         except MlflowException:
             return None
-        return mlflow_run_url(experiment_id, run_id, artifact=artifact)
 
     def version_links(self, version: str | int) -> dict[str, str]:
         """The version's source run and the MLflow UI pages of the run and the version."""
