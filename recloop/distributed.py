@@ -119,6 +119,7 @@ def write_job(directory: Path, prep: Any, config: Any, device: torch.device) -> 
         "device": device.type,
         "threads": threads_per_rank(config.num_threads, int(config.processes)),
         "timeout_s": PROCESS_GROUP_TIMEOUT.total_seconds(),
+        "launcher_pid": os.getpid(),
     }
     (directory / JOB_FILE).write_text(json.dumps(job, indent=2))
 
@@ -158,10 +159,14 @@ def _failure(directory: Path, returncode: int, processes: int) -> DistributedTra
             f"{first['type']}: {first['message']}" + (f" (at {where})" if where else "")
         )
     log = directory / LOG_FILE
-    tail = log.read_text(errors="replace").strip().splitlines()[-15:] if log.exists() else []
+    text = log.read_text(errors="replace") if log.exists() else ""
+    if "SignalException" in text:
+        why = "torchrun was stopped by a signal"
+    else:
+        why = f"torchrun exited with code {returncode} and no rank reported an error (killed, out of memory?)"
+    tail = text.strip().splitlines()[-15:]
     return DistributedTrainingError(
-        f"distributed two-tower training failed: torchrun exited with code {returncode} and no rank reported "
-        "an error (killed, out of memory?); its last output:\n" + "\n".join(tail)
+        f"distributed two-tower training failed: {why}; its last output:\n" + "\n".join(tail)
     )
 
 
@@ -219,6 +224,24 @@ def train(prep: Any, config: Any, device: torch.device) -> DistributedRun:
 # --- the worker: one per rank, started by torchrun ------------------------------------------------------
 
 
+def _exit_with_launcher(pid: int, every_s: float = 1.0) -> None:
+    """Ends this rank when the process that launched the training is gone (killed without the chance
+    to stop torchrun): a background thread polls it."""
+    import threading
+
+    def watch() -> None:
+        while True:
+            time.sleep(every_s)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                os._exit(3)
+            except PermissionError:  # alive, another user's
+                continue
+
+    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
+
+
 def _run_rank(directory: Path, rank: int, world: int, local_rank: int) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
@@ -227,6 +250,8 @@ def _run_rank(directory: Path, rank: int, world: int, local_rank: int) -> None:
     from recloop.training import TwoTowerConfig, _deterministic, new_model, optimizers, train_epochs
 
     job = json.loads((directory / JOB_FILE).read_text())
+    if job.get("launcher_pid"):
+        _exit_with_launcher(int(job["launcher_pid"]))
     config = TwoTowerConfig(**job["config"])
     args = TwoTowerArgs(**job["args"])
     torch.set_num_threads(int(job["threads"]))
