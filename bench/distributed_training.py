@@ -10,8 +10,10 @@ day held out, then trains the same two-tower config (TwoTowerConfig's defaults u
 For each: training samples/s (examples of all ranks / wall time of the training loop), the wall time of
 the call (for DDP: preparing the examples once, writing them for the ranks, starting torchrun and its
 workers, training, loading the weights back), the epoch losses, and the quality of the model: Recall@k of
-exact retrieval over the catalog for the held-out day's positive (user, video) pairs. Prints one JSON
-object. The machine may be shared with other work: compare runs of the same invocation only.
+exact retrieval over the catalog for the held-out day's positive (user, video) pairs; and the CPU time
+of the training loop (all threads, all ranks) with samples per CPU-second. Prints one JSON object. The
+machine may be shared with other work: wall-clock speed-ups then depend on the cores the run was given;
+samples per CPU-second (how much work the split adds) does much less.
 
     python bench/distributed_training.py
     python bench/distributed_training.py --events-per-day 20000 --epochs 1
@@ -79,6 +81,11 @@ def main() -> int:
             "examples": tt.n_examples,
             "samples_per_s": round(tt.samples_per_s),
             "train_seconds": round(tt.train_seconds, 2),
+            # CPU time of the loop (all threads, all ranks): on a shared machine, samples per CPU-second
+            # says whether the work divides without waste, whatever share of the cores the run got.
+            "train_cpu_seconds": round(tt.train_cpu_seconds, 2),
+            "samples_per_cpu_s": round(tt.samples_per_s * tt.train_seconds / tt.train_cpu_seconds)
+            if tt.train_cpu_seconds > 0 else None,
             "wall_seconds": round(wall, 2),
             "epoch_losses": [round(x, 4) for x in tt.epoch_losses],
             f"held_out_recall_at_{args.k}": round(recall["recall"], 4),
@@ -89,6 +96,7 @@ def main() -> int:
             run["distributed"] = {"backend": info["backend"], "world_size": info["world_size"],
                                   "launch_seconds": info["launch_seconds"],
                                   "threads_per_rank": [r["threads"] for r in info["ranks"]],
+                                  "cpu_seconds_per_rank": [r["cpu_seconds"] for r in info["ranks"]],
                                   "examples_per_rank": [r["own_examples"] for r in info["ranks"]]}
         runs[name] = run
         print(f"{name}: {run['samples_per_s']} samples/s, recall@{args.k} {run[f'held_out_recall_at_{args.k}']}",

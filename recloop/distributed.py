@@ -215,7 +215,9 @@ def train(prep: Any, config: Any, device: torch.device) -> DistributedRun:
         result = json.loads((directory / RESULT_FILE).read_text())
         ranks = [json.loads((directory / f"rank{r}.json").read_text()) for r in range(processes)]
         state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
-    stats = EpochStats(losses=result["losses"], seen=result["seen"], own=result["own"], seconds=result["seconds"])
+    # CPU time of the loop: all ranks together.
+    stats = EpochStats(losses=result["losses"], seen=result["seen"], own=result["own"], seconds=result["seconds"],
+                       cpu_seconds=sum(float(r["cpu_seconds"]) for r in ranks))
     info = {"processes": processes, "world_size": result["world_size"], "backend": result["backend"],
             **launched, "ranks": ranks}
     return DistributedRun(state_dict=state, stats=stats, info=info)
@@ -280,7 +282,7 @@ def _run_rank(directory: Path, rank: int, world: int, local_rank: int) -> None:
         (directory / f"rank{rank}.json").write_text(json.dumps({
             "rank": rank, "local_rank": local_rank, "pid": os.getpid(), "world_size": dist.get_world_size(),
             "backend": dist.get_backend(), "threads": torch.get_num_threads(), "own_examples": out.own,
-            "seconds": round(out.seconds, 3),
+            "seconds": round(out.seconds, 3), "cpu_seconds": round(out.cpu_seconds, 3),
         }))
         if rank == 0:
             torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, directory / STATE_FILE)

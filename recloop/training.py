@@ -340,6 +340,7 @@ class TwoTowerResult:
     samples_per_s: float = 0.0
     n_examples: int = 0
     train_seconds: float = 0.0
+    train_cpu_seconds: float = 0.0  # CPU time of the training loop (all threads; all ranks when distributed)
     # Distributed training (processes > 1): world size, backend, and what each rank did.
     distributed: dict[str, Any] = field(default_factory=dict)
 
@@ -572,12 +573,13 @@ def optimizers(model: TwoTowerModel, config: TwoTowerConfig, device: torch.devic
 @dataclass
 class EpochStats:
     """What `train_epochs` reports: mean loss per epoch, examples trained on (all ranks), of them this
-    rank's own, and the wall time of the loop."""
+    rank's own, the wall time of the loop and the CPU time this process spent in it (all its threads)."""
 
     losses: list[float]
     seen: int
     own: int
     seconds: float
+    cpu_seconds: float = 0.0
 
 
 def train_epochs(
@@ -608,7 +610,7 @@ def train_epochs(
     bs = max(group, bs // group * group)
     losses: list[float] = []
     seen = own = 0
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     for _ in range(config.epochs):
         perm = torch.randperm(n_ex, generator=gen).to(device)
         ep = {k: t[perm] for k, t in ex.items()}
@@ -656,7 +658,7 @@ def train_epochs(
             torch.distributed.all_reduce(total)
             total /= world
         losses.append(float(total) / max(batches, 1))
-    return EpochStats(losses, seen, own, time.perf_counter() - t0)
+    return EpochStats(losses, seen, own, time.perf_counter() - t0, time.process_time() - cpu0)
 
 
 def train_two_tower(window: Window, config: TwoTowerConfig | None = None) -> TwoTowerResult:
@@ -712,6 +714,7 @@ def train_two_tower(window: Window, config: TwoTowerConfig | None = None) -> Two
         samples_per_s=stats.seen / stats.seconds if stats.seconds > 0 else float("inf"),
         n_examples=prep.n_examples,
         train_seconds=stats.seconds,
+        train_cpu_seconds=stats.cpu_seconds,
         distributed=distributed,
     )
 
@@ -850,6 +853,7 @@ def save_two_tower(result: TwoTowerResult, directory: str | Path) -> Path:
             "samples_per_s": result.samples_per_s,
             "n_examples": result.n_examples,
             "train_seconds": result.train_seconds,
+            "train_cpu_seconds": result.train_cpu_seconds,
             "distributed": result.distributed,
         },
     )
@@ -889,5 +893,6 @@ def load_two_tower(directory: str | Path, device: str = "cpu") -> TwoTowerResult
         samples_per_s=float(meta["samples_per_s"]),
         n_examples=int(meta["n_examples"]),
         train_seconds=float(meta["train_seconds"]),
+        train_cpu_seconds=float(meta.get("train_cpu_seconds", 0.0)),
         distributed=dict(meta.get("distributed") or {}),
     )
