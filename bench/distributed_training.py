@@ -38,6 +38,8 @@ def main() -> int:
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--threads", type=int, help="torch threads of the single process (default: the cores)")
     parser.add_argument("--k", type=int, default=100, help="Recall@k of the held-out day")
+    parser.add_argument("--sparse-ids", action="store_true",
+                        help="sparse id-table gradients (SparseAdam; gloo all-reduces them as sparse tensors)")
     parser.add_argument("--skip-one-thread", action="store_true", help="skip the 1-process 1-thread run")
     args = parser.parse_args()
 
@@ -65,7 +67,7 @@ def main() -> int:
     out.update(events=len(window.events), held_out_events=len(held_out), videos=len(window.videos),
                simulate_seconds=round(time.perf_counter() - t0, 2))
 
-    base = TwoTowerConfig(**({"epochs": args.epochs} if args.epochs else {}))
+    base = TwoTowerConfig(**({"epochs": args.epochs} if args.epochs else {}), sparse_ids=args.sparse_ids)
     runs = {}
     plan = [("1_process_1_thread", 1, 1)] if not args.skip_one_thread else []
     plan += [(f"1_process_{threads}_threads", 1, threads), (f"{args.processes}_processes", args.processes, threads)]
@@ -102,7 +104,7 @@ def main() -> int:
         print(f"{name}: {run['samples_per_s']} samples/s, recall@{args.k} {run[f'held_out_recall_at_{args.k}']}",
               file=sys.stderr)
     out["config"] = {k: getattr(base, k) for k in ("epochs", "batch_size", "softmax_group", "id_dim", "hidden_dim",
-                                                    "out_dim")}
+                                                    "out_dim", "sparse_ids")}
     out["runs"] = runs
     multi = runs[f"{args.processes}_processes"]
     # samples/s of the DDP run over each single-process run's; wall: the whole call, launch included.

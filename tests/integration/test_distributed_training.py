@@ -15,7 +15,15 @@ import torch
 from recloop import distributed
 from recloop.config import Settings, SettingsError, train_processes
 from recloop.data.simulator import SimConfig, Simulator
-from recloop.training import TwoTowerConfig, Window, _prepare, retrieval_recall_at_k, train_two_tower
+from recloop.training import (
+    TwoTowerConfig,
+    Window,
+    _prepare,
+    load_two_tower,
+    retrieval_recall_at_k,
+    save_two_tower,
+    train_two_tower,
+)
 
 SIM = SimConfig(
     seed=7, days=6, initial_users=800, initial_videos=300, new_users_per_day=20, new_videos_per_day=20,
@@ -56,7 +64,7 @@ def runs(data):
 
 
 @pytest.mark.slow
-def test_two_processes_learn_the_model_one_process_learns(data, runs):
+def test_two_processes_learn_the_model_one_process_learns(data, runs, tmp_path):
     _, held_out = data
     one, two = runs
     # Two ranks really ran, in two other processes, each on its share of every batch.
@@ -82,6 +90,11 @@ def test_two_processes_learn_the_model_one_process_learns(data, runs):
     assert len(two.epoch_losses) == CONFIG["epochs"]
     assert two.epoch_losses[-1] == pytest.approx(one.epoch_losses[-1], rel=LOSS_RTOL)
     assert two.epoch_losses[0] == pytest.approx(one.epoch_losses[0], rel=1e-4)  # first epoch: float noise only
+
+    # Saved and loaded like any two-tower, with the record of how it was trained.
+    loaded = load_two_tower(save_two_tower(two, tmp_path / "tt"))
+    assert loaded.config.processes == 2 and loaded.distributed == info
+    assert retrieval_recall_at_k(loaded, held_out, K) == r2
 
 
 @pytest.mark.slow
