@@ -186,7 +186,8 @@ def launch(directory: Path, processes: int, threads: int) -> dict[str, Any]:
             raise
     if returncode != 0:
         raise _failure(directory, returncode, processes)
-    return {"command": " ".join(cmd[1:]), "launch_seconds": round(time.perf_counter() - t0, 3)}
+    shown = ["python", *cmd[1:-1], "<job folder>"]  # the folder is temporary
+    return {"command": " ".join(shown), "launch_seconds": round(time.perf_counter() - t0, 3)}
 
 
 def _stop(proc: subprocess.Popen) -> None:
