@@ -41,6 +41,8 @@ def main() -> int:
     parser.add_argument("--sparse-ids", action="store_true",
                         help="sparse id-table gradients (SparseAdam; gloo all-reduces them as sparse tensors)")
     parser.add_argument("--skip-one-thread", action="store_true", help="skip the 1-process 1-thread run")
+    parser.add_argument("--skip-threads", action="store_true",
+                        help="skip the 1-process all-threads run (slow when other work holds the cores)")
     args = parser.parse_args()
 
     import pyarrow as pa
@@ -70,7 +72,11 @@ def main() -> int:
     base = TwoTowerConfig(**({"epochs": args.epochs} if args.epochs else {}), sparse_ids=args.sparse_ids)
     runs = {}
     plan = [("1_process_1_thread", 1, 1)] if not args.skip_one_thread else []
-    plan += [(f"1_process_{threads}_threads", 1, threads), (f"{args.processes}_processes", args.processes, threads)]
+    if threads > 1 and not args.skip_threads:
+        plan.append((f"1_process_{threads}_threads", 1, threads))
+    if not plan:
+        plan.append(("1_process_1_thread", 1, 1))
+    plan.append((f"{args.processes}_processes", args.processes, threads))
     for name, processes, n_threads in plan:
         config = TwoTowerConfig(**{**vars(base), "processes": processes, "num_threads": n_threads})
         t0 = time.perf_counter()
@@ -113,7 +119,7 @@ def main() -> int:
                "wall": round(run["wall_seconds"] / multi["wall_seconds"], 3)}
         for name, run in runs.items() if run is not multi
     }
-    single = runs[f"1_process_{threads}_threads"]
+    single = runs[plan[-2][0]]  # the last single-process run
     out[f"recall_at_{args.k}_difference"] = round(multi[f"held_out_recall_at_{args.k}"] - single[f"held_out_recall_at_{args.k}"], 4)
     out["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(out, indent=2))
