@@ -46,6 +46,7 @@ ENV_VARS: dict[str, str] = {
     "dagster_max_concurrent": "RECLOOP_DAGSTER_MAX_CONCURRENT",
     "partition_start": "RECLOOP_PARTITION_START",
     "max_quarantine_rate": "RECLOOP_MAX_QUARANTINE_RATE",
+    "train_processes": "RECLOOP_TRAIN_PROCESSES",
 }
 
 _POSTGRES = re.compile(r"^postgresql(\+[a-z0-9_]+)?$")
@@ -145,6 +146,27 @@ def _check(kind: str, value: str) -> bool:
     raise AssertionError(kind)
 
 
+def _train_processes_problem(value: object) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        return f"RECLOOP_TRAIN_PROCESSES: must be a whole number >= 1, got {value!r}"
+    return None
+
+
+def train_processes() -> int:
+    """`RECLOOP_TRAIN_PROCESSES` (default 1), checked as `Settings` checks it: what the two-tower's training
+    uses when its config does not choose (`recloop.training.TwoTowerConfig.processes`). Reads this one
+    variable only, so that training does not depend on the rest of the deployment's settings."""
+    raw = _env("RECLOOP_TRAIN_PROCESSES", "1")
+    try:
+        value: object = int(raw)
+    except ValueError:
+        value = raw
+    problem = _train_processes_problem(value)
+    if problem is not None:
+        raise SettingsError(_env("RECLOOP_ENV", "local"), [problem])
+    return int(value)
+
+
 @dataclass(frozen=True, repr=False)
 class Settings:
     env: str = "local"
@@ -174,6 +196,9 @@ class Settings:
     partition_start: date = date(2025, 1, 1)
     # Largest share of a partition's rows that may be quarantined before its validation check fails.
     max_quarantine_rate: float = 0.2
+    # Processes that train the two-tower together (PyTorch DistributedDataParallel under torchrun when > 1,
+    # see recloop.distributed); 1 trains in the calling process.
+    train_processes: int = 1
 
     def __post_init__(self) -> None:
         if self.env not in ENVIRONMENTS:
@@ -190,6 +215,8 @@ class Settings:
         if isinstance(self.dagster_max_concurrent, bool) or not isinstance(self.dagster_max_concurrent, int) \
                 or self.dagster_max_concurrent < 1:
             out.append(f"RECLOOP_DAGSTER_MAX_CONCURRENT: must be a whole number >= 1, got {self.dagster_max_concurrent!r}")
+        if (problem := _train_processes_problem(self.train_processes)) is not None:
+            out.append(problem)
         if not self.is_production:
             return out
         for name, (kind, expected) in _PRODUCTION_REQUIRED.items():
@@ -254,6 +281,7 @@ class Settings:
             dagster_max_concurrent=number("RECLOOP_DAGSTER_MAX_CONCURRENT", "2", int),
             partition_start=day("RECLOOP_PARTITION_START", "2025-01-01"),
             max_quarantine_rate=number("RECLOOP_MAX_QUARANTINE_RATE", "0.2", float),
+            train_processes=number("RECLOOP_TRAIN_PROCESSES", "1", int),
         )
         if env not in ENVIRONMENTS:
             raise ValueError(f"RECLOOP_ENV must be 'local' or 'production', got {env!r}")
