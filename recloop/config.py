@@ -49,6 +49,7 @@ ENV_VARS: dict[str, str] = {
     "celery_queue": "RECLOOP_CELERY_QUEUE",
     "partition_start": "RECLOOP_PARTITION_START",
     "max_quarantine_rate": "RECLOOP_MAX_QUARANTINE_RATE",
+    "train_processes": "RECLOOP_TRAIN_PROCESSES",
 }
 
 _POSTGRES = re.compile(r"^postgresql(\+[a-z0-9_]+)?$")
@@ -154,6 +155,27 @@ def _check(kind: str, value: str) -> bool:
     raise AssertionError(kind)
 
 
+def _train_processes_problem(value: object) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        return f"RECLOOP_TRAIN_PROCESSES: must be a whole number >= 1, got {value!r}"
+    return None
+
+
+def train_processes() -> int:
+    """`RECLOOP_TRAIN_PROCESSES` (default 1), checked as `Settings` checks it: what the two-tower's training
+    uses when its config does not choose (`recloop.training.TwoTowerConfig.processes`). Reads this one
+    variable only, so that training does not depend on the rest of the deployment's settings."""
+    raw = _env("RECLOOP_TRAIN_PROCESSES", "1")
+    try:
+        value: object = int(raw)
+    except ValueError:
+        value = raw
+    problem = _train_processes_problem(value)
+    if problem is not None:
+        raise SettingsError(_env("RECLOOP_ENV", "local"), [problem])
+    return int(value)
+
+
 @dataclass(frozen=True, repr=False)
 class Settings:
     env: str = "local"
@@ -190,6 +212,9 @@ class Settings:
     partition_start: date = date(2025, 1, 1)
     # Largest share of a partition's rows that may be quarantined before its validation check fails.
     max_quarantine_rate: float = 0.2
+    # Processes that train the two-tower together (PyTorch DistributedDataParallel under torchrun when > 1,
+    # see recloop.distributed); 1 trains in the calling process.
+    train_processes: int = 1
 
     def __post_init__(self) -> None:
         if self.env not in ENVIRONMENTS:
@@ -206,6 +231,8 @@ class Settings:
         if isinstance(self.dagster_max_concurrent, bool) or not isinstance(self.dagster_max_concurrent, int) \
                 or self.dagster_max_concurrent < 1:
             out.append(f"RECLOOP_DAGSTER_MAX_CONCURRENT: must be a whole number >= 1, got {self.dagster_max_concurrent!r}")
+        if (problem := _train_processes_problem(self.train_processes)) is not None:
+            out.append(problem)
         out += self._celery_problems()
         if not self.is_production:
             return out
@@ -290,6 +317,7 @@ class Settings:
             celery_queue=_env("RECLOOP_CELERY_QUEUE", "dagster"),
             partition_start=day("RECLOOP_PARTITION_START", "2025-01-01"),
             max_quarantine_rate=number("RECLOOP_MAX_QUARANTINE_RATE", "0.2", float),
+            train_processes=number("RECLOOP_TRAIN_PROCESSES", "1", int),
         )
         if env not in ENVIRONMENTS:
             raise ValueError(f"RECLOOP_ENV must be 'local' or 'production', got {env!r}")
