@@ -1,10 +1,13 @@
 """Running the code location's jobs from Python (the `recloop` CLI, benchmarks, tests) against the same
 Dagster instance the UI reads, so every run shows up in `dagster dev` afterwards.
 
-Runs started here execute in this process (as `execute_in_process` does), whatever executor the jobs
-are configured with (`RECLOOP_DAGSTER_EXECUTOR`): that executor applies to runs the webserver, schedules
-and sensors launch through the daemon. In production the instance is deploy/dagster.yaml (PostgreSQL), so
-runs started here are recorded where the deployment's UI reads them.
+Runs started here execute in this process (as `execute_in_process` does) with the `multiprocess` and
+`in_process` executors (`RECLOOP_DAGSTER_EXECUTOR`): those apply to runs the webserver, schedules and
+sensors launch through the daemon. With `celery` the run's steps go to the Celery workers here too (the
+job executed as a reconstructable job with its own executor, so a worker can load it): a user who chose
+workers sees the CLI's runs on them, and is told at once when no worker listens. In production the
+instance is deploy/dagster.yaml (PostgreSQL), so runs started here are recorded where the deployment's UI
+reads them.
 
 Each run is created with the origin of the code location the UI loads (`job_origin`: the location
 `recloop` of pyproject.toml's [tool.dagster], which `make ui` and the compose stack's workspace both load),
@@ -101,6 +104,56 @@ def _execute(job: dg.JobDefinition, *, inst: dg.DagsterInstance, partition_key: 
     return execute_run(wrapped, run, inst)
 
 
+def reconstructable_job(job_name: str) -> Any:
+    """`job_name` of the code location as a `ReconstructableJob`: a pointer (module `pipelines.definitions`,
+    its `defs`) that another process, a Celery worker, loads the job from."""
+    from dagster._core.definitions.reconstruct import ReconstructableRepository
+
+    repository = ReconstructableRepository.for_module(MODULE, "defs", working_directory=str(REPO_ROOT))
+    return repository.get_reconstructable_job(job_name)
+
+
+def _execute_reconstructable(job: dg.JobDefinition, *, inst: dg.DagsterInstance, partition_key: str | None,
+                             tags: dict[str, str] | None, run_config: dict[str, Any], run_id: str) -> Any:
+    """The run of `job` with the job's own executor (the Celery executor: each step a task the workers
+    load the job for, through `reconstructable_job`), created with the code location's origin like
+    `_execute`. Needs the persistent instance the workers share (DAGSTER_HOME)."""
+    from dagster._core.definitions.partitions.context import partition_loading_context
+    from dagster._core.execution.api import create_execution_plan, execute_run
+    from dagster._core.execution.execute_in_process import merge_run_tags
+
+    if not inst.is_persistent:
+        from recloop.scaleout import CeleryUnavailable
+
+        raise CeleryUnavailable("RECLOOP_DAGSTER_EXECUTOR=celery needs a persistent Dagster instance shared with "
+                                "the workers: set DAGSTER_HOME")
+    if partition_key and job.partitions_def:
+        with partition_loading_context(dynamic_partitions_store=inst) as ctx:
+            job.validate_partition_key(partition_key=partition_key, selected_asset_keys=set(), context=ctx)
+    recon = reconstructable_job(job.name)
+    run_tags = merge_run_tags(job_def=job, partition_key=partition_key, tags=tags, asset_selection=[],
+                              instance=inst, run_config=run_config)
+    plan = create_execution_plan(recon, run_config=run_config, instance_ref=inst.get_ref(), tags=run_tags)
+    run = inst.create_run_for_job(job_def=job, run_config=run_config, tags={**job.run_tags, **run_tags},
+                                  execution_plan=plan, remote_job_origin=job_origin(job.name),
+                                  job_code_origin=recon.get_python_origin(), run_id=run_id)
+    return execute_run(recon, run, inst)
+
+
+_WORKERS_SEEN: set[tuple[str, str]] = set()
+
+
+def _check_workers(settings: Settings) -> None:
+    """With RECLOOP_DAGSTER_EXECUTOR=celery: a worker listens on the queue (asked once per process), else
+    `recloop.scaleout.CeleryUnavailable` (one sentence naming the broker or queue) before any run starts."""
+    from recloop.scaleout import listening_workers
+
+    key = (settings.celery_broker_url or "", settings.celery_queue)
+    if key not in _WORKERS_SEEN:
+        listening_workers(settings)
+        _WORKERS_SEEN.add(key)
+
+
 def instance(settings: Settings) -> dg.DagsterInstance:
     """The Dagster instance of this deployment (the one the UI and the daemon read)."""
     dagster_home(settings)
@@ -183,8 +236,9 @@ def run_job(
     tags: dict[str, str] | None = None,
     run_config_resources: dict[str, Any] | None = None,
 ) -> PartitionRun:
-    """Executes `job_name` (for `partition`) in process, recorded in `inst` as a run of the code location
-    the UI loads (`job_origin`), and collects what it materialized and checked.
+    """Executes `job_name` (for `partition`) in process (with RECLOOP_DAGSTER_EXECUTOR=celery: its steps on
+    the Celery workers, after checking one listens), recorded in `inst` as a run of the code location the
+    UI loads (`job_origin`), and collects what it materialized and checked.
     A partition outside the deployment's daily partitions raises `recloop.partition_range.OutsideRange`
     (one sentence) before anything runs. A failed run's `error` names the cause: the reasons of the checks
     that stopped it (a GX schema failure says which column is missing or which file is unreadable), else
@@ -192,6 +246,9 @@ def run_job(
     from pipelines.definitions import defs
 
     job = defs().resolve_job_def(job_name)
+    on_workers = inst is not None and Settings.from_env().dagster_executor == "celery"
+    if on_workers:
+        _check_workers(Settings.from_env())
     rng = None
     if partition is not None and job.partitions_def is not None:
         from recloop import partition_range
@@ -208,6 +265,9 @@ def run_job(
         if inst is None:  # no instance to record in: an ephemeral one, as Dagster's own default
             result = job.execute_in_process(partition_key=partition, tags=tags, raise_on_error=False,
                                             run_config=run_config, run_id=run_id)
+        elif on_workers:
+            result = _execute_reconstructable(job, inst=inst, partition_key=partition, tags=tags,
+                                              run_config=run_config, run_id=run_id)
         else:
             result = _execute(job, inst=inst, partition_key=partition, tags=tags, run_config=run_config,
                               run_id=run_id)

@@ -1241,9 +1241,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from recloop.model_plane.fit import NotEnoughData
     from recloop.partition_range import BadDay, OutsideRange
     from recloop.periods import BadPeriod
+    from recloop.scaleout import CeleryUnavailable
 
     return (UserError, OutsideRange, BadDay, BadPeriod, HistoryInputError, SettingsError, AlertConfigError,
-            EvaluationInputError, NotEnoughData, FileNotFoundError, NotADirectoryError)
+            EvaluationInputError, NotEnoughData, CeleryUnavailable, FileNotFoundError, NotADirectoryError)
 
 
 if __name__ == "__main__":

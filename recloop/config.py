@@ -23,11 +23,11 @@ from urllib.parse import urlsplit, urlunsplit
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 ENVIRONMENTS = ("local", "production")
-EXECUTORS = ("multiprocess", "in_process")
 # Engines of the feature snapshots (recloop.features: DuckDB in process; recloop.spark_features: Spark).
 FEATURE_ENGINES = ("duckdb", "spark")
 # A Spark master URL: local, local[N], local[*], local[N,F], spark://..., yarn, k8s://..., mesos://...
 _SPARK_MASTER = re.compile(r"^(local(\[(\d+|\*)(,\d+)?\])?|yarn|(spark|k8s|mesos)://\S+)$")
+EXECUTORS = ("multiprocess", "in_process", "celery", "k8s")
 
 # Settings field -> the environment variable it is read from.
 ENV_VARS: dict[str, str] = {
@@ -50,8 +50,12 @@ ENV_VARS: dict[str, str] = {
     "dagster_max_concurrent": "RECLOOP_DAGSTER_MAX_CONCURRENT",
     "feature_engine": "RECLOOP_FEATURE_ENGINE",
     "spark_master": "RECLOOP_SPARK_MASTER",
+    "celery_broker_url": "RECLOOP_CELERY_BROKER_URL",
+    "celery_backend_url": "RECLOOP_CELERY_BACKEND_URL",
+    "celery_queue": "RECLOOP_CELERY_QUEUE",
     "partition_start": "RECLOOP_PARTITION_START",
     "max_quarantine_rate": "RECLOOP_MAX_QUARANTINE_RATE",
+    "train_processes": "RECLOOP_TRAIN_PROCESSES",
 }
 
 _POSTGRES = re.compile(r"^postgresql(\+[a-z0-9_]+)?$")
@@ -76,6 +80,12 @@ _PRODUCTION_REQUIRED: dict[str, tuple[str, str]] = {
         "postgresql+psycopg2://user:password@host:5432/dagster, the Dagster instance (deploy/dagster.yaml)",
     ),
 }
+
+# RECLOOP_DAGSTER_EXECUTOR=celery: the broker (RabbitMQ here; Redis works too) and the result backend.
+LOCAL_CELERY_BROKER = "pyamqp://guest:guest@127.0.0.1:5672//"
+CELERY_BROKER_SCHEMES = ("amqp", "amqps", "pyamqp", "redis", "rediss")
+CELERY_BACKEND_SCHEMES = ("rpc", "redis", "rediss")
+_CELERY_QUEUE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
 
 _SECRET_QUERY_KEYS = re.compile(r"(password|passwd|secret|token|access_key|sslkey)", re.IGNORECASE)
 MASK = "***"
@@ -173,6 +183,27 @@ def feature_engine_from_env() -> tuple[str, str]:
     return engine, master
 
 
+def _train_processes_problem(value: object) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        return f"RECLOOP_TRAIN_PROCESSES: must be a whole number >= 1, got {value!r}"
+    return None
+
+
+def train_processes() -> int:
+    """`RECLOOP_TRAIN_PROCESSES` (default 1), checked as `Settings` checks it: what the two-tower's training
+    uses when its config does not choose (`recloop.training.TwoTowerConfig.processes`). Reads this one
+    variable only, so that training does not depend on the rest of the deployment's settings."""
+    raw = _env("RECLOOP_TRAIN_PROCESSES", "1")
+    try:
+        value: object = int(raw)
+    except ValueError:
+        value = raw
+    problem = _train_processes_problem(value)
+    if problem is not None:
+        raise SettingsError(_env("RECLOOP_ENV", "local"), [problem])
+    return int(value)
+
+
 @dataclass(frozen=True, repr=False)
 class Settings:
     env: str = "local"
@@ -195,17 +226,27 @@ class Settings:
     alerts_db_url: str | None = None
     # The production Dagster instance storage (read by deploy/dagster.yaml through the environment).
     dagster_pg_url: str | None = None
-    # Executor of the code location's jobs: multiprocess (at most `dagster_max_concurrent` steps at once)
-    # or in_process.
+    # Executor of the code location's jobs: multiprocess (at most `dagster_max_concurrent` steps at once),
+    # in_process, celery (every step on a Celery worker: recloop.scaleout, deploy/celery.yaml) or k8s (every
+    # step a Kubernetes Job: deploy/k8s/).
     dagster_executor: str = "multiprocess"
     dagster_max_concurrent: int = 2
     # What computes the feature snapshots: duckdb (in process) or spark (the same snapshots as Spark jobs on
     # `spark_master`; recloop.spark_features).
     feature_engine: str = "duckdb"
     spark_master: str = "local[2]"
+    # RECLOOP_DAGSTER_EXECUTOR=celery: where steps are queued (the broker), where their results come back
+    # (rpc:// = replies through the broker), and the queue the workers listen on (deploy/celery.yaml).
+    # No broker in production falls back to this machine's: it must be given.
+    celery_broker_url: str | None = None
+    celery_backend_url: str = "rpc://"
+    celery_queue: str = "dagster"
     partition_start: date = date(2025, 1, 1)
     # Largest share of a partition's rows that may be quarantined before its validation check fails.
     max_quarantine_rate: float = 0.2
+    # Processes that train the two-tower together (PyTorch DistributedDataParallel under torchrun when > 1,
+    # see recloop.distributed); 1 trains in the calling process.
+    train_processes: int = 1
 
     def __post_init__(self) -> None:
         if self.env not in ENVIRONMENTS:
@@ -223,6 +264,9 @@ class Settings:
                 or self.dagster_max_concurrent < 1:
             out.append(f"RECLOOP_DAGSTER_MAX_CONCURRENT: must be a whole number >= 1, got {self.dagster_max_concurrent!r}")
         out += feature_engine_problems(self.feature_engine, self.spark_master)
+        if (problem := _train_processes_problem(self.train_processes)) is not None:
+            out.append(problem)
+        out += self._celery_problems()
         if not self.is_production:
             return out
         for name, (kind, expected) in _PRODUCTION_REQUIRED.items():
@@ -240,6 +284,21 @@ class Settings:
                 )
         if self.mlflow_artifact_uri and not _check("s3", self.mlflow_artifact_uri):
             out.append(f"RECLOOP_MLFLOW_ARTIFACT_URI: {self.mlflow_artifact_uri!r} is not valid (expected s3://bucket/prefix)")
+        return out
+
+    def _celery_problems(self) -> list[str]:
+        out: list[str] = []
+        if self.dagster_executor == "celery" and not self.celery_broker_url:
+            out.append("RECLOOP_CELERY_BROKER_URL: missing (expected amqp://user:password@host:5672// of the "
+                       "RabbitMQ the Celery workers listen to, RECLOOP_DAGSTER_EXECUTOR=celery)")
+        if self.celery_broker_url and _scheme(self.celery_broker_url) not in CELERY_BROKER_SCHEMES:
+            out.append(f"RECLOOP_CELERY_BROKER_URL: {mask_url(self.celery_broker_url)!r} is not valid (expected "
+                       f"a URL of scheme {', '.join(CELERY_BROKER_SCHEMES)}, e.g. amqp://user:password@rabbitmq:5672//)")
+        if _scheme(self.celery_backend_url) not in CELERY_BACKEND_SCHEMES:
+            out.append(f"RECLOOP_CELERY_BACKEND_URL: {mask_url(self.celery_backend_url)!r} is not valid (expected "
+                       f"rpc:// or redis://host:6379/N)")
+        if not _CELERY_QUEUE.match(self.celery_queue or ""):
+            out.append(f"RECLOOP_CELERY_QUEUE: {self.celery_queue!r} is not a queue name (letters, digits, - _ .)")
         return out
 
     @classmethod
@@ -287,8 +346,13 @@ class Settings:
             dagster_max_concurrent=number("RECLOOP_DAGSTER_MAX_CONCURRENT", "2", int),
             feature_engine=_env("RECLOOP_FEATURE_ENGINE", "duckdb").strip().lower(),
             spark_master=_env("RECLOOP_SPARK_MASTER", "local[2]").strip(),
+            # Locally the RabbitMQ of this machine (guest/guest); in production it must be given.
+            celery_broker_url=_env("RECLOOP_CELERY_BROKER_URL", None if production else LOCAL_CELERY_BROKER),
+            celery_backend_url=_env("RECLOOP_CELERY_BACKEND_URL", "rpc://"),
+            celery_queue=_env("RECLOOP_CELERY_QUEUE", "dagster"),
             partition_start=day("RECLOOP_PARTITION_START", "2025-01-01"),
             max_quarantine_rate=number("RECLOOP_MAX_QUARANTINE_RATE", "0.2", float),
+            train_processes=number("RECLOOP_TRAIN_PROCESSES", "1", int),
         )
         if env not in ENVIRONMENTS:
             raise ValueError(f"RECLOOP_ENV must be 'local' or 'production', got {env!r}")

@@ -1307,11 +1307,12 @@ def drift_links(registry: Registry, outcome: DriftOutcome) -> dict[str, str]:
     from recloop import links
 
     out = {}
-    run_url = registry.run_url(outcome.mlflow_run_id)
-    if run_url:
-        out["mlflow_run_url"] = run_url
+    run_id = outcome.mlflow_run_id
+    experiment_id = registry.run_experiment(run_id)  # None: no run, or one the tracking store does not know
+    if experiment_id:
+        out["mlflow_run_url"] = links.mlflow_run_url(experiment_id, run_id)
     if outcome.report_uri:  # the run carries the HTML only when a report was written
-        out["report_url"] = (registry.run_url(outcome.mlflow_run_id, artifact=REPORT_ARTIFACT) if run_url
+        out["report_url"] = (links.mlflow_run_url(experiment_id, run_id, artifact=REPORT_ARTIFACT) if experiment_id
                              else links.location_url(outcome.report_uri))
     return out
 

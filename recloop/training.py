@@ -6,7 +6,8 @@ No orchestration here (Dagster and MLflow wrap these functions elsewhere):
 * data: `positive_mask` (re-exported from recloop.data.engagement, the one definition of a positive engagement), `load_window` (a window of validated
   days from the lake), `Vocab` (string ids <-> ints, 0 = unknown);
 * two-tower: `TwoTowerConfig`, `train_two_tower`, `save_two_tower` / `load_two_tower`,
-  `video_embeddings`, `user_embeddings`, `retrieval_scores`.
+  `video_embeddings`, `user_embeddings`, `retrieval_scores`, `retrieval_recall_at_k`; with
+  `processes` > 1 the training runs under torchrun with DistributedDataParallel (`recloop.distributed`).
 
 The ranker is LightGBM's LambdaRank over candidate lists: `recloop.model_plane.ranker`.
 
@@ -20,7 +21,7 @@ import contextlib
 import json
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -317,6 +318,9 @@ class TwoTowerConfig:
     seed: int = 0
     device: str = "cpu"
     num_threads: int | None = None  # torch intra-op threads while training (None: leave as set)
+    # Training processes (DistributedDataParallel under torchrun when > 1; recloop.distributed). None: the
+    # setting RECLOOP_TRAIN_PROCESSES (default 1). With several, `num_threads` is shared among them.
+    processes: int | None = None
 
 
 @dataclass
@@ -336,6 +340,9 @@ class TwoTowerResult:
     samples_per_s: float = 0.0
     n_examples: int = 0
     train_seconds: float = 0.0
+    train_cpu_seconds: float = 0.0  # CPU time of the training loop (all threads; all ranks when distributed)
+    # Distributed training (processes > 1): world size, backend, and what each rank did.
+    distributed: dict[str, Any] = field(default_factory=dict)
 
     @property
     def args(self) -> TwoTowerArgs:
@@ -448,16 +455,25 @@ def _mean_std(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean.astype(np.float32), std.astype(np.float32)
 
 
-def train_two_tower(window: Window, config: TwoTowerConfig | None = None) -> TwoTowerResult:
-    """Train the two-tower model on the window's positive engagements (see `positive_mask`).
+@dataclass
+class _Prepared:
+    """What training needs from a window, computed once (by the launching process when training is
+    distributed): the examples' inputs, the vocabularies and lookup tables the result keeps."""
 
-    One example per positive event whose video is in the catalog: the user's features as of the event's
-    time (history and counts from the window's events strictly before it) and the video's features at
-    that time. Softmax over in-batch negatives with a temperature and log-Q correction, Adam,
-    `config.epochs` passes. Same seed and data -> identical weights (CPU).
-    """
-    config = config or TwoTowerConfig()
-    device = _device(config.device)
+    n_examples: int
+    args: TwoTowerArgs
+    stats: dict[str, np.ndarray]  # u_mean, u_std, v_mean, v_std: the towers' dense normalisation
+    examples: dict[str, np.ndarray]  # per-example inputs ("u.*", "v.*", "row", "log_q")
+    vocabs: dict[str, Vocab]
+    users: pd.DataFrame
+    catalog: pd.DataFrame
+    activity: _Activity
+    activity_frame: pd.DataFrame
+
+
+def _prepare(window: Window, config: TwoTowerConfig) -> _Prepared:
+    """The training examples of `window` (one per positive event whose video is in the catalog) and
+    everything that rebuilds the towers' inputs later. Deterministic."""
     ev = window.events
     catalog = window.videos.reset_index(drop=True)
     vrow = pd.Index(catalog["video_id"], dtype=object).get_indexer(pd.Index(ev["video_id"], dtype=object))
@@ -517,92 +533,189 @@ def train_two_tower(window: Window, config: TwoTowerConfig | None = None) -> Two
         out_dim=config.out_dim,
         sparse_ids=config.sparse_ids,
     )
+    examples = {
+        **{f"u.{k}": v for k, v in u_in.items()},
+        **{f"v.{k}": v for k, v in v_all.ids(ex_vrow).items()},
+        "v.dense": v_dense,
+        "row": ex_vrow.astype(np.int64),
+        "log_q": log_q[ex_vrow],
+    }
+    return _Prepared(
+        n_examples=n_ex, args=args, stats={"u_mean": u_mean, "u_std": u_std, "v_mean": v_mean, "v_std": v_std},
+        examples=examples, vocabs=vocabs, users=users, catalog=catalog, activity=activity,
+        activity_frame=activity_frame,
+    )
+
+
+def new_model(args: TwoTowerArgs, stats: dict[str, np.ndarray], seed: int) -> TwoTowerModel:
+    """The untrained model: weights drawn from `seed`, the towers' dense normalisation from `stats`."""
+    torch.manual_seed(seed)
+    model = TwoTowerModel(args)
+    with torch.no_grad():
+        model.user_tower.dense_mean.copy_(torch.from_numpy(np.asarray(stats["u_mean"])))
+        model.user_tower.dense_std.copy_(torch.from_numpy(np.asarray(stats["u_std"])))
+        model.video_tower.dense_mean.copy_(torch.from_numpy(np.asarray(stats["v_mean"])))
+        model.video_tower.dense_std.copy_(torch.from_numpy(np.asarray(stats["v_std"])))
+    return model
+
+
+def optimizers(model: TwoTowerModel, config: TwoTowerConfig, device: torch.device) -> list[torch.optim.Optimizer]:
+    """Adam for the dense parameters; SparseAdam for the id tables when `config.sparse_ids`."""
+    fused = device.type in ("cpu", "cuda")
+    opts: list[torch.optim.Optimizer] = [
+        torch.optim.Adam(model.dense_parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=fused)
+    ]
+    if model.sparse_parameters():
+        opts.append(torch.optim.SparseAdam(model.sparse_parameters(), lr=config.lr))
+    return opts
+
+
+@dataclass
+class EpochStats:
+    """What `train_epochs` reports: mean loss per epoch, examples trained on (all ranks), of them this
+    rank's own, the wall time of the loop and the CPU time this process spent in it (all its threads)."""
+
+    losses: list[float]
+    seen: int
+    own: int
+    seconds: float
+    cpu_seconds: float = 0.0
+
+
+def train_epochs(
+    model: torch.nn.Module,
+    opts: Sequence[torch.optim.Optimizer],
+    ex: dict[str, torch.Tensor],
+    config: TwoTowerConfig,
+    device: torch.device,
+    *,
+    rank: int = 0,
+    world: int = 1,
+) -> EpochStats:
+    """`config.epochs` passes over the examples `ex` (tensors on `device`); one optimizer step per batch.
+
+    Every epoch permutes the examples and draws the id-dropout masks from one generator seeded by
+    `config.seed`; every batch is a contiguous slice of `batch_size` examples in groups of `softmax_group`
+    that share one in-batch softmax. With `world` > 1 (`model` wrapped in DistributedDataParallel), all
+    ranks draw the same permutation and masks and each takes its share of every batch's groups; its loss
+    (mean over its groups) is weighted by its share, so that DDP's gradient average equals the gradient
+    of the whole batch: the same update as one process, up to the order of float sums. A rank without a
+    group in a batch (fewer groups than ranks) runs the batch's first group with weight 0 to take part in
+    the gradient all-reduce. The reported loss is the whole batch's (all-reduced once per epoch).
+    """
+    n_ex = len(ex["row"])
+    gen = torch.Generator().manual_seed(config.seed)
+    group = max(2, min(int(config.softmax_group), int(config.batch_size), n_ex))
+    bs = min(int(config.batch_size), max(group, n_ex // max(1, config.min_steps_per_epoch)))
+    bs = max(group, bs // group * group)
     losses: list[float] = []
-    with _deterministic(device), _threads(config.num_threads):
-        torch.manual_seed(config.seed)
-        model = TwoTowerModel(args)
-        with torch.no_grad():
-            model.user_tower.dense_mean.copy_(torch.from_numpy(u_mean))
-            model.user_tower.dense_std.copy_(torch.from_numpy(u_std))
-            model.video_tower.dense_mean.copy_(torch.from_numpy(v_mean))
-            model.video_tower.dense_std.copy_(torch.from_numpy(v_std))
-        model.to(device).train()
-        fused = device.type in ("cpu", "cuda")
-        opts: list[torch.optim.Optimizer] = [
-            torch.optim.Adam(
-                model.dense_parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=fused
+    seen = own = 0
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    for _ in range(config.epochs):
+        perm = torch.randperm(n_ex, generator=gen).to(device)
+        ep = {k: t[perm] for k, t in ex.items()}
+        drop_video = torch.rand(n_ex, generator=gen) < config.id_dropout
+        drop_user = torch.rand(n_ex, generator=gen) < config.user_id_dropout
+        ep["v.video"].masked_fill_(drop_video.to(device), 0)
+        ep["u.user"].masked_fill_(drop_user.to(device), 0)
+        total = torch.zeros((), device=device)
+        batches = 0
+        for s in range(0, n_ex - 1, bs):
+            # The last batch keeps whole groups only (leftovers are used in other epochs).
+            size = min(bs, n_ex - s)
+            size = size // group * group if size >= group else size
+            if size < 2:
+                continue
+            n_groups = max(1, size // group) if size >= group else 1
+            m = size // n_groups
+            lo, hi = n_groups * rank // world, n_groups * (rank + 1) // world
+            weight = (hi - lo) * world / n_groups
+            if hi == lo:  # no group of this batch is this rank's: a zero-weighted copy of the first
+                lo, hi = 0, 1
+            b = {k: t[s + lo * m : s + hi * m] for k, t in ep.items()}
+            u, v = model(
+                {k[2:]: t for k, t in b.items() if k.startswith("u.")},
+                {k[2:]: t for k, t in b.items() if k.startswith("v.")},
             )
-        ]
-        if model.sparse_parameters():
-            opts.append(torch.optim.SparseAdam(model.sparse_parameters(), lr=config.lr))
-        # Per-example inputs, permuted once per epoch so that every batch is a contiguous slice.
-        ex = _tensors(
-            {
-                **{f"u.{k}": v for k, v in u_in.items()},
-                **{f"v.{k}": v for k, v in v_all.ids(ex_vrow).items()},
-                "v.dense": v_dense,
-                "row": ex_vrow.astype(np.int64),
-                "log_q": log_q[ex_vrow],
-            },
-            device,
-        )
-        gen = torch.Generator().manual_seed(config.seed)
-        group = max(2, min(int(config.softmax_group), int(config.batch_size), n_ex))
-        bs = min(int(config.batch_size), max(group, n_ex // max(1, config.min_steps_per_epoch)))
-        bs = max(group, bs // group * group)
-        t0 = time.perf_counter()
-        seen = 0
-        for _ in range(config.epochs):
-            perm = torch.randperm(n_ex, generator=gen).to(device)
-            ep = {k: t[perm] for k, t in ex.items()}
-            drop_video = torch.rand(n_ex, generator=gen) < config.id_dropout
-            drop_user = torch.rand(n_ex, generator=gen) < config.user_id_dropout
-            ep["v.video"].masked_fill_(drop_video.to(device), 0)
-            ep["u.user"].masked_fill_(drop_user.to(device), 0)
-            total = torch.zeros((), device=device)
-            batches = 0
-            for s in range(0, n_ex - 1, bs):
-                # The last batch keeps whole groups only (leftovers are used in other epochs).
-                size = min(bs, n_ex - s)
-                size = size // group * group if size >= group else size
-                if size < 2:
-                    continue
-                b = {k: t[s : s + size] for k, t in ep.items()}
-                u, v = model(
-                    {k[2:]: t for k, t in b.items() if k.startswith("u.")},
-                    {k[2:]: t for k, t in b.items() if k.startswith("v.")},
-                )
-                logits = in_batch_logits(
-                    u, v, config.temperature, b["log_q"] if config.logq_correction else None,
-                    b["row"] if config.remove_accidental_hits else None,
-                    groups=max(1, size // group) if size >= group else 1,
-                )
-                loss = in_batch_loss(logits)
-                for opt in opts:
-                    opt.zero_grad(set_to_none=True)
-                loss.backward()
-                for opt in opts:
-                    opt.step()
-                total += loss.detach()
-                batches += 1
-                seen += len(b["row"])
-            losses.append(float(total) / max(batches, 1))
-        train_s = time.perf_counter() - t0
+            logits = in_batch_logits(
+                u, v, config.temperature, b["log_q"] if config.logq_correction else None,
+                b["row"] if config.remove_accidental_hits else None,
+                groups=hi - lo,
+            )
+            loss = in_batch_loss(logits)
+            if world > 1:
+                loss = loss * weight
+            for opt in opts:
+                opt.zero_grad(set_to_none=True)
+            loss.backward()
+            for opt in opts:
+                opt.step()
+            total += loss.detach()
+            batches += 1
+            seen += size
+            own += (hi - lo) * m if weight else 0
+        if world > 1:
+            torch.distributed.all_reduce(total)
+            total /= world
+        losses.append(float(total) / max(batches, 1))
+    return EpochStats(losses, seen, own, time.perf_counter() - t0, time.process_time() - cpu0)
+
+
+def train_two_tower(window: Window, config: TwoTowerConfig | None = None) -> TwoTowerResult:
+    """Train the two-tower model on the window's positive engagements (see `positive_mask`).
+
+    One example per positive event whose video is in the catalog: the user's features as of the event's
+    time (history and counts from the window's events strictly before it) and the video's features at
+    that time. Softmax over in-batch negatives with a temperature and log-Q correction, Adam,
+    `config.epochs` passes. Same seed and data -> identical weights (CPU).
+
+    `config.processes` (None: the setting `RECLOOP_TRAIN_PROCESSES`, default 1) > 1 trains with PyTorch
+    DistributedDataParallel in that many processes started by `torchrun` (`recloop.distributed`): the
+    same steps on the same batches, each split across the processes.
+    """
+    from recloop.config import train_processes
+
+    config = config or TwoTowerConfig()
+    processes = train_processes() if config.processes is None else int(config.processes)
+    if processes < 1:
+        raise ValueError(f"TwoTowerConfig.processes must be >= 1, got {processes}")
+    config = replace(config, processes=processes)
+    device = _device(config.device)
+    if processes > 1:
+        from recloop import distributed as ddp
+
+        ddp.check_processes(processes, device, sparse_ids=config.sparse_ids)  # before the work, not after
+    prep = _prepare(window, config)
+    distributed: dict[str, Any] = {}
+    if processes > 1:
+        run = ddp.train(prep, config, device)
+        model = TwoTowerModel(prep.args)
+        model.load_state_dict(run.state_dict)
+        model.to(device)
+        stats, distributed = run.stats, run.info
+    else:
+        with _deterministic(device), _threads(config.num_threads):
+            model = new_model(prep.args, prep.stats, config.seed)
+            model.to(device).train()
+            stats = train_epochs(model, optimizers(model, config, device), _tensors(prep.examples, device),
+                                 config, device)
     model.eval()
     return TwoTowerResult(
         model=model,
         config=config,
-        vocabs=vocabs,
-        users=users,
-        videos=catalog,
-        activity=activity,
-        activity_frame=activity_frame,
+        vocabs=prep.vocabs,
+        users=prep.users,
+        videos=prep.catalog,
+        activity=prep.activity,
+        activity_frame=prep.activity_frame,
         cutoff=window.cutoff,
         partitions=list(window.partitions),
-        epoch_losses=losses,
-        samples_per_s=seen / train_s if train_s > 0 else float("inf"),
-        n_examples=n_ex,
-        train_seconds=train_s,
+        epoch_losses=stats.losses,
+        samples_per_s=stats.seen / stats.seconds if stats.seconds > 0 else float("inf"),
+        n_examples=prep.n_examples,
+        train_seconds=stats.seconds,
+        train_cpu_seconds=stats.cpu_seconds,
+        distributed=distributed,
     )
 
 
@@ -686,6 +799,29 @@ def retrieval_scores(tt: TwoTowerResult, df: pd.DataFrame, chunk: int = 200_000)
     return out
 
 
+def retrieval_recall_at_k(tt: TwoTowerResult, events: pd.DataFrame, k: int = 50) -> dict[str, float]:
+    """How well the model retrieves held-out engagements: for the positive events of `events` (EVENTS
+    columns, e.g. the days after the training window) whose video is in the model's catalog, the share of
+    distinct (user, video) pairs whose video is among the user's top `k` of the whole catalog by exact
+    `u . v` (users as of the cutoff, videos as of the cutoff). Returns recall, pairs and users."""
+    catalog = pd.Index(tt.videos["video_id"], dtype=object)
+    rows = catalog.get_indexer(pd.Index(events["video_id"], dtype=object))
+    durations = tt.videos["duration_s"].to_numpy(dtype=np.float64)
+    duration = np.where(rows >= 0, durations[np.maximum(rows, 0)] if len(durations) else np.nan, np.nan)
+    keep = positive_mask(events, duration) & (rows >= 0)
+    pairs = pd.DataFrame({"user": events["user_id"].to_numpy(dtype=object)[keep], "row": rows[keep]})
+    pairs = pairs.drop_duplicates()
+    if pairs.empty:
+        return {"recall": float("nan"), "pairs": 0, "users": 0}
+    users, position = np.unique(pairs["user"].to_numpy(dtype=object), return_inverse=True)
+    u = user_embeddings(tt, list(users))
+    _, v = video_embeddings(tt)
+    k = min(int(k), len(v))
+    top = torch.topk(torch.from_numpy(u) @ torch.from_numpy(v).T, k, dim=1).indices.numpy()
+    hits = (top[position] == pairs["row"].to_numpy()[:, None]).any(axis=1)
+    return {"recall": float(hits.mean()), "pairs": int(len(pairs)), "users": int(len(users))}
+
+
 # --- persistence -------------------------------------------------------------------------------------
 
 
@@ -717,6 +853,8 @@ def save_two_tower(result: TwoTowerResult, directory: str | Path) -> Path:
             "samples_per_s": result.samples_per_s,
             "n_examples": result.n_examples,
             "train_seconds": result.train_seconds,
+            "train_cpu_seconds": result.train_cpu_seconds,
+            "distributed": result.distributed,
         },
     )
     _write_json(d / "vocabs.json", {name: v.ids for name, v in result.vocabs.items()})
@@ -755,4 +893,6 @@ def load_two_tower(directory: str | Path, device: str = "cpu") -> TwoTowerResult
         samples_per_s=float(meta["samples_per_s"]),
         n_examples=int(meta["n_examples"]),
         train_seconds=float(meta["train_seconds"]),
+        train_cpu_seconds=float(meta.get("train_cpu_seconds", 0.0)),
+        distributed=dict(meta.get("distributed") or {}),
     )

@@ -1,6 +1,6 @@
 """Shared fixtures: telemetry off, an isolated RECLOOP_HOME per test, and the real servers.
 
-Tests marked `postgres` or `redis` use the servers on this machine, tests marked `browser` Debian's
+Tests marked `postgres`, `redis` or `rabbitmq` use the servers on this machine, tests marked `browser` Debian's
 Chromium (`chromium`). When a server or the browser is missing they skip on a developer's machine, but
 fail with a clear message in CI (CI=true): a CI run must exercise them (`unavailable`).
 S3 is moto's standalone server, started on loopback by the `s3_endpoint` fixture (no MinIO binary here);
@@ -42,11 +42,13 @@ for _key, _value in {
 PRODUCTION_VARS = (
     "RECLOOP_S3_ENDPOINT_URL", "RECLOOP_REDIS_URL", "RECLOOP_FEAST_REGISTRY_URL", "RECLOOP_MLFLOW_TRACKING_URI",
     "RECLOOP_MLFLOW_ARTIFACT_URI", "RECLOOP_ALERTS_DB_URL", "RECLOOP_DAGSTER_PG_URL", "RECLOOP_DAGSTER_EXECUTOR",
-    "RECLOOP_DAGSTER_MAX_CONCURRENT", "MLFLOW_S3_ENDPOINT_URL", "RECLOOP_FEATURE_ENGINE", "RECLOOP_SPARK_MASTER",
+    "RECLOOP_DAGSTER_MAX_CONCURRENT", "RECLOOP_CELERY_BROKER_URL", "RECLOOP_CELERY_BACKEND_URL", "RECLOOP_CELERY_QUEUE",
+    "MLFLOW_S3_ENDPOINT_URL", "RECLOOP_TRAIN_PROCESSES", "RECLOOP_FEATURE_ENGINE", "RECLOOP_SPARK_MASTER",
 )
 
 PG_DSN = os.environ.get("RECLOOP_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("RECLOOP_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+RABBITMQ_URL = os.environ.get("RECLOOP_TEST_RABBITMQ_URL", "pyamqp://guest:guest@127.0.0.1:5672//")
 
 
 def _reachable(url: str, default_port: int) -> str | None:
@@ -114,6 +116,13 @@ def pg_database(make_pg_database):
 def redis_url() -> str:
     require_server("Redis", REDIS_URL, 6379)
     return REDIS_URL
+
+
+@pytest.fixture()
+def rabbitmq_url() -> str:
+    """The broker URL of the RabbitMQ on this machine (RECLOOP_TEST_RABBITMQ_URL)."""
+    require_server("RabbitMQ", RABBITMQ_URL, 5672)
+    return RABBITMQ_URL
 
 
 @pytest.fixture()

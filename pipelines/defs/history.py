@@ -21,6 +21,7 @@ which is daily operation (`recloop drift --start … --end …` makes them on de
 """
 
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 from pydantic import Field
@@ -161,21 +162,30 @@ def history_online_features(context: dg.AssetExecutionContext, history_range: Hi
     })
 
 
-history_job = dg.define_asset_job(
-    name="history_job",
-    selection=dg.AssetSelection.groups("history") | dg.AssetSelection.keys(FEAST_REGISTRY),
-    description=("A range of days (an imported history) through ingest → GX → silver/quarantine → features → Feast "
-                 "in one run; the range is the history_range resource (empty: everything the landing zone holds)."),
-    tags={"recloop/stage": "history"},
-    # The steps run one after the other: one process, no per-step process start-up (~10 s each).
-    executor_def=dg.in_process_executor,
-)
+def history_job_for(executor: str) -> Any:
+    """The history job. Its steps run one after the other in one process (no per-step process start-up,
+    ~10 s each), except with RECLOOP_DAGSTER_EXECUTOR=celery: then on the code location's executor, the
+    Celery workers, like every job (a worker is already running: no start-up either)."""
+    return dg.define_asset_job(
+        name="history_job",
+        selection=dg.AssetSelection.groups("history") | dg.AssetSelection.keys(FEAST_REGISTRY),
+        description=("A range of days (an imported history) through ingest → GX → silver/quarantine → features → "
+                     "Feast in one run; the range is the history_range resource (empty: everything the landing "
+                     "zone holds)."),
+        tags={"recloop/stage": "history"},
+        executor_def=None if executor == "celery" else dg.in_process_executor,
+    )
+
+
+history_job = history_job_for("in_process")
 
 
 @dg.definitions
 def defs() -> dg.Definitions:
+    from recloop.config import Settings
+
     return dg.Definitions(
         assets=[history_bronze_silver, history_features, history_online_features],
-        jobs=[history_job],
+        jobs=[history_job_for(Settings.from_env().dagster_executor)],
         resources={"history_range": HistoryRangeResource()},
     )

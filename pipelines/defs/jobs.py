@@ -14,11 +14,31 @@ def executor_for(settings: Settings) -> dg.ExecutorDefinition:
 
     `multiprocess` (default): each step in its own process, at most `dagster_max_concurrent` at once, on
     the machine the run worker is on. `in_process`: every step in the run worker's process, one after
-    the other (cheaper for small runs and for debugging). Teams that outgrow one machine swap in
-    Dagster's Kubernetes or Celery executor here (see docs/deployment.md); the assets do not change.
+    the other (cheaper for small runs and for debugging). `celery`: every step a task on the Celery
+    broker, run by the workers of `RECLOOP_CELERY_QUEUE` on any machine (`recloop.scaleout`,
+    deploy/celery.yaml). `k8s`: every step a Kubernetes Job (deploy/k8s/executor.yaml, with the
+    K8sRunLauncher of deploy/k8s/dagster.yaml; docs/deployment.md). The assets do not change.
     """
     if settings.dagster_executor == "in_process":
         return dg.in_process_executor
+    if settings.dagster_executor == "celery":
+        import warnings
+
+        from dagster_celery import celery_executor
+
+        # dagster-celery registers its (identical) step task again for every step it submits; Celery 5.7
+        # warns each time. Nothing to act on: keep it out of the runs' output.
+        warnings.filterwarnings("ignore", message=r"Task name 'execute_plan' is already registered")
+
+        from recloop.scaleout import executor_config
+
+        return celery_executor.configured(executor_config(settings), name="celery")
+    if settings.dagster_executor == "k8s":
+        from dagster_k8s import k8s_job_executor
+
+        from recloop.scaleout import k8s_executor_config
+
+        return k8s_job_executor.configured(k8s_executor_config(), name="k8s")
     return dg.multiprocess_executor.configured(
         {"max_concurrent": settings.dagster_max_concurrent}, name="multiprocess"
     )

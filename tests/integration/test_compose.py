@@ -48,14 +48,17 @@ CORE_SERVICES = {
     "dagster-daemon", "serving", "prometheus", "grafana",
 }
 AIRFLOW_SERVICES = {"airflow-init", "airflow-api-server", "airflow-scheduler", "airflow-dag-processor"}
+# RECLOOP_DAGSTER_EXECUTOR=celery: the broker and the workers (profile `celery`).
+CELERY_SERVICES = {"rabbitmq", "celery-worker"}
+PROFILES = ("airflow", "celery")
 ONE_SHOT = {"minio-create-bucket", "airflow-init"}
 # Services running recloop code, and so reading recloop's settings.
 RECLOOP_SERVICES = {"code-location", "dagster-webserver", "dagster-daemon", "serving", "airflow-scheduler",
-                    "airflow-dag-processor"}
+                    "airflow-dag-processor", "celery-worker"}
 # The port each service listens on inside the compose network.
 LISTENS = {"postgres": 5432, "redis": 6379, "minio": 9000, "mlflow": 5000, "code-location": 4000,
            "dagster-webserver": 3000, "serving": 8000, "prometheus": 9090, "grafana": 3000,
-           "airflow-api-server": 8080}
+           "airflow-api-server": 8080, "rabbitmq": 5672}
 # What each health check must probe.
 HEALTH_PROBES = {
     "postgres": "pg_isready", "redis": "redis-cli ping", "minio": "mc ready local",
@@ -64,18 +67,19 @@ HEALTH_PROBES = {
     "serving": "http://localhost:8000/healthz", "prometheus": "http://localhost:9090/-/healthy",
     "grafana": "http://localhost:3000/api/health", "airflow-api-server": "http://localhost:8080/api/v2/version",
     "airflow-scheduler": "http://localhost:8974/health", "airflow-dag-processor": "airflow jobs check",
+    "rabbitmq": "rabbitmq-diagnostics -q ping", "celery-worker": "inspect ping -d \"worker@$$HOSTNAME\"",
 }
 # Where the stateful services keep their state: a named volume each.
 STATE = {"postgres": "/var/lib/postgresql/data", "redis": "/data", "minio": "/data", "prometheus": "/prometheus",
          "grafana": "/var/lib/grafana", "code-location": "/var/lib/recloop", "serving": "/var/lib/recloop",
-         "airflow-scheduler": "/var/lib/recloop"}
+         "airflow-scheduler": "/var/lib/recloop", "rabbitmq": "/var/lib/rabbitmq", "celery-worker": "/var/lib/recloop"}
 # What the stack publishes on the host (docs/deployment.md lists the same).
 PUBLISHED = {"dagster-webserver": 3000, "mlflow": 5000, "serving": 8000, "grafana": 3001, "prometheus": 9090,
              "minio": 9001, "airflow-api-server": 8080}
 # Secrets compose must refuse to start without.
 SECRETS = {"POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD", "AWS_SECRET_ACCESS_KEY", "GRAFANA_PG_PASSWORD",
            "GF_SECURITY_ADMIN_PASSWORD", "AIRFLOW_ADMIN_PASSWORD", "AIRFLOW__CORE__FERNET_KEY",
-           "AIRFLOW__API_AUTH__JWT_SECRET", "AIRFLOW__API__SECRET_KEY", "RECLOOP_API_KEYS"}
+           "AIRFLOW__API_AUTH__JWT_SECRET", "AIRFLOW__API__SECRET_KEY", "RECLOOP_API_KEYS", "RABBITMQ_PASSWORD"}
 # RECLOOP_* names the code mentions that are not deployment settings: recloop sets them itself, for Feast's
 # feature_store.yaml, from RECLOOP_FEAST_DATA_DIR (recloop.features.feast_environment).
 INTERNAL_VARIABLES = {"RECLOOP_FEAST_REGISTRY", "RECLOOP_FEAST_ONLINE_PATH"}
@@ -97,12 +101,12 @@ def _compose_binary() -> str:
     pytest.skip(message)
 
 
-def compose(env_file: Path, *args: str, profile: str | None = "airflow") -> subprocess.CompletedProcess:
+def compose(env_file: Path, *args: str, profiles: tuple[str, ...] = PROFILES) -> subprocess.CompletedProcess:
     """`docker-compose config ...` with `env_file` as the only source of variables: the caller's shell
     environment would override .env values, so the process gets nothing else but PATH and a HOME."""
     binary = _compose_binary()
     command = [binary, "--project-directory", str(REPO_ROOT), "-f", str(COMPOSE_FILE), "--env-file", str(env_file)]
-    if profile:
+    for profile in profiles:
         command += ["--profile", profile]
     return subprocess.run([*command, "config", *args], env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
                                                              "HOME": str(env_file.parent)},
@@ -183,13 +187,15 @@ def depends_closure(services: dict[str, dict[str, Any]], name: str) -> set[str]:
 
 def test_compose_file_declares_every_service_and_volume(env_file, services, config):
     listed = set(compose(env_file, "--services").stdout.split())
-    assert CORE_SERVICES | AIRFLOW_SERVICES <= listed
+    assert CORE_SERVICES | AIRFLOW_SERVICES | CELERY_SERVICES <= listed
     assert set(services) == listed
-    assert compose(env_file, "--profiles").stdout.split() == ["airflow"]
+    assert sorted(compose(env_file, "--profiles").stdout.split()) == ["airflow", "celery"]
     for name in CORE_SERVICES:
         assert not services[name].get("profiles"), f"{name} must start without a profile"
     for name in AIRFLOW_SERVICES:
         assert services[name].get("profiles") == ["airflow"], name
+    for name in CELERY_SERVICES:
+        assert services[name].get("profiles") == ["celery"], name
     volumes = set(compose(env_file, "--volumes").stdout.split())
     assert volumes == set(config["volumes"])
     assert {"postgres-data", "minio-data", "grafana-data", "prometheus-data", "recloop-scratch"} <= volumes
@@ -350,9 +356,14 @@ def test_stores_are_reachable_under_the_names_the_settings_use(services, config)
             if parsed.scheme == "s3":
                 assert parsed.netloc == bucket, f"{name} {key}: bucket {parsed.netloc} is never created"
                 continue
+            if parsed.scheme == "rpc":  # Celery's result backend through the broker: no host of its own
+                continue
             host, port = parsed.hostname, parsed.port
             assert host in services, f"{name} {key}: host {host} is not a compose service"
-            if host != name:
+            # A service without a profile cannot wait for one of a profile (the broker of profile `celery`
+            # is used by the code location only when RECLOOP_DAGSTER_EXECUTOR=celery chose it).
+            optional = services[host].get("profiles") and not services[name].get("profiles")
+            if host != name and not optional:
                 assert host in depends_closure(services, name), f"{name} {key}: does not wait for {host}"
             expected_port = LISTENS[host]
             assert (port or {"http": 80, "redis": 6379}.get(parsed.scheme, 5432)) == expected_port, f"{name} {key}"

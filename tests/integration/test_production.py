@@ -160,9 +160,61 @@ def test_executor_is_chosen_by_settings(recloop_env, monkeypatch):
     assert {c["config"]["max_concurrent"] for _, c in _executors().values()} == {3}
     monkeypatch.setenv("RECLOOP_DAGSTER_EXECUTOR", "in_process")
     assert {name for name, _ in _executors().values()} == {"in_process"}
+    # celery: every step a task on the broker of RECLOOP_CELERY_BROKER_URL, in RECLOOP_CELERY_QUEUE, with
+    # deploy/celery.yaml's Celery settings (the ones the workers are started with)
     monkeypatch.setenv("RECLOOP_DAGSTER_EXECUTOR", "celery")
-    with pytest.raises(SettingsError, match="RECLOOP_DAGSTER_EXECUTOR: must be one of multiprocess, in_process"):
+    monkeypatch.setenv("RECLOOP_CELERY_QUEUE", "recloop-steps")
+    executors = _executors()
+    assert {name for name, _ in executors.values()} == {"celery"}
+    config = executors["data_plane_job"][1]["config"]
+    assert config["broker"] == "pyamqp://guest:guest@127.0.0.1:5672//" and config["backend"] == "rpc://"
+    source = config["config_source"]
+    assert source["task_default_queue"] == "recloop-steps"
+    assert source["task_acks_late"] is True and source["task_reject_on_worker_lost"] is True
+    assert source["worker_prefetch_multiplier"] == 1
+    # a broker URL with a password stays a reference to its variable in the job's configuration
+    monkeypatch.setenv("RECLOOP_CELERY_BROKER_URL", "amqp://recloop:s3cret@rabbitmq:5672//")
+    from recloop.scaleout import executor_config
+
+    assert executor_config(Settings.from_env())["broker"] == {"env": "RECLOOP_CELERY_BROKER_URL"}
+    assert _executors()["training_job"][1]["config"]["broker"] == "amqp://recloop:s3cret@rabbitmq:5672//"
+    assert "s3cret" not in repr(Settings.from_env()) and "s3cret" not in str(Settings.from_env().describe())
+    monkeypatch.setenv("RECLOOP_CELERY_BROKER_URL", "http://rabbitmq:5672")
+    monkeypatch.setenv("RECLOOP_CELERY_QUEUE", "no spaces")
+    with pytest.raises(SettingsError) as err:
         Settings.from_env()
+    assert err.value.variables == ["RECLOOP_CELERY_BROKER_URL", "RECLOOP_CELERY_QUEUE"]
+    monkeypatch.delenv("RECLOOP_CELERY_BROKER_URL")
+    monkeypatch.delenv("RECLOOP_CELERY_QUEUE")
+    # in production the broker must be given (no fallback to this machine's)
+    monkeypatch.setenv("RECLOOP_ENV", "production")
+    with pytest.raises(SettingsError) as err:
+        Settings.from_env()
+    assert "RECLOOP_CELERY_BROKER_URL" in err.value.variables
+    monkeypatch.delenv("RECLOOP_ENV")
+    monkeypatch.setenv("RECLOOP_DAGSTER_EXECUTOR", "kubernetes")
+    with pytest.raises(SettingsError, match="RECLOOP_DAGSTER_EXECUTOR: must be one of multiprocess, in_process, celery, k8s"):
+        Settings.from_env()
+
+
+@pytest.mark.rabbitmq
+def test_celery_without_a_worker_says_so_before_running(recloop_env, monkeypatch, rabbitmq_url):
+    """RECLOOP_DAGSTER_EXECUTOR=celery with nobody listening on the queue (or no broker): one sentence that
+    names the queue and the command that starts a worker, before any run is created."""
+    from pipelines.run import instance, run_job
+    from recloop.scaleout import CeleryUnavailable
+
+    monkeypatch.setenv("RECLOOP_DAGSTER_EXECUTOR", "celery")
+    monkeypatch.setenv("RECLOOP_CELERY_BROKER_URL", rabbitmq_url)
+    monkeypatch.setenv("RECLOOP_CELERY_QUEUE", f"recloop-nobody-{os.getpid()}")
+    inst = instance(Settings.from_env())
+    with pytest.raises(CeleryUnavailable, match=r"no Celery worker listens on queue 'recloop-nobody-\d+'.*"
+                                                r"dagster-celery worker start -A dagster_celery.app -y .*celery.yaml"):
+        run_job("feast_apply_job", inst=inst)
+    monkeypatch.setenv("RECLOOP_CELERY_BROKER_URL", "pyamqp://guest:guest@127.0.0.1:1//")
+    with pytest.raises(CeleryUnavailable, match="the Celery broker pyamqp://guest:\\*\\*\\*@127.0.0.1:1// cannot be reached"):
+        run_job("feast_apply_job", inst=inst)
+    assert not inst.get_runs()
 
 
 # --------------------------------------------------------------------------------------------------

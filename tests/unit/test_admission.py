@@ -224,7 +224,7 @@ def test_invalid_limits_are_refused():
         AdmissionLimits(max_wait_s=float("nan"))
 
 
-def test_the_serving_app_sheds_beyond_its_configured_capacity(recloop_env, tmp_path, monkeypatch):
+def test_the_serving_app_sheds_beyond_its_configured_capacity(recloop_env, tmp_path, monkeypatch, slot_held):
     """`create_app` wires admission control from `ServingConfig` (`RECLOOP_SERVING_MAX_IN_FLIGHT`, ...)
     in front of the recommendation and feedback routes, and never in front of the operational ones."""
     from recloop.serving import RecommendationService, ServingConfig, create_app
@@ -236,18 +236,10 @@ def test_the_serving_app_sheds_beyond_its_configured_capacity(recloop_env, tmp_p
     config = ServingConfig.from_env()
     assert (config.max_in_flight, config.admission_queue, config.retry_after_seconds) == (1, 0, 3)
     service = RecommendationService(recloop_env, config)
-    release, entered = threading.Event(), threading.Event()
-    recommend = service.recommend
-
-    def held(*args, **kwargs):  # noqa: ANN002, ANN003 - the service at capacity: the one slot is taken
-        entered.set()
-        release.wait(30)
-        return recommend(*args, **kwargs)
-
-    service.recommend = held  # type: ignore[method-assign]
     app = create_app(service=service)
     try:
-        with serve(app) as url, httpx.Client(base_url=url, timeout=30) as http:
+        with serve(app) as url, httpx.Client(base_url=url, timeout=30) as http, \
+                slot_held(service) as (entered, release):
             first: list[httpx.Response] = []
             runner = threading.Thread(
                 target=lambda: first.append(http.post("/v1/recommendations", json={"user_id": "u1"}))

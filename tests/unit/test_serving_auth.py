@@ -20,12 +20,11 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from fastapi.testclient import TestClient
 
 from recloop.config import REPO_ROOT, Settings, SettingsError
 from recloop.lake import LocalLake
 from recloop.registry import open_registry
-from recloop.serving import RecommendationService, ServingConfig, create_app
+from recloop.serving import ServingConfig, create_app
 from recloop.serving import auth
 
 KEY_A = "test-key-a-" + "a" * 24
@@ -49,27 +48,9 @@ def registry(settings):
 
 
 @pytest.fixture()
-def make_client(settings, registry, monkeypatch, tmp_path):
+def make_client(settings, registry, serving_client):
     """`make_client(keys=..., **config)`: a started app around a fresh service; closed afterwards."""
-    opened = []
-
-    def make(keys: str | None = f"{KEY_A},{KEY_B}", **overrides) -> TestClient:
-        if keys is None:
-            monkeypatch.delenv(auth.KEYS_VARIABLE, raising=False)
-        else:
-            monkeypatch.setenv(auth.KEYS_VARIABLE, keys)
-        config = ServingConfig(**{"poll_seconds": 3600.0, "feedback_flush_seconds": 3600.0,
-                                  "feedback_spool_dir": tmp_path / f"spool-{len(opened)}", **overrides})
-        service = RecommendationService(settings, config, registry=registry)
-        client = TestClient(create_app(service=service))
-        client.__enter__()
-        opened.append((client, service))
-        return client
-
-    yield make
-    for client, service in opened:
-        client.__exit__(None, None, None)
-        service.close()
+    return lambda keys=f"{KEY_A},{KEY_B}", **overrides: serving_client(settings, registry, keys, **overrides)[0]
 
 
 def events(n: int = 1, **fields) -> dict:

@@ -24,7 +24,6 @@ from fastapi.testclient import TestClient
 
 from recloop.config import REPO_ROOT, Settings
 from recloop.registry import open_registry
-from recloop.serving import RecommendationService, ServingConfig, create_app
 from recloop.serving import auth
 
 KEY = "test-docs-key-" + "d" * 24
@@ -41,29 +40,10 @@ def settings(tmp_path_factory) -> Settings:
 
 
 @pytest.fixture()
-def make_client(settings, monkeypatch, tmp_path):
-    """`make_client(keys=..., service_hook=..., **config)`: a started app around a fresh service (API
-    keys set by default); closed afterwards."""
-    opened = []
+def make_client(settings, serving_client):
+    """`make_client(keys=..., **config)`: a started app around a fresh service (API keys set by default)."""
     registry = open_registry(settings)
-
-    def make(keys: str | None = KEY, **overrides) -> tuple[TestClient, RecommendationService]:
-        if keys is None:
-            monkeypatch.delenv(auth.KEYS_VARIABLE, raising=False)
-        else:
-            monkeypatch.setenv(auth.KEYS_VARIABLE, keys)
-        config = ServingConfig(**{"poll_seconds": 3600.0, "feedback_flush_seconds": 3600.0,
-                                  "feedback_spool_dir": tmp_path / f"spool-{len(opened)}", **overrides})
-        service = RecommendationService(settings, config, registry=registry)
-        client = TestClient(create_app(service=service))
-        client.__enter__()
-        opened.append((client, service))
-        return client, service
-
-    yield make
-    for client, service in opened:
-        client.__exit__(None, None, None)
-        service.close()
+    return lambda keys=KEY, **overrides: serving_client(settings, registry, keys, **overrides)
 
 
 def loaded_urls(page: str) -> list[str]:
@@ -134,28 +114,20 @@ def test_without_keys_the_landing_page_says_the_api_is_open(make_client):
     assert "open: no API keys are set on this server" in client.get("/").text
 
 
-def test_at_capacity_the_landing_page_and_probes_answer_and_the_docs_are_shed(make_client):
+def test_at_capacity_the_landing_page_and_probes_answer_and_the_docs_are_shed(make_client, slot_held):
     client, service = make_client(keys=None, max_in_flight=1, admission_queue=0)
-    release, entered = threading.Event(), threading.Event()
-    recommend = service.recommend
-
-    def held(*args, **kwargs):  # noqa: ANN002, ANN003 - the service at capacity: the one slot is taken
-        entered.set()
-        release.wait(30)
-        return recommend(*args, **kwargs)
-
-    service.recommend = held  # type: ignore[method-assign]
     first: list[int] = []
     runner = threading.Thread(
         target=lambda: first.append(client.post("/v1/recommendations", json={"user_id": "u1"}).status_code))
-    runner.start()
-    try:
-        assert entered.wait(10)
-        landing, health, docs = client.get("/"), client.get("/healthz"), client.get("/docs")
-        asset = client.get("/static/docs/swagger-ui.css")
-    finally:
-        release.set()
-        runner.join(timeout=30)
+    with slot_held(service) as (entered, release):
+        runner.start()
+        try:
+            assert entered.wait(10)
+            landing, health, docs = client.get("/"), client.get("/healthz"), client.get("/docs")
+            asset = client.get("/static/docs/swagger-ui.css")
+        finally:
+            release.set()
+            runner.join(timeout=30)
     assert landing.status_code == 200 and "recloop serving" in landing.text
     assert health.status_code == 200
     assert docs.status_code == 503 and asset.status_code == 503 and docs.headers["retry-after"]
