@@ -74,6 +74,7 @@ class TreeRSS:
         self.peak = 0
         self._proc = psutil.Process()
         self._stop = threading.Event()
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def sample(self) -> int:
@@ -85,12 +86,13 @@ class TreeRSS:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            with contextlib.suppress(psutil.Error):
+            with contextlib.suppress(psutil.Error), self._lock:  # a reset never loses to a sample taken before it
                 self.peak = max(self.peak, self.sample())
             self._stop.wait(0.05)
 
     def reset(self) -> None:
-        self.peak = self.sample()
+        with self._lock:
+            self.peak = self.sample()
 
     def __enter__(self) -> "TreeRSS":
         self._thread.start()
