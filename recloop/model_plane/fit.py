@@ -326,12 +326,16 @@ def fit_recommender(
         parts = fit_sources(fold_history, config, l2=l2)
         rows = candidate_rows(_recommender(fold_history, parts, config, None, store, mode="item_to_item"), labels,
                               users, query=f"{k}:")
-        train_frames.append(rows)
         report.folds.append({"name": name, "events": fold_history.n_events, "users": int(len(users)),
                              "rows": int(len(rows)), "positives_in_lists": int(rows["label"].sum()),
                              "held_out_positives": int(len(labels.user)),
                              "seconds": round(time.perf_counter() - t0, 2)})
+        # Each fold's lists cut to what the ranker trains on now (useful lists, their positives and at most
+        # `negatives_per_list` negatives), not after every fold's full lists are held together.
+        train_frames.append(_groups(rows, config.negatives_per_list, config.seed + k)[0])
+        del rows, parts
     train = pd.concat(train_frames, ignore_index=True) if train_frames else valid_rows.iloc[:0]
+    train_frames.clear()
     features = [f for f in BASE_FEATURES if f in train.columns and train[f].notna().any()]
     if store is not None:
         features += [c for c in store.columns if c in train.columns]
