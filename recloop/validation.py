@@ -1049,10 +1049,10 @@ def validate_range(
                 for (b, _), d, lo in zip(bronzes, chunk, offsets[:-1].tolist()):
                     b = b.append_column("_day", pa.array([date_type.fromisoformat(d)] * b.num_rows, pa.date32()))
                     parts.append(b.append_column("_row", pa.array(np.arange(lo, lo + b.num_rows), pa.int64())))
-                bronze = _align(parts)
-                typed = _range_typed_frame(con, schema, bronze, seen=chunk_no > 0)
-                if typed.num_rows != bronze.num_rows or not np.array_equal(
-                        typed.column("_row").to_numpy(), np.arange(bronze.num_rows)):
+                chunk_table = _align(parts)
+                typed = _range_typed_frame(con, schema, chunk_table, seen=chunk_no > 0)
+                if typed.num_rows != chunk_table.num_rows or not np.array_equal(
+                        typed.column("_row").to_numpy(), np.arange(chunk_table.num_rows)):
                     raise RuntimeError("typed frame lost the bronze row order; refusing to split")
                 if table_name == "events":
                     con.register("chunk_keys", typed.select(["event_id", "_day"]))
@@ -1062,7 +1062,7 @@ def validate_range(
                     con.unregister("chunk_keys")
                 typed = typed.drop_columns(["_day"])
                 reasons_by_row = _range_reasons(table_name, typed, bronzes, row_exps, offsets, described)
-                bad = np.zeros(bronze.num_rows, dtype=bool)
+                bad = np.zeros(chunk_table.num_rows, dtype=bool)
                 if reasons_by_row:
                     bad[np.fromiter(reasons_by_row.keys(), dtype=np.int64)] = True
                 accepted_all = typed.select(schema.silver_columns).cast(schema.silver_schema)

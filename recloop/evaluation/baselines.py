@@ -264,6 +264,10 @@ def validation_data(
 
 
 EASE_GRID: tuple[float, ...] = (10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0)
+# EASE's weights are a dense item x item matrix (n^2 floats) from an n x n inverse (n^3): at most this many
+# items, the most popular in train (the platform's item-to-item source has the same cap,
+# `ItemToItemConfig.max_items`). 100k items would need 40 GB and hours; 8192 need 256 MB.
+EASE_MAX_ITEMS = 8192
 
 
 class EaseRecommender:
@@ -271,9 +275,17 @@ class EaseRecommender:
     B = I - P diag(1/diag(P)), P = (X^T X + l2 I)^-1, diag(B) = 0, in closed form over the binary user x
     item matrix of positives (`recloop.model_plane.sources.item_to_item.ease_weights`, the same function
     the platform's item-to-item source uses); a user's scores are x_u B over the whole catalogue. Items
-    without a training positive score 0; users unknown at fit time get the popularity ranking."""
+    without a training positive score 0; users unknown at fit time get the popularity ranking.
 
-    def __init__(self, *, l2: float = 100.0, filter_seen: bool = True, name: str = "ease") -> None:
+    The model covers at most `max_items` items (`EASE_MAX_ITEMS`), the ones with the most training
+    interactions: the others are scored below every covered item, in popularity order (so a list is
+    never short)."""
+
+    def __init__(self, *, l2: float = 100.0, filter_seen: bool = True, name: str = "ease",
+                 max_items: int | None = EASE_MAX_ITEMS) -> None:
+        if max_items is not None and max_items < 1:
+            raise ValueError(f"max_items must be >= 1 or None, got {max_items}")
+        self.max_items = max_items
         self.l2 = float(l2)
         self.filter_seen = filter_seen
         self.name = name
@@ -282,7 +294,7 @@ class EaseRecommender:
 
     @property
     def params(self) -> dict[str, Any]:
-        return {"l2": self.l2, "filter_seen": self.filter_seen}
+        return {"l2": self.l2, "filter_seen": self.filter_seen, "max_items": self.max_items}
 
     def fit(self, interactions: pd.DataFrame, catalog: Iterable[str] | None = None) -> EaseRecommender:
         from recloop.model_plane.sources.item_to_item import ease_weights
@@ -291,14 +303,26 @@ class EaseRecommender:
         self._seen = data.binary()
         counts = np.asarray(data.counts.sum(axis=0)).ravel()
         self._pop_order = _popularity_order(counts, data.item_ids)
-        self._cols = np.flatnonzero(counts > 0)
+        cols = np.flatnonzero(counts > 0)
+        if self.max_items is not None and len(cols) > self.max_items:
+            cols = np.sort(cols[np.argsort(-counts[cols], kind="stable")[: self.max_items]])
+        self._cols = cols
         self._b = ease_weights(self._seen[:, self._cols], self.l2)
+        # Items outside the model rank after every covered one, by popularity (a tiny tie-breaker).
+        self._rest = None
+        if len(cols) < np.count_nonzero(counts):
+            rank = np.empty(len(counts), np.float64)
+            rank[self._pop_order] = np.arange(len(counts))
+            self._rest = (-1e6 - rank).astype(np.float32)
+            self._rest[cols] = 0.0
         return self
 
     def scores(self, rows: np.ndarray) -> np.ndarray:
         """[users, catalogue] scores of the users at `rows` of the training matrix."""
         assert self._data is not None
         out = np.zeros((len(rows), len(self._data.item_ids)), np.float32)
+        if self._rest is not None:
+            out += self._rest
         out[:, self._cols] = np.asarray(self._seen[rows][:, self._cols] @ self._b)
         return out
 
@@ -337,10 +361,10 @@ class EaseRecommender:
 
 def tuned_ease_factory(
     grid: Sequence[float] = EASE_GRID, *, valid_fraction: float = 0.1, seed: int = 0, k: int = MAIN_K,
-    metric: str = "recall", max_valid_users: int | None = 10_000,
+    metric: str = "recall", max_valid_users: int | None = 10_000, max_items: int | None = EASE_MAX_ITEMS,
 ) -> RecommenderFactory:
     """A factory that picks EASE's L2 weight on validation data (the ``valid`` interactions, else a random
-    `valid_fraction` of train's pairs), then fits EASE on all of train."""
+    `valid_fraction` of train's pairs), then fits EASE on all of train (at most `max_items` items)."""
 
     def factory(train: pd.DataFrame, videos: pd.DataFrame, valid: pd.DataFrame | None = None) -> EaseRecommender:
         t0 = time.perf_counter()
@@ -354,12 +378,12 @@ def tuned_ease_factory(
         trials, best, best_score = [], grid[0], -math.inf
         for l2 in grid:
             t1 = time.perf_counter()
-            rec = EaseRecommender(l2=l2).fit(fit_on, catalog)
+            rec = EaseRecommender(l2=l2, max_items=max_items).fit(fit_on, catalog)
             score = _metric(rec.recommend(users, k, exclude=exclude), truth, k, metric) if users else float("nan")
             trials.append({"l2": l2, f"{metric}@{k}": score, "seconds": round(time.perf_counter() - t1, 3)})
             if score > best_score:
                 best, best_score = l2, score
-        rec = EaseRecommender(l2=best).fit(train, catalog)
+        rec = EaseRecommender(l2=best, max_items=max_items).fit(train, catalog)
         rec.tuning = {"validation": source, "metric": f"{metric}@{k}", "params": {"l2": best}, "trials": trials,
                       "seconds": round(time.perf_counter() - t0, 3)}
         return rec

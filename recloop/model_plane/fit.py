@@ -110,13 +110,13 @@ class FitResult:
 
 
 def fit_sources(history: History, config: FitConfig, *, l2: dict[str, float] | None = None,
-                two_tower: Any = None) -> dict[str, Any]:
-    """Every candidate source fitted on `history` (with the chosen L2 weights); `two_tower` reuses an
-    already trained model."""
+                two_tower: Any = None, item_to_item: ItemToItem | None = None) -> dict[str, Any]:
+    """Every candidate source fitted on `history` (with the chosen L2 weights); `two_tower` and
+    `item_to_item` reuse already fitted models (of this history)."""
     i2i_cfg = config.item_to_item
     if l2:
         i2i_cfg = ItemToItemConfig(**{**asdict(i2i_cfg), **l2})
-    parts: dict[str, Any] = {"item_to_item": ItemToItem.fit(history, i2i_cfg)}
+    parts: dict[str, Any] = {"item_to_item": item_to_item or ItemToItem.fit(history, i2i_cfg)}
     if two_tower is not None:
         parts["two_tower"] = two_tower
     elif config.two_tower is not None:
@@ -194,10 +194,12 @@ def _sample(users: np.ndarray, n: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(users, n, replace=False))
 
 
-def _tune_l2(history: History, labels: Labels, users: np.ndarray, config: FitConfig, report: FitReport) -> dict[str, float]:
-    """The EASE L2 weights (positives, watched) with the best recall@10 of the validation positives."""
+def _tune_l2(history: History, labels: Labels, users: np.ndarray, config: FitConfig,
+             report: FitReport) -> tuple[dict[str, float], ItemToItem | None]:
+    """The EASE L2 weights (positives, watched) with the best recall@10 of the validation positives, and
+    the item-to-item model of `history` with those weights (fitted while tuning: not fitted again)."""
     if not config.l2_grid or not len(users):
-        return {}
+        return {}, None
     base = ItemToItem.fit(history, ItemToItemConfig(**{**asdict(config.item_to_item), "l2_positive": config.l2_grid[0],
                                                        "l2_watched": config.l2_grid[0]}))
     n_items = len(history.items)
@@ -206,6 +208,7 @@ def _tune_l2(history: History, labels: Labels, users: np.ndarray, config: FitCon
     seen = history.seen[users][:, base.item_rows].nonzero()
     chosen: dict[str, float] = {}
     trials: dict[str, dict[str, float]] = {}
+    weights: dict[str, np.ndarray] = {}
     for param, key in (("l2_positive", "i2i_pos"), ("l2_watched", "i2i_watch")):
         best, best_score = None, -1.0
         trials[param] = {}
@@ -220,9 +223,13 @@ def _tune_l2(history: History, labels: Labels, users: np.ndarray, config: FitCon
             trials[param][str(l2)] = round(score, 5)
             if score > best_score:
                 best, best_score = l2, score
+                weights[param] = model.b_pos if param == "l2_positive" else model.b_watch
+            del model, s
         chosen[param] = float(best)
     report.l2 = {"chosen": chosen, "recall_at_10": trials}
-    return chosen
+    tuned = ItemToItem(ItemToItemConfig(**{**asdict(base.config), **chosen}), base.item_rows, weights["l2_positive"],
+                       weights["l2_watched"], base.fit_seconds)
+    return chosen, tuned
 
 
 def _time_folds(history: History, config: FitConfig) -> list[int]:
@@ -294,12 +301,12 @@ def fit_recommender(
     t0 = time.perf_counter()
     valid_users = _sample(valid.users(), config.max_users_per_fold, config.seed)
     step(f"tuning the EASE L2 weights on {len(valid_users)} validation users")
-    l2 = _tune_l2(valid_history, valid, valid_users, config, report)
+    l2, tuned = _tune_l2(valid_history, valid, valid_users, config, report)
     report.seconds["tune_l2"] = round(time.perf_counter() - t0, 2)
 
     t0 = time.perf_counter()
     step("fitting the candidate sources for validation")
-    valid_parts = fit_sources(valid_history, config, l2=l2)
+    valid_parts = fit_sources(valid_history, config, l2=l2, item_to_item=tuned)
     valid_rec = _recommender(valid_history, valid_parts, config, None, store, mode="item_to_item")
     valid_rows = candidate_rows(valid_rec, valid, valid_users, query="v:")
     report.source_recall = source_recall(valid_rows, Labels(valid.user[np.isin(valid.user, valid_users)],
@@ -319,12 +326,16 @@ def fit_recommender(
         parts = fit_sources(fold_history, config, l2=l2)
         rows = candidate_rows(_recommender(fold_history, parts, config, None, store, mode="item_to_item"), labels,
                               users, query=f"{k}:")
-        train_frames.append(rows)
         report.folds.append({"name": name, "events": fold_history.n_events, "users": int(len(users)),
                              "rows": int(len(rows)), "positives_in_lists": int(rows["label"].sum()),
                              "held_out_positives": int(len(labels.user)),
                              "seconds": round(time.perf_counter() - t0, 2)})
+        # Each fold's lists cut to what the ranker trains on now (useful lists, their positives and at most
+        # `negatives_per_list` negatives), not after every fold's full lists are held together.
+        train_frames.append(_groups(rows, config.negatives_per_list, config.seed + k)[0])
+        del rows, parts
     train = pd.concat(train_frames, ignore_index=True) if train_frames else valid_rows.iloc[:0]
+    train_frames.clear()
     features = [f for f in BASE_FEATURES if f in train.columns and train[f].notna().any()]
     if store is not None:
         features += [c for c in store.columns if c in train.columns]

@@ -353,7 +353,11 @@ def evaluate_candidate(
     window = _read_window(wd)
     videos = window.videos
     test_events = _events(lake, plan.test_partitions)
-    interactions = interactions_from_events(pd.concat([window.events, test_events], ignore_index=True), videos)
+    # The positives of each part, then together (not a copy of every column of both parts first).
+    interactions = pd.concat([interactions_from_events(window.events, videos), interactions_from_events(test_events, videos)],
+                             ignore_index=True).sort_values(["user_id", "video_id", "event_time"], kind="stable",
+                                                            ignore_index=True)
+    del test_events
     split = time_split(interactions, pd.Timestamp(plan.test_partitions[0], tz="UTC"))
     watched = window.events.loc[pd.to_numeric(window.events["watched_s"], errors="coerce").fillna(0) > 0,
                                 ["user_id", "video_id"]]

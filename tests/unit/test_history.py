@@ -146,6 +146,27 @@ def test_range_validation_equals_the_days_validated_one_by_one(tmp_path):
     assert "duplicate event_id: a row of an earlier day of the range has the same event_id" in results["events"].reasons
 
 
+def test_range_validation_reads_no_day_ingestion_kept_in_memory(tmp_path, monkeypatch):
+    # Several chunks of days: the bronze tables ingestion kept are used for every chunk, not read back.
+    import recloop.ingestion
+    from recloop.config import REPO_ROOT
+    from recloop.ingestion import ingest_range
+    from recloop.validation import validate_range
+
+    landing, lake, days = _landed(tmp_path)
+    kept = ingest_range(landing, lake, days[0], days[-1], keep_rows=10**9)["events"]
+    bronze = {d: (r.table, r.manifest) for d, r in kept.items()}
+    assert len(bronze) == len(days)
+
+    def no_read(*args, **kwargs):
+        raise AssertionError(f"bronze read back: {args[1:]}")
+
+    monkeypatch.setattr(recloop.ingestion, "read_bronze", no_read)
+    result = validate_range(lake, "events", days, expectations_dir=REPO_ROOT / "expectations", chunk_rows=400,
+                            bronze=bronze)
+    assert sorted(result.days) == days and result.conserved
+
+
 # --- training windows as periods ------------------------------------------------------------------
 
 

@@ -56,6 +56,20 @@ def test_ease_baseline_recommends_co_occurring_items_and_never_the_seen():
     assert rec.recommend(["nobody"], 2) == [["x", "y"]]  # unknown users: popularity
 
 
+def test_ease_baseline_caps_its_items_and_ranks_the_rest_by_popularity():
+    # x (4 interactions), y (2) and z (1): with max_items=2 the model covers x and y (B is 2 x 2); z comes
+    # after them, the lists stay full, and the seen are still excluded.
+    inter = pd.DataFrame({"user_id": ["a", "a", "b", "b", "c", "c", "d"],
+                          "video_id": ["x", "y", "x", "y", "x", "z", "x"],
+                          "event_time": pd.Timestamp("2025-01-01", tz="UTC")})
+    rec = EaseRecommender(l2=0.5, max_items=2).fit(inter, ["x", "y", "z", "w"])
+    assert rec._b.shape == (2, 2) and rec.params["max_items"] == 2
+    assert rec.recommend(["d"], 3) == [["y", "z", "w"]]
+    assert rec.recommend(["c"], 3)[0][0] == "y" and "x" not in rec.recommend(["c"], 3)[0]
+    with pytest.raises(ValueError, match="max_items"):
+        EaseRecommender(max_items=0)
+
+
 # --- history ------------------------------------------------------------------------------------------
 
 
