@@ -427,7 +427,8 @@ def main() -> int:
     parser.add_argument("--home", type=Path, help="RECLOOP_HOME of a single size (must not exist yet)")
     parser.add_argument("--keep", type=Path, help="keep the homes: <KEEP>/<size> (default: temporary, removed)")
     parser.add_argument("--out", type=Path, help="JSON file (rewritten after every stage)")
-    parser.add_argument("--png", type=Path, default=Path("bench_lifecycle.png"), help="the plot of several sizes")
+    parser.add_argument("--png", type=Path, default=Path(__file__).resolve().parent / "out" / "lifecycle.png",
+                        help="the plot of several sizes")
     args = parser.parse_args()
 
     if args.events:
@@ -462,6 +463,7 @@ def main() -> int:
         parser.error("give --events, --sizes or --combine")
     combined = compare([json.loads(p.read_text()) for p in files])
     if len(combined["sizes"]) > 1:
+        args.png.parent.mkdir(parents=True, exist_ok=True)
         draw(combined, args.png)
         combined["png"] = str(args.png)
     text = json.dumps(combined, indent=2, default=str)

@@ -220,7 +220,7 @@ def main() -> int:
     parser.add_argument("--sim-days", type=int, default=8)
     parser.add_argument("--sim-events-per-day", type=int, default=20_000)
     parser.add_argument("--workdir", type=Path, help="where split files and stores go (default: a temporary folder)")
-    parser.add_argument("--out", type=Path, default=Path("bench-quality.json"))
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out" / "quality.json")
     args = parser.parse_args()
     if not (DATA / "ratings.csv").is_file() and {"random", "lifecycle"} & set(args.sections):
         print(f"MovieLens ml-latest-small not found in {DATA}", file=sys.stderr)
@@ -241,6 +241,7 @@ def main() -> int:
     out["bars"] = bars(out)
     out["seconds"] = round(time.perf_counter() - t0, 1)
     text = json.dumps(out, indent=2, default=str)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text + "\n")
     plot(out, args.out.with_suffix(".png"))
     print(text)
