@@ -183,3 +183,16 @@ def test_missing_java_and_an_s3_lake_are_clear_errors(monkeypatch, tmp_path):
     assert "Java 17 or newer" in str(err.value) and "openjdk-17-jre-headless" in str(err.value)
     with pytest.raises(spark_features.SparkUnavailable, match="hadoop-aws"):
         spark_features.write_snapshots(S3Lake("bucket", "lake", client=object()), ["2025-01-01"])
+
+
+def test_with_pyspark_installed_a_python_c_program_still_validates(tmp_path):
+    """Great Expectations imports `pyspark.sql.connect` when pyspark is installed; without Spark Connect's
+    own dependencies (grpcio-status, zstandard: the `connect` extra the `spark` extra asks for), that
+    import calls `sys.exit(0)` in a program whose `__main__` has no file, such as `python -c` (the Airflow
+    test's runner): the program ended, silently, at its first validation."""
+    import subprocess
+    import sys
+
+    code = "import great_expectations, pyspark.sql.connect.dataframe; print('imported')"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("imported"), proc.stderr[-2000:]
