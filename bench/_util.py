@@ -1,23 +1,40 @@
 """Shared by the benchmarks: peak-memory sampling."""
 
+import contextlib
 import threading
 
 import psutil
 
 
 class PeakRSS:
-    """Samples this process's resident memory every 50 ms."""
+    """Samples resident memory every 50 ms: this process's, or with `children=True` this process's plus its
+    children's (recursively). `reset()` starts a new peak (a stage of a benchmark)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, children: bool = False) -> None:
         self.peak = 0
+        self._children = children
         self._stop = threading.Event()
+        self._lock = threading.Lock()
         self._proc = psutil.Process()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def sample(self) -> int:
+        total = self._proc.memory_info().rss
+        if self._children:
+            for child in self._proc.children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    total += child.memory_info().rss
+        return total
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, self._proc.memory_info().rss)
+            with contextlib.suppress(psutil.Error), self._lock:  # a reset never loses to a sample taken before it
+                self.peak = max(self.peak, self.sample())
             self._stop.wait(0.05)
+
+    def reset(self) -> None:
+        with self._lock:
+            self.peak = self.sample()
 
     def __enter__(self) -> "PeakRSS":
         self._thread.start()

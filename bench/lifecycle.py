@@ -42,12 +42,11 @@ import resource
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import psutil
+from _util import PeakRSS  # noqa: E402 - bench/ is on sys.path when run as a script
 
 for key, value in {"DO_NOT_TRACK": "1", "GX_ANALYTICS_ENABLED": "false", "FEAST_USAGE": "False",
                    "MLFLOW_DISABLE_TELEMETRY": "true", "DAGSTER_DISABLE_TELEMETRY": "true"}.items():
@@ -64,43 +63,6 @@ GROUPS = {
     "train": ["training_set", "two_tower", "ann_index", "ranker"],
     "evaluate": ["evaluate"], "register": ["register"], "gate": ["gate"],
 }
-
-
-class TreeRSS:
-    """Peak RSS of this process plus its children (recursively), sampled every 50 ms; `reset()` starts a
-    new peak."""
-
-    def __init__(self) -> None:
-        self.peak = 0
-        self._proc = psutil.Process()
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def sample(self) -> int:
-        total = self._proc.memory_info().rss
-        for child in self._proc.children(recursive=True):
-            with contextlib.suppress(psutil.Error):
-                total += child.memory_info().rss
-        return total
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            with contextlib.suppress(psutil.Error), self._lock:  # a reset never loses to a sample taken before it
-                self.peak = max(self.peak, self.sample())
-            self._stop.wait(0.05)
-
-    def reset(self) -> None:
-        with self._lock:
-            self.peak = self.sample()
-
-    def __enter__(self) -> "TreeRSS":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def _reset_hwm() -> bool:
@@ -199,7 +161,7 @@ def run(events: int, home: Path, out_path: Path | None) -> dict[str, Any]:
         save()
         return result
 
-    with TreeRSS() as rss:
+    with PeakRSS(children=True) as rss:
         started = time.perf_counter()
         summary = stage("simulate", lambda: simulate(config, landing),
                         lambda s: {"rows": s.totals["events"], "users": s.totals["users"], "videos": s.totals["videos"]})
