@@ -82,26 +82,44 @@ def job_origin(job_name: str) -> Any:
 
 
 def _execute(job: dg.JobDefinition, *, inst: dg.DagsterInstance, partition_key: str | None, tags: dict[str, str] | None,
-             run_config: dict[str, Any], run_id: str | None = None) -> Any:
+             run_config: dict[str, Any], run_id: str | None = None, on_workers: bool = False) -> Any:
     """`job.execute_in_process(...)` (in-process executor, in-memory IO), the run created with the code
-    location's origin (`job_origin`). Raises `dg.DagsterUnknownPartitionError` for a day that is not one
-    of the job's partitions, as `execute_in_process` does."""
+    location's origin (`job_origin`). With `on_workers`, the run of `job` with the job's own executor
+    instead (the Celery executor: each step a task the workers load the job for, through
+    `reconstructable_job`), which needs the persistent instance the workers share (DAGSTER_HOME).
+    Raises `dg.DagsterUnknownPartitionError` for a day that is not one of the job's partitions, as
+    `execute_in_process` does."""
     from dagster._core.definitions.job_base import InMemoryJob
     from dagster._core.definitions.partitions.context import partition_loading_context
     from dagster._core.execution.api import create_execution_plan, execute_run
     from dagster._core.execution.execute_in_process import merge_run_tags
 
-    ephemeral = job.as_ephemeral_job(resource_defs={}, input_values={})
-    if partition_key and ephemeral.partitions_def:
+    if on_workers:
+        if not inst.is_persistent:
+            from recloop.scaleout import CeleryUnavailable
+
+            raise CeleryUnavailable("RECLOOP_DAGSTER_EXECUTOR=celery needs a persistent Dagster instance shared "
+                                    "with the workers: set DAGSTER_HOME")
+        job_def, runnable = job, reconstructable_job(job.name)
+    else:
+        job_def = job.as_ephemeral_job(resource_defs={}, input_values={})
+        runnable = InMemoryJob(job_def=job_def)
+    if partition_key and job_def.partitions_def:
         with partition_loading_context(dynamic_partitions_store=inst) as ctx:
-            ephemeral.validate_partition_key(partition_key=partition_key, selected_asset_keys=set(), context=ctx)
-    wrapped = InMemoryJob(job_def=ephemeral)
+            job_def.validate_partition_key(partition_key=partition_key, selected_asset_keys=set(), context=ctx)
     run_tags = merge_run_tags(job_def=job, partition_key=partition_key, tags=tags, asset_selection=[],
                               instance=inst, run_config=run_config)
-    plan = create_execution_plan(wrapped, run_config=run_config, instance_ref=inst.get_ref() if inst.is_persistent else None)
-    run = inst.create_run_for_job(job_def=ephemeral, run_config=run_config, tags={**ephemeral.run_tags, **run_tags},
-                                  execution_plan=plan, remote_job_origin=job_origin(job.name), run_id=run_id)
-    return execute_run(wrapped, run, inst)
+    instance_ref = inst.get_ref() if inst.is_persistent else None
+    if on_workers:
+        plan = create_execution_plan(runnable, run_config=run_config, instance_ref=instance_ref, tags=run_tags)
+        code_origin = {"job_code_origin": runnable.get_python_origin()}
+    else:
+        plan = create_execution_plan(runnable, run_config=run_config, instance_ref=instance_ref)
+        code_origin = {}
+    run = inst.create_run_for_job(job_def=job_def, run_config=run_config, tags={**job_def.run_tags, **run_tags},
+                                  execution_plan=plan, remote_job_origin=job_origin(job.name), run_id=run_id,
+                                  **code_origin)
+    return execute_run(runnable, run, inst)
 
 
 def reconstructable_job(job_name: str) -> Any:
@@ -111,33 +129,6 @@ def reconstructable_job(job_name: str) -> Any:
 
     repository = ReconstructableRepository.for_module(MODULE, "defs", working_directory=str(REPO_ROOT))
     return repository.get_reconstructable_job(job_name)
-
-
-def _execute_reconstructable(job: dg.JobDefinition, *, inst: dg.DagsterInstance, partition_key: str | None,
-                             tags: dict[str, str] | None, run_config: dict[str, Any], run_id: str) -> Any:
-    """The run of `job` with the job's own executor (the Celery executor: each step a task the workers
-    load the job for, through `reconstructable_job`), created with the code location's origin like
-    `_execute`. Needs the persistent instance the workers share (DAGSTER_HOME)."""
-    from dagster._core.definitions.partitions.context import partition_loading_context
-    from dagster._core.execution.api import create_execution_plan, execute_run
-    from dagster._core.execution.execute_in_process import merge_run_tags
-
-    if not inst.is_persistent:
-        from recloop.scaleout import CeleryUnavailable
-
-        raise CeleryUnavailable("RECLOOP_DAGSTER_EXECUTOR=celery needs a persistent Dagster instance shared with "
-                                "the workers: set DAGSTER_HOME")
-    if partition_key and job.partitions_def:
-        with partition_loading_context(dynamic_partitions_store=inst) as ctx:
-            job.validate_partition_key(partition_key=partition_key, selected_asset_keys=set(), context=ctx)
-    recon = reconstructable_job(job.name)
-    run_tags = merge_run_tags(job_def=job, partition_key=partition_key, tags=tags, asset_selection=[],
-                              instance=inst, run_config=run_config)
-    plan = create_execution_plan(recon, run_config=run_config, instance_ref=inst.get_ref(), tags=run_tags)
-    run = inst.create_run_for_job(job_def=job, run_config=run_config, tags={**job.run_tags, **run_tags},
-                                  execution_plan=plan, remote_job_origin=job_origin(job.name),
-                                  job_code_origin=recon.get_python_origin(), run_id=run_id)
-    return execute_run(recon, run, inst)
 
 
 _WORKERS_SEEN: set[tuple[str, str]] = set()
@@ -246,9 +237,10 @@ def run_job(
     from pipelines.definitions import defs
 
     job = defs().resolve_job_def(job_name)
-    on_workers = inst is not None and Settings.from_env().dagster_executor == "celery"
+    settings = Settings.from_env()
+    on_workers = inst is not None and settings.dagster_executor == "celery"
     if on_workers:
-        _check_workers(Settings.from_env())
+        _check_workers(settings)
     rng = None
     if partition is not None and job.partitions_def is not None:
         from recloop import partition_range
@@ -265,12 +257,9 @@ def run_job(
         if inst is None:  # no instance to record in: an ephemeral one, as Dagster's own default
             result = job.execute_in_process(partition_key=partition, tags=tags, raise_on_error=False,
                                             run_config=run_config, run_id=run_id)
-        elif on_workers:
-            result = _execute_reconstructable(job, inst=inst, partition_key=partition, tags=tags,
-                                              run_config=run_config, run_id=run_id)
         else:
             result = _execute(job, inst=inst, partition_key=partition, tags=tags, run_config=run_config,
-                              run_id=run_id)
+                              run_id=run_id, on_workers=on_workers)
     except dg.DagsterUnknownPartitionError:
         # The range changed between the check and the load (data landed or removed meanwhile).
         from recloop.partition_range import OutsideRange
