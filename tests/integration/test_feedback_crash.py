@@ -83,6 +83,9 @@ def burst(port: int, round_: int, sent: set[str], acked: set[str], seconds: floa
                     response = http.post("/v1/feedback", json=body)
                 except httpx.HTTPError:
                     return  # the server was killed
+                if response.status_code == 503 and response.json().get("reason") == "overloaded":
+                    time.sleep(float(response.headers.get("Retry-After", "1")))  # what a client is told to do
+                    continue
                 assert response.status_code == 202, response.text
                 with lock:
                     acked.update(response.json()["event_ids"])

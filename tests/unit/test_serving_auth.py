@@ -147,14 +147,18 @@ def test_recommendations_are_open_by_default_and_keyed_by_the_setting(make_clien
 def test_readyz_shows_error_text_only_to_callers_with_a_key(make_client):
     client = make_client()
     service = client.app.state.service
-    service.last_error = "_refresh_model: OperationalError: could not connect to postgres://10.1.2.3/mlflow"
-    anonymous = client.get("/readyz")
-    assert anonymous.status_code == 503  # readiness itself stays visible to probes
-    assert "10.1.2.3" not in anonymous.text and anonymous.json()["last_error"] == auth.HIDDEN
-    assert anonymous.json()["ready"] is False
-    keyed = client.get("/readyz", headers={"X-API-Key": KEY_A})
-    assert keyed.json()["last_error"] == service.last_error
-    assert client.get("/readyz", headers=bearer("y" * 30)).status_code == 403
+    error = "_refresh_model: OperationalError: could not connect to postgres://10.1.2.3/mlflow"
+    # Holding the refresh lock keeps the background refresh (its first round runs at start) from
+    # replacing the error while the requests run.
+    with service._refresh_lock:
+        service.last_error = error
+        anonymous = client.get("/readyz")
+        assert anonymous.status_code == 503  # readiness itself stays visible to probes
+        assert "10.1.2.3" not in anonymous.text and anonymous.json()["last_error"] == auth.HIDDEN
+        assert anonymous.json()["ready"] is False
+        keyed = client.get("/readyz", headers={"X-API-Key": KEY_A})
+        assert keyed.json()["last_error"] == error
+        assert client.get("/readyz", headers=bearer("y" * 30)).status_code == 403
 
 
 def test_without_keys_locally_the_api_is_open_with_a_loud_warning(make_client, caplog):
@@ -162,8 +166,10 @@ def test_without_keys_locally_the_api_is_open_with_a_loud_warning(make_client, c
         client = make_client(keys=None)
     assert "WITHOUT AUTHENTICATION" in caplog.text and auth.KEYS_VARIABLE in caplog.text
     assert client.post("/v1/feedback", json=events()).status_code == 202
-    client.app.state.service.last_error = "boom"
-    assert client.get("/readyz").json()["last_error"] == "boom"  # nobody has a key: nothing to hide from
+    service = client.app.state.service
+    with service._refresh_lock:  # no background refresh replaces the error meanwhile
+        service.last_error = "boom"
+        assert client.get("/readyz").json()["last_error"] == "boom"  # nobody has a key: nothing to hide from
 
 
 def production_settings(tmp_path: Path) -> Settings:
