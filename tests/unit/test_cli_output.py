@@ -20,6 +20,15 @@ from recloop.lake import open_lake
 ANSI = re.compile(r"\x1b\[")
 
 
+@pytest.fixture(autouse=True)
+def plain_width(monkeypatch):
+    """The captured output's width is the plain default (COLUMNS set by another test or library in the
+    same process would fold these tables differently)."""
+    from recloop.terminal import PLAIN_WIDTH
+
+    monkeypatch.setenv("COLUMNS", str(PLAIN_WIDTH))
+
+
 def run(capsys, *argv: str) -> tuple[int, str, str]:
     try:
         code = cli.main(list(argv))
