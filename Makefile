@@ -36,8 +36,12 @@ system-packages:
 demo: setup
 	$(BIN)/recloop demo
 
+# Two worker processes, each taking whole test files (module fixtures are built once): most of a test's
+# time is one core's work (imports, subprocesses, a server starting), so two of them keep both cores busy.
+# TEST_WORKERS=0 runs everything in this process, in order.
+TEST_WORKERS ?= 2
 test: setup system-packages
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # `dagster dev` loads pyproject.toml's [tool.dagster]: module pipelines.definitions as code location
 # `recloop`, the name the compose stack gives it and the CLI's runs are recorded under (pipelines/run.py).
