@@ -108,15 +108,18 @@ class MultiStageRecommender:
             raise ValueError(f"this recommender has no {name} source")
         return replace(self, mode=name, name=f"source:{name}", report=None, shared=None)
 
-    def components(self) -> dict[str, "MultiStageRecommender"]:
-        """Each candidate source alone (a full recommender's parts, for evaluation). They share their
-        work: the first of them asked for some users' lists computes every source's lists for those users
-        in one pass (`recommend_sources`: one user batch, one EASE product and one two-tower user vector
-        per user for all of them), the others are then answered from it."""
+    def components(self, *, with_self: bool = False) -> dict[str, "MultiStageRecommender"]:
+        """Each candidate source alone (a full recommender's parts, for evaluation), keyed by source;
+        `with_self`: this recommender too, keyed PRIMARY. They share their work: the first of them asked
+        for some users' lists computes every one's lists for those users in one pass (`recommend_modes`:
+        one user batch, one EASE product and one two-tower user vector per user for all of them), the
+        others are then answered from it."""
         if self.mode != PRIMARY:
             return {}
-        shared = _SourceLists(self)
-        return {s: replace(self.source_only(s), shared=shared) for s in self.sources}
+        modes = [PRIMARY, *self.sources] if with_self else list(self.sources)
+        shared = _SourceLists(self, modes)
+        views = {PRIMARY: replace(self, shared=shared)} if with_self else {}
+        return {**views, **{s: replace(self.source_only(s), shared=shared) for s in self.sources}}
 
     def knows(self, user_ids: Sequence[str]) -> np.ndarray:
         """Whether each user is in the training window's users (gets personalised lists); the others get
@@ -335,11 +338,13 @@ class MultiStageRecommender:
 
 
 class _SourceLists:
-    """The lists of every source of `rec` alone, computed in one pass (`recommend_sources`) for the last
-    (users, k, exclude) asked and answered from there: the evaluation asks each source for the same users."""
+    """The lists of `rec` in each of `modes` (PRIMARY, each source alone), computed in one pass
+    (`recommend_modes`) for the last (users, k, exclude) asked and answered from there: the evaluation
+    asks each of them for the same users."""
 
-    def __init__(self, rec: MultiStageRecommender) -> None:
-        self.rec = rec
+    def __init__(self, rec: MultiStageRecommender, modes: Sequence[str]) -> None:
+        self.rec = replace(rec, shared=None)
+        self.modes = list(modes)
         self._asked: tuple[tuple[str, ...], int, Any] | None = None
         self._lists: dict[str, list[list[str]]] = {}
 
@@ -348,7 +353,7 @@ class _SourceLists:
         users = tuple(str(u) for u in user_ids)
         asked = self._asked
         if asked is None or asked[0] != users or asked[1] != k or asked[2] is not exclude or mode not in self._lists:
-            self._lists = self.rec.recommend_sources(list(users), k, exclude=exclude)
+            self._lists = self.rec.recommend_modes(self.modes, list(users), k, exclude=exclude)
             self._asked = (users, k, exclude)  # holds `exclude`: its identity is the key
         return [list(r) for r in self._lists[mode]]
 

@@ -175,6 +175,13 @@ def test_per_source_lists_from_one_pass_equal_each_source_run_alone(sim, monkeyp
         both = rec.recommend_modes(["ranker", "popular"], users, k, exclude=ex)
         assert both["ranker"] == rec.recommend(users, k, exclude=ex) and both["popular"] == alone["popular"]
     assert any(a != b for a, b in zip(alone["item_to_item"], alone["two_tower"]))  # the sources differ
+    # With the full recommender in the same pass (the evaluation's `recloop` and `recloop/<source>`).
+    views = rec.components(with_self=True)
+    assert set(views) == {"ranker", *rec.sources} and views["ranker"].mode == "ranker"
+    got = {name: view.recommend(users, 20, exclude=exclude) for name, view in views.items()}
+    assert got == {"ranker": rec.recommend(users, 20, exclude=exclude),
+                   **{name: rec.source_only(name).recommend(users, 20, exclude=exclude) for name in rec.sources}}
+    assert views["ranker"].shared is views["popular"].shared and rec.shared is None
 
 
 def test_climb_grid_finds_the_peak_of_a_unimodal_curve_with_fewer_trials():
