@@ -204,8 +204,10 @@ class ItemToItem:
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        # float16 halves the bundle; the ranking it gives is the same (checked on MovieLens).
-        np.savez_compressed(directory / "ease.npz", item_rows=self.item_rows,
+        # float16 halves the bundle; the ranking it gives is the same (checked on MovieLens). Not zlib-
+        # compressed: EASE's float16 weights shrink by only ~15 % (229 vs 268 MB at 8192 items) for ~16 s
+        # of CPU per save and 2.5x the load time (every evaluation, champion comparison and server start).
+        np.savez(directory / "ease.npz", item_rows=self.item_rows,
                             b_pos=self.b_pos.astype(np.float16), b_watch=self.b_watch.astype(np.float16))
         (directory / "config.json").write_text(json.dumps(asdict(self.config), indent=2))
 
