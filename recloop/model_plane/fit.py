@@ -36,6 +36,7 @@ from recloop.model_plane.history import History
 from recloop.model_plane.ranker import Ranker, RankerConfig
 from recloop.model_plane.recommender import CandidateConfig, MultiStageRecommender
 from recloop.model_plane.sources import Fresh, ItemToItem, ItemToItemConfig, Popular, TwoTowerSource
+from recloop.model_plane.sources.item_to_item import climb_grid, ease_weights, gram, item_rows
 
 log = logging.getLogger(__name__)
 
@@ -197,38 +198,49 @@ def _sample(users: np.ndarray, n: int, seed: int) -> np.ndarray:
 def _tune_l2(history: History, labels: Labels, users: np.ndarray, config: FitConfig,
              report: FitReport) -> tuple[dict[str, float], ItemToItem | None]:
     """The EASE L2 weights (positives, watched) with the best recall@10 of the validation positives, and
-    the item-to-item model of `history` with those weights (fitted while tuning: not fitted again)."""
+    the item-to-item model of `history` with those weights (fitted while tuning: not fitted again).
+
+    Each weight is tuned on its own matrix and score (`l2_positive`: the positives' EASE and `i2i_pos`;
+    `l2_watched`: the watched one and `i2i_watch`), by `climb_grid` over `l2_grid` from its middle: 3-4
+    inversions per weight instead of one per grid value, each on the Gram matrix computed once."""
     if not config.l2_grid or not len(users):
         return {}, None
-    base = ItemToItem.fit(history, ItemToItemConfig(**{**asdict(config.item_to_item), "l2_positive": config.l2_grid[0],
-                                                       "l2_watched": config.l2_grid[0]}))
+    t0 = time.perf_counter()
+    rows = item_rows(history, config.item_to_item)
     n_items = len(history.items)
     truth = labels.keys(n_items)
     per_user = np.bincount(labels.user, minlength=len(history.users))[users]
-    seen = history.seen[users][:, base.item_rows].nonzero()
+    seen = history.seen[users][:, rows].nonzero()
+    keys = users[:, None].astype(np.int64) * n_items
     chosen: dict[str, float] = {}
     trials: dict[str, dict[str, float]] = {}
     weights: dict[str, np.ndarray] = {}
-    for param, key in (("l2_positive", "i2i_pos"), ("l2_watched", "i2i_watch")):
-        best, best_score = None, -1.0
-        trials[param] = {}
-        for l2 in config.l2_grid:
-            model = base if l2 == config.l2_grid[0] else base.with_l2(history, **{param: l2})
-            s = model.scores(history.positives[users], history.watched[users])[key]
+    for param, matrix in (("l2_positive", history.positives), ("l2_watched", history.watched)):
+        x = matrix[:, rows]
+        x_users = matrix[users][:, rows]
+        g = gram(x)
+        best: dict[str, Any] = {"score": -np.inf}
+
+        def recall(l2: float) -> float:
+            b = ease_weights(x, l2, gram_matrix=g) if len(rows) else np.zeros((0, 0), np.float32)
+            s = np.asarray(x_users @ b, np.float32)
             s[seen] = -np.inf
             k = min(10, s.shape[1])
-            top = np.argpartition(-s, k - 1, axis=1)[:, :k]
-            hits = np.isin(users[:, None].astype(np.int64) * n_items + base.item_rows[top], truth).sum(axis=1)
+            top = np.argpartition(-s, k - 1, axis=1)[:, :k] if k else np.zeros((len(users), 0), np.int64)
+            hits = np.isin(keys + rows[top], truth).sum(axis=1)
             score = float(np.mean(hits / np.maximum(per_user, 1)))
-            trials[param][str(l2)] = round(score, 5)
-            if score > best_score:
-                best, best_score = l2, score
-                weights[param] = model.b_pos if param == "l2_positive" else model.b_watch
-            del model, s
-        chosen[param] = float(best)
-    report.l2 = {"chosen": chosen, "recall_at_10": trials}
-    tuned = ItemToItem(ItemToItemConfig(**{**asdict(base.config), **chosen}), base.item_rows, weights["l2_positive"],
-                       weights["l2_watched"], base.fit_seconds)
+            if score > best["score"]:
+                best.update(score=score, b=b)
+            return score
+
+        value, tried = climb_grid(config.l2_grid, recall)
+        chosen[param] = float(value)
+        trials[param] = {str(l2): round(v, 5) for l2, v in tried.items()}
+        weights[param] = best["b"]
+        del g, x, x_users, best
+    report.l2 = {"chosen": chosen, "recall_at_10": trials, "search": "climb_grid from the grid's middle"}
+    tuned = ItemToItem(ItemToItemConfig(**{**asdict(config.item_to_item), **chosen}), rows.astype(np.int64),
+                       weights["l2_positive"], weights["l2_watched"], time.perf_counter() - t0)
     return chosen, tuned
 
 

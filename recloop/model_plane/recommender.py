@@ -81,6 +81,8 @@ class MultiStageRecommender:
     mode: str = PRIMARY
     name: str = "recloop"
     report: Any = None  # the fit's FitReport, when it was fitted in this process
+    # Source-only views made by `components()` share one `_SourceLists`: every source's lists in one pass.
+    shared: Any = field(default=None, repr=False, compare=False)
 
     is_platform = True  # recloop's own model (the evaluation harness names it in its result)
 
@@ -104,11 +106,20 @@ class MultiStageRecommender:
         """The same fitted parts, recommending one source's candidates by that source's own score."""
         if name == "item_to_item" and self.item_to_item is None or name == "two_tower" and self.two_tower is None:
             raise ValueError(f"this recommender has no {name} source")
-        return replace(self, mode=name, name=f"source:{name}", report=None)
+        return replace(self, mode=name, name=f"source:{name}", report=None, shared=None)
 
-    def components(self) -> dict[str, "MultiStageRecommender"]:
-        """Each candidate source alone (a full recommender's parts, for evaluation)."""
-        return {s: self.source_only(s) for s in self.sources} if self.mode == PRIMARY else {}
+    def components(self, *, with_self: bool = False) -> dict[str, "MultiStageRecommender"]:
+        """Each candidate source alone (a full recommender's parts, for evaluation), keyed by source;
+        `with_self`: this recommender too, keyed PRIMARY. They share their work: the first of them asked
+        for some users' lists computes every one's lists for those users in one pass (`recommend_modes`:
+        one user batch, one EASE product and one two-tower user vector per user for all of them), the
+        others are then answered from it."""
+        if self.mode != PRIMARY:
+            return {}
+        modes = [PRIMARY, *self.sources] if with_self else list(self.sources)
+        shared = _SourceLists(self, modes)
+        views = {PRIMARY: replace(self, shared=shared)} if with_self else {}
+        return {**views, **{s: replace(self.source_only(s), shared=shared) for s in self.sources}}
 
     def knows(self, user_ids: Sequence[str]) -> np.ndarray:
         """Whether each user is in the training window's users (gets personalised lists); the others get
@@ -161,18 +172,20 @@ class MultiStageRecommender:
         return UserBatch(rows=np.asarray(rows, np.int64), positives=h.positives[rows], watched=h.watched[rows],
                          excluded=excluded)
 
-    def candidate_scores(self, batch: UserBatch, *, only: str | None = None, n_only: int = 100) -> CandidateScores:
+    def candidate_scores(self, batch: UserBatch, *, only: str | None = None, n_only: int = 100,
+                         i2i_scores: dict[str, np.ndarray] | None = None) -> CandidateScores:
         """Candidates of the users of `batch` (none of what it excludes) with every source's score. `only`
-        restricts the lists to one source's top `n_only`."""
+        restricts the lists to one source's top `n_only`. `i2i_scores`: the item-to-item scores of the
+        batch's users already computed (`ItemToItem.scores`)."""
         h, cfg = self.history, self.config
         n_users = len(batch.rows)
         excluded = batch.excluded
         widest = int(np.diff(excluded.indptr).max()) if n_users else 0
         use = (lambda s: only is None or only == s)
         lists: list[tuple[np.ndarray, np.ndarray, str]] = []  # (user positions, item rows, source)
-        i2i_scores = None
         if self.item_to_item is not None:
-            i2i_scores = self.item_to_item.scores(batch.positives, batch.watched)
+            if i2i_scores is None:
+                i2i_scores = self.item_to_item.scores(batch.positives, batch.watched)
             if use("item_to_item"):
                 ex = self.item_to_item.columns(excluded).nonzero()
                 blank = np.diff(batch.watched.indptr) + np.diff(batch.positives.indptr) == 0  # nothing to go on
@@ -185,10 +198,7 @@ class MultiStageRecommender:
         vectors = batch.vectors
         if self.two_tower is not None:
             if vectors is None:
-                known = batch.rows >= 0
-                vectors = np.zeros((n_users, self.two_tower.index.dim), np.float32)
-                if known.any():
-                    vectors[known] = self.two_tower.user_vectors(h.users[batch.rows[known]].tolist(), h.cutoff)
+                vectors = self._user_vectors(batch)
             if use("two_tower"):
                 n = n_only if only else cfg.n_two_tower
                 has = np.flatnonzero(np.abs(vectors).sum(axis=1) > 0)
@@ -212,6 +222,15 @@ class MultiStageRecommender:
                 continue
             lists.append(_first_n_allowed(items, excluded, n) + (source,))
         return self._merge(batch, lists, i2i_scores, vectors)
+
+    def _user_vectors(self, batch: UserBatch) -> np.ndarray:
+        """The two-tower vectors of the batch's users the history knows (zero rows for the others)."""
+        h = self.history
+        known = batch.rows >= 0
+        vectors = np.zeros((len(batch.rows), self.two_tower.index.dim), np.float32)
+        if known.any():
+            vectors[known] = self.two_tower.user_vectors(h.users[batch.rows[known]].tolist(), h.cutoff)
+        return vectors
 
     def _merge(self, batch: UserBatch, lists: list[tuple[np.ndarray, np.ndarray, str]],
                i2i_scores: dict[str, np.ndarray] | None, vectors: np.ndarray | None) -> CandidateScores:
@@ -262,32 +281,81 @@ class MultiStageRecommender:
 
     def recommend(self, user_ids: Sequence[str], k: int, *, exclude: Mapping[str, set[str]] | None = None) -> list[list[str]]:
         """At most k distinct video ids per user, best first, none watched before or in `exclude[user]`."""
+        if self.shared is not None:
+            return self.shared.lists(self.mode, user_ids, k, exclude)
+        return self.recommend_modes([self.mode], user_ids, k, exclude=exclude)[self.mode]
+
+    def recommend_sources(self, user_ids: Sequence[str], k: int, *,
+                          exclude: Mapping[str, set[str]] | None = None) -> dict[str, list[list[str]]]:
+        """Each source's own lists (what `source_only(name).recommend` gives), all in one pass."""
+        return self.recommend_modes(self.sources, user_ids, k, exclude=exclude)
+
+    def recommend_modes(self, modes: Sequence[str], user_ids: Sequence[str], k: int, *,
+                        exclude: Mapping[str, set[str]] | None = None) -> dict[str, list[list[str]]]:
+        """`recommend` of this recommender in each of `modes` (PRIMARY, or a source alone), in one pass
+        over the users: each batch's rows, exclusions, EASE scores and two-tower vectors are computed once
+        for every mode."""
         users = [str(u) for u in user_ids]
-        out: list[list[str]] = [[] for _ in users]
+        out: dict[str, list[list[str]]] = {m: [[] for _ in users] for m in modes}
         if not users or k <= 0:
             return out
+        views = {m: self if m == self.mode else replace(self, mode=m, shared=None) for m in modes}
         rows = self.history.users.get_indexer(pd.Index(users, dtype=object))
         known = np.flatnonzero(rows >= 0)
-        only = None if self.mode == PRIMARY else self.mode
+        ids = self.history.item_ids
         for start in range(0, len(known), BATCH_USERS):
             batch = known[start : start + BATCH_USERS]
             extra = [sorted(exclude.get(users[i], ())) for i in batch] if exclude else None
-            cands = self.candidate_scores(self.user_batch(rows[batch], extra), only=only, n_only=max(k, 100))
-            if not len(cands):
-                continue
-            score = np.nan_to_num(self.score(cands), nan=-np.inf)
-            order = np.lexsort((cands.item, -score, cands.user))
-            owner, items = cands.user[order], cands.item[order]
-            starts = np.searchsorted(owner, np.arange(len(batch)), side="left")
-            ends = np.searchsorted(owner, np.arange(len(batch)), side="right")
-            ids = self.history.item_ids
-            for u in range(len(batch)):
-                out[batch[u]] = ids[items[starts[u] : min(ends[u], starts[u] + k)]].tolist()
-        for i in np.flatnonzero(rows < 0):  # unknown users: popular, then fresh
-            excluded = exclude.get(users[i], set()) if exclude else set()
-            pool = [self.history.items[r] for r in (*self.popular.rows, *self.fresh.rows)]
-            out[i] = [v for v in dict.fromkeys(pool) if v not in excluded][:k]
+            user_batch = self.user_batch(rows[batch], extra)
+            i2i_scores = None
+            if len(modes) > 1:
+                if self.item_to_item is not None:
+                    i2i_scores = self.item_to_item.scores(user_batch.positives, user_batch.watched)
+                if self.two_tower is not None and user_batch.vectors is None:
+                    user_batch.vectors = self._user_vectors(user_batch)
+            for mode, view in views.items():
+                only = None if mode == PRIMARY else mode
+                cands = view.candidate_scores(user_batch, only=only, n_only=max(k, 100), i2i_scores=i2i_scores)
+                if not len(cands):
+                    continue
+                score = np.nan_to_num(view.score(cands), nan=-np.inf)
+                order = np.lexsort((cands.item, -score, cands.user))
+                owner, items = cands.user[order], cands.item[order]
+                starts = np.searchsorted(owner, np.arange(len(batch)), side="left")
+                ends = np.searchsorted(owner, np.arange(len(batch)), side="right")
+                lists = out[mode]
+                for u in range(len(batch)):
+                    lists[batch[u]] = ids[items[starts[u] : min(ends[u], starts[u] + k)]].tolist()
+        cold = np.flatnonzero(rows < 0)
+        if len(cold):  # unknown users: popular, then fresh
+            pool = list(dict.fromkeys(self.history.items[r] for r in (*self.popular.rows, *self.fresh.rows)))
+            for i in cold:
+                excluded = exclude.get(users[i], set()) if exclude else set()
+                lists_i = [v for v in pool if v not in excluded][:k]
+                for mode in modes:
+                    out[mode][i] = list(lists_i)
         return out
+
+
+class _SourceLists:
+    """The lists of `rec` in each of `modes` (PRIMARY, each source alone), computed in one pass
+    (`recommend_modes`) for the last (users, k, exclude) asked and answered from there: the evaluation
+    asks each of them for the same users."""
+
+    def __init__(self, rec: MultiStageRecommender, modes: Sequence[str]) -> None:
+        self.rec = replace(rec, shared=None)
+        self.modes = list(modes)
+        self._asked: tuple[tuple[str, ...], int, Any] | None = None
+        self._lists: dict[str, list[list[str]]] = {}
+
+    def lists(self, mode: str, user_ids: Sequence[str], k: int,
+              exclude: Mapping[str, set[str]] | None) -> list[list[str]]:
+        users = tuple(str(u) for u in user_ids)
+        asked = self._asked
+        if asked is None or asked[0] != users or asked[1] != k or asked[2] is not exclude or mode not in self._lists:
+            self._lists = self.rec.recommend_modes(self.modes, list(users), k, exclude=exclude)
+            self._asked = (users, k, exclude)  # holds `exclude`: its identity is the key
+        return [list(r) for r in self._lists[mode]]
 
 
 def _top_rows(scores: np.ndarray, n: int, item_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

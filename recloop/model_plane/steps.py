@@ -346,6 +346,7 @@ def evaluate_candidate(
         tuned_ease_factory,
     )
     from recloop.model_plane.bundle import load_bundle, sanity
+    from recloop.model_plane.recommender import PRIMARY as RANKER
 
     plan = TrainingPlan.read(workdir)
     wd = Path(workdir)
@@ -362,8 +363,10 @@ def evaluate_candidate(
     watched = window.events.loc[pd.to_numeric(window.events["watched_s"], errors="coerce").fillna(0) > 0,
                                 ["user_id", "video_id"]]
     catalog = videos["video_id"].astype(str)
-    recommenders: dict[str, Any] = {PRIMARY: candidate}
-    recommenders.update({f"{PRIMARY}/{name}": r for name, r in candidate.components().items()})
+    # The candidate and each of its sources alone, their lists computed in one pass over the users.
+    views = candidate.components(with_self=True)
+    recommenders: dict[str, Any] = {PRIMARY: views.pop(RANKER)}
+    recommenders.update({f"{PRIMARY}/{name}": r for name, r in views.items()})
     recommenders["popularity"] = PopularityRecommender().fit(split.train, catalog)
     recommenders["als"] = tuned_cf_factory("als", als_grid)(split.train, videos)
     recommenders["ease"] = tuned_ease_factory()(split.train, videos)

@@ -331,6 +331,43 @@ def test_segments_score_the_same_lists_on_a_subset_of_the_evaluated_users(sim):
     assert json.loads(json.dumps(result)) == result
 
 
+class _Asked:
+    """Popularity that records which users it was asked for."""
+
+    def __init__(self, base, name):
+        self.base, self.name, self.asked = base, name, []
+
+    def recommend(self, user_ids, k, *, exclude=None):
+        self.asked.append(list(user_ids))
+        return self.base.recommend(user_ids, k, exclude=exclude)
+
+
+def test_evaluation_caps_its_users_with_one_seeded_sample_shared_by_every_recommender(sim):
+    split, videos = sim["split"], sim["known_videos"]
+    pop = ev.popularity_factory(split.train, videos)
+    full = ev.evaluate({"p": pop}, split.train, split.test, catalog=sim["videos"], ks=(10,), max_users=None)
+    n = full["users_evaluated"]
+    assert n > 20 and "user_sample" not in full
+    runs = []
+    for seed in (0, 0, 1):
+        recs = {"a": _Asked(pop, "a"), "b": _Asked(pop, "b")}
+        result = ev.evaluate(recs, split.train, split.test, catalog=sim["videos"], ks=(10,), max_users=20, seed=seed)
+        assert recs["a"].asked == recs["b"].asked and len(recs["a"].asked[0]) == 20  # the same users for both
+        assert result["users_evaluated"] == 20 and result["recommenders"]["a"]["users_evaluated"] == 20
+        assert result["users"]["evaluated"] == 20 and result["users"]["with_relevant_videos"] == n
+        assert result["user_sample"]["max_users"] == 20 and result["user_sample"]["of"] == n
+        assert "20 of the" in result["user_sample"]["description"]
+        assert set(recs["a"].asked[0]) <= set(full_users(split))
+        runs.append(recs["a"].asked[0])
+    assert runs[0] == runs[1] and runs[0] != runs[2]  # seeded: reproducible, and the seed matters
+    # Not more users than the cap: the default cap leaves a small evaluation whole.
+    assert ev.evaluate({"p": pop}, split.train, split.test, catalog=sim["videos"], ks=(10,))["users_evaluated"] == n
+
+
+def full_users(split):
+    return sorted(set(split.test["user_id"].astype(str)))
+
+
 # --- file mode ---------------------------------------------------------------------------------------
 
 T0 = 978_300_760

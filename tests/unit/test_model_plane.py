@@ -155,6 +155,69 @@ def test_lists_are_k_distinct_unseen_and_unknown_users_get_popular(sim, monkeypa
     assert checks["weights_finite"] and checks["share_same_top_k"] < 0.5 and checks["distinct_items"] > 20
 
 
+def test_per_source_lists_from_one_pass_equal_each_source_run_alone(sim, monkeypatch):
+    # The evaluation scores each source alone (`components()`); they now share one pass over the users.
+    # Their lists must be exactly what each source gave when it ran the candidate pipeline on its own.
+    from recloop.model_plane import recommender as module
+
+    _, history, fitted = sim
+    rec = fitted.recommender
+    users = history.users[:70].tolist() + ["nobody"]
+    exclude = {u: set(top[:2]) for u, top in zip(users[:40], rec.recommend(users[:40], 2))}
+    monkeypatch.setattr(module, "BATCH_USERS", 32)  # several batches
+    parts = rec.components()
+    assert set(parts) == set(rec.sources) and len(parts) == 4
+    for k, ex in ((50, exclude), (10, None)):
+        alone = {name: rec.source_only(name).recommend(users, k, exclude=ex) for name in rec.sources}
+        shared = {name: part.recommend(users, k, exclude=ex) for name, part in parts.items()}
+        assert shared == alone
+        assert rec.recommend_sources(users, k, exclude=ex) == alone
+        both = rec.recommend_modes(["ranker", "popular"], users, k, exclude=ex)
+        assert both["ranker"] == rec.recommend(users, k, exclude=ex) and both["popular"] == alone["popular"]
+    assert any(a != b for a, b in zip(alone["item_to_item"], alone["two_tower"]))  # the sources differ
+    # With the full recommender in the same pass (the evaluation's `recloop` and `recloop/<source>`).
+    views = rec.components(with_self=True)
+    assert set(views) == {"ranker", *rec.sources} and views["ranker"].mode == "ranker"
+    got = {name: view.recommend(users, 20, exclude=exclude) for name, view in views.items()}
+    assert got == {"ranker": rec.recommend(users, 20, exclude=exclude),
+                   **{name: rec.source_only(name).recommend(users, 20, exclude=exclude) for name in rec.sources}}
+    assert views["ranker"].shared is views["popular"].shared and rec.shared is None
+
+
+def test_climb_grid_finds_the_peak_of_a_unimodal_curve_with_fewer_trials():
+    from recloop.model_plane.sources.item_to_item import climb_grid
+
+    grid = (10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0)
+    for peak in range(len(grid)):
+        calls = []
+
+        def score(l2, peak=peak):
+            calls.append(l2)
+            return -abs(grid.index(l2) - peak)
+
+        best, tried = climb_grid(grid, score)
+        assert best == grid[peak] and set(tried) == set(calls) and len(calls) == len(set(calls)) <= 4
+    assert climb_grid(grid, lambda l2: 1.0) == (100.0, {100.0: 1.0, 300.0: 1.0, 30.0: 1.0})  # ties: the first tried
+    assert climb_grid((5.0,), lambda l2: 0.0)[0] == 5.0
+    with pytest.raises(ValueError):
+        climb_grid((), lambda l2: 0.0)
+
+
+def test_ease_with_another_l2_reuses_the_gram_matrix_and_equals_a_fresh_fit():
+    rng = np.random.default_rng(0)
+    inter = pd.DataFrame({"user_id": [f"u{i}" for i in rng.integers(0, 40, 300)],
+                          "video_id": [f"v{i}" for i in rng.integers(0, 30, 300)],
+                          "event_time": pd.Timestamp("2025-01-01", tz="UTC")}).drop_duplicates(["user_id", "video_id"])
+    catalog = [f"v{i}" for i in range(32)]
+    first = EaseRecommender(l2=10.0).fit(inter, catalog)
+    other = first.with_l2(300.0)
+    fresh = EaseRecommender(l2=300.0).fit(inter, catalog)
+    assert other.l2 == 300.0 and first.l2 == 10.0 and first.with_l2(10.0) is first
+    np.testing.assert_allclose(other._b, fresh._b, rtol=1e-4, atol=1e-6)
+    users = sorted(inter["user_id"].unique())
+    assert other.recommend(users, 5) == fresh.recommend(users, 5)
+
+
 def test_bundle_round_trip_recommends_the_same(sim, tmp_path):
     lake, history, fitted = sim
     directory = save_bundle(tmp_path / "bundle", fitted.recommender, metadata={"plan": {"train_partitions": DAYS[:-1]}})
