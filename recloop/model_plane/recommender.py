@@ -177,7 +177,7 @@ class MultiStageRecommender:
         """Candidates of the users of `batch` (none of what it excludes) with every source's score. `only`
         restricts the lists to one source's top `n_only`. `i2i_scores`: the item-to-item scores of the
         batch's users already computed (`ItemToItem.scores`)."""
-        h, cfg = self.history, self.config
+        cfg = self.config
         n_users = len(batch.rows)
         excluded = batch.excluded
         widest = int(np.diff(excluded.indptr).max()) if n_users else 0
