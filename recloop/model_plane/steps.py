@@ -385,6 +385,8 @@ def evaluate_candidate(
         segments = {COMMON: [u for u, known in zip(test_users, both) if known]}
     result = evaluate(recommenders, split.train, split.test, catalog=videos, ks=ks, split=split.description,
                       history=watched, platform=PRIMARY, segments=segments)
+    if "user_sample" in result:  # the figures are over a seeded sample of the test users (`evaluate`'s max_users)
+        extras["user_sample"] = result["user_sample"]
     if champion is not None:
         result["segments"][COMMON]["description"] = (
             f"evaluated users both the candidate and champion v{champion_version} know (in both training "
@@ -468,6 +470,10 @@ def run_description(plan: TrainingPlan, report: dict[str, Any], ev: "Evaluation"
     ]
     if isinstance(ours, (int, float)):
         lines.append(f"NDCG@10 {ours:.4f}" + (f" vs {', '.join(bars)}" if bars else "") + ".")
+    users = ev.result.get("users_evaluated")
+    if isinstance(users, int):
+        sample = (ev.result.get("user_sample") or {}).get("description")
+        lines.append(f"Evaluated on {users:,} users" + (f": {sample}." if sample else "."))
     return "\n\n".join(lines)
 
 
