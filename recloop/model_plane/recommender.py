@@ -285,11 +285,6 @@ class MultiStageRecommender:
             return self.shared.lists(self.mode, user_ids, k, exclude)
         return self.recommend_modes([self.mode], user_ids, k, exclude=exclude)[self.mode]
 
-    def recommend_sources(self, user_ids: Sequence[str], k: int, *,
-                          exclude: Mapping[str, set[str]] | None = None) -> dict[str, list[list[str]]]:
-        """Each source's own lists (what `source_only(name).recommend` gives), all in one pass."""
-        return self.recommend_modes(self.sources, user_ids, k, exclude=exclude)
-
     def recommend_modes(self, modes: Sequence[str], user_ids: Sequence[str], k: int, *,
                         exclude: Mapping[str, set[str]] | None = None) -> dict[str, list[list[str]]]:
         """`recommend` of this recommender in each of `modes` (PRIMARY, or a source alone), in one pass

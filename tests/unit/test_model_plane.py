@@ -171,7 +171,7 @@ def test_per_source_lists_from_one_pass_equal_each_source_run_alone(sim, monkeyp
         alone = {name: rec.source_only(name).recommend(users, k, exclude=ex) for name in rec.sources}
         shared = {name: part.recommend(users, k, exclude=ex) for name, part in parts.items()}
         assert shared == alone
-        assert rec.recommend_sources(users, k, exclude=ex) == alone
+        assert rec.recommend_modes(rec.sources, users, k, exclude=ex) == alone
         both = rec.recommend_modes(["ranker", "popular"], users, k, exclude=ex)
         assert both["ranker"] == rec.recommend(users, k, exclude=ex) and both["popular"] == alone["popular"]
     assert any(a != b for a, b in zip(alone["item_to_item"], alone["two_tower"]))  # the sources differ
