@@ -7,11 +7,14 @@ import psutil
 
 
 class PeakRSS:
-    """Samples resident memory every 50 ms: this process's, or with `children=True` this process's plus its
-    children's (recursively). `reset()` starts a new peak (a stage of a benchmark)."""
+    """Samples resident memory every `interval` seconds: this process's, or with `children=True` this process's
+    plus its children's (recursively; each sample then walks the process table, so a long benchmark on
+    few cores samples less often: the sampling competes with what it measures). `reset()` starts a new
+    peak (a stage of a benchmark)."""
 
-    def __init__(self, *, children: bool = False) -> None:
+    def __init__(self, *, children: bool = False, interval: float = 0.05) -> None:
         self.peak = 0
+        self._interval = interval
         self._children = children
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -30,7 +33,7 @@ class PeakRSS:
         while not self._stop.is_set():
             with contextlib.suppress(psutil.Error), self._lock:  # a reset never loses to a sample taken before it
                 self.peak = max(self.peak, self.sample())
-            self._stop.wait(0.05)
+            self._stop.wait(self._interval)
 
     def reset(self) -> None:
         with self._lock:

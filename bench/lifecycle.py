@@ -16,7 +16,7 @@ N/50 initial users and N/100 initial videos (+1 % of each per day), the proporti
 bench/data_plane.py at 1M (20k users, 10k videos). The training window is the lifecycle's default (7
 days, 1 held out), so it grows with the events too.
 
-Per stage: seconds, peak memory (the process tree's RSS sampled every 50 ms by psutil, reset per stage,
+Per stage: seconds, peak memory (the process tree's RSS sampled every 250 ms by psutil, reset per stage,
 and the kernel's high-water marks: this process's VmHWM, reset per stage through /proc/self/clear_refs,
 and the largest child's ru_maxrss), rows, events/s, and the load average at the start and end (the
 machine may be shared: timings are inflated by other work). The JSON is rewritten after every stage
@@ -161,7 +161,7 @@ def run(events: int, home: Path, out_path: Path | None) -> dict[str, Any]:
         save()
         return result
 
-    with PeakRSS(children=True) as rss:
+    with PeakRSS(children=True, interval=0.25) as rss:
         started = time.perf_counter()
         summary = stage("simulate", lambda: simulate(config, landing),
                         lambda s: {"rows": s.totals["events"], "users": s.totals["users"], "videos": s.totals["videos"]})

@@ -338,11 +338,13 @@ class EaseRecommender:
 
     def scores(self, rows: np.ndarray) -> np.ndarray:
         """[users, catalogue] scores of the users at `rows` of the training matrix."""
+        from recloop.model_plane.sources.item_to_item import sparse_product
+
         assert self._data is not None
         out = np.zeros((len(rows), len(self._data.item_ids)), np.float32)
         if self._rest is not None:
             out += self._rest
-        out[:, self._cols] = np.asarray(self._seen[rows][:, self._cols] @ self._b)
+        out[:, self._cols] = sparse_product(self._seen[rows][:, self._cols], self._b)
         return out
 
     def recommend(

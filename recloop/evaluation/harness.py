@@ -7,7 +7,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, NotRequired, TypedDict
 
@@ -210,6 +210,7 @@ def evaluate(
     segments: Mapping[str, Iterable[str]] | None = None,
     max_users: int | None = MAX_EVAL_USERS,
     seed: int = 0,
+    on_lists: Callable[[str, list[str], list[list[str]]], None] | None = None,
 ) -> EvaluationResult:
     """Evaluate fitted recommenders on `test` (JSON-ready result, see :class:`EvaluationResult`).
 
@@ -231,6 +232,9 @@ def evaluate(
     videos, drawn once so every recommender (candidate, champion, baselines) is scored on the same users;
     when it samples, the result's ``users`` says ``with_relevant_videos`` (how many there were) and
     ``user_sample`` gives the cap and the seed. None: every such user.
+
+    `on_lists(name, users, lists)`: called with each recommender's lists once they are checked (for a
+    caller that looks at them further, e.g. the model's sanity checks, without asking again).
     """
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1 or main_k < 1:
@@ -283,6 +287,8 @@ def evaluate(
         seconds = time.perf_counter() - t0
         recs = [list(map(str, r)) for r in recs]
         _check_lists(name, users, recs, k_max, seen)
+        if on_lists is not None:
+            on_lists(name, users, recs)
         metrics, beyond = score(recs, truth)
         result: RecommenderResult = {
             "users_evaluated": len(users),

@@ -229,9 +229,12 @@ class _MissingStore:
         return np.full((len(user_ids), len(self.columns)), np.nan)
 
 
-def sanity(recommender: MultiStageRecommender, users: Sequence[str], k: int = 10) -> dict[str, Any]:
+def sanity(recommender: MultiStageRecommender, users: Sequence[str], k: int = 10, *,
+           lists: Sequence[Sequence[str]] | None = None) -> dict[str, Any]:
     """Cheap checks before serving: finite weights, how many users get the single most common top-k
-    (1.0 = the same list for everyone, a degenerate model), how many distinct items are shown."""
+    (1.0 = the same list for everyone, a degenerate model), how many distinct items are shown. `lists`:
+    the recommender's lists of `users` already computed (the evaluation's); their first k are checked
+    instead of asking the recommender again."""
     finite = True
     if recommender.two_tower is not None:
         import torch
@@ -239,7 +242,7 @@ def sanity(recommender: MultiStageRecommender, users: Sequence[str], k: int = 10
         finite &= all(bool(torch.isfinite(p).all()) for p in recommender.two_tower.model.model.parameters())
     if recommender.item_to_item is not None:
         finite &= bool(np.isfinite(recommender.item_to_item.b_pos).all() and np.isfinite(recommender.item_to_item.b_watch).all())
-    recs = recommender.recommend(list(users), k)
+    recs = [list(r[:k]) for r in lists] if lists is not None else recommender.recommend(list(users), k)
     counts = Counter(tuple(r) for r in recs)
     top, n_top = counts.most_common(1)[0] if counts else ((), 0)
     distinct = {v for r in recs for v in r}

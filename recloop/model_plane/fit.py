@@ -36,7 +36,7 @@ from recloop.model_plane.history import History
 from recloop.model_plane.ranker import Ranker, RankerConfig
 from recloop.model_plane.recommender import CandidateConfig, MultiStageRecommender
 from recloop.model_plane.sources import Fresh, ItemToItem, ItemToItemConfig, Popular, TwoTowerSource
-from recloop.model_plane.sources.item_to_item import climb_grid, ease_weights, gram, item_rows
+from recloop.model_plane.sources.item_to_item import climb_grid, ease_weights, gram, item_rows, sparse_product
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +223,7 @@ def _tune_l2(history: History, labels: Labels, users: np.ndarray, config: FitCon
 
         def recall(l2: float) -> float:
             b = ease_weights(x, l2, gram_matrix=g) if len(rows) else np.zeros((0, 0), np.float32)
-            s = np.asarray(x_users @ b, np.float32)
+            s = sparse_product(x_users, b)
             s[seen] = -np.inf
             k = min(10, s.shape[1])
             top = np.argpartition(-s, k - 1, axis=1)[:, :k] if k else np.zeros((len(users), 0), np.int64)

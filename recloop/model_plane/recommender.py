@@ -22,6 +22,7 @@ from recloop.model_plane.features import CandidateScores, StoreFeatures, ranker_
 from recloop.model_plane.history import History
 from recloop.model_plane.ranker import Ranker
 from recloop.model_plane.sources import SOURCES, Fresh, ItemToItem, Popular, TwoTowerSource
+from recloop.model_plane.sources.item_to_item import ItemScores
 
 PRIMARY = "ranker"
 BATCH_USERS = 512
@@ -173,7 +174,7 @@ class MultiStageRecommender:
                          excluded=excluded)
 
     def candidate_scores(self, batch: UserBatch, *, only: str | None = None, n_only: int = 100,
-                         i2i_scores: dict[str, np.ndarray] | None = None) -> CandidateScores:
+                         i2i_scores: ItemScores | None = None) -> CandidateScores:
         """Candidates of the users of `batch` (none of what it excludes) with every source's score. `only`
         restricts the lists to one source's top `n_only`. `i2i_scores`: the item-to-item scores of the
         batch's users already computed (`ItemToItem.scores`)."""
@@ -233,7 +234,7 @@ class MultiStageRecommender:
         return vectors
 
     def _merge(self, batch: UserBatch, lists: list[tuple[np.ndarray, np.ndarray, str]],
-               i2i_scores: dict[str, np.ndarray] | None, vectors: np.ndarray | None) -> CandidateScores:
+               i2i_scores: ItemScores | None, vectors: np.ndarray | None) -> CandidateScores:
         """The sources' lists merged per user without duplicates (the first source in SOURCES order is
         recorded), grouped by user, with every source's score of every candidate."""
         n_items = len(self.history.items)
@@ -254,9 +255,9 @@ class MultiStageRecommender:
         if i2i_scores is not None:
             col = self._i2i_col[items]
             ok = col >= 0
-            for name, mat in i2i_scores.items():
+            for name, at in i2i_scores.at(users[ok], col[ok]).items():
                 v = np.full(len(items), np.nan, np.float32)
-                v[ok] = mat[users[ok], col[ok]]
+                v[ok] = at
                 scores[name] = v
         if vectors is not None:
             v = np.einsum("ij,ij->i", vectors[users], self._item_vectors[items]).astype(np.float32)

@@ -383,15 +383,23 @@ def evaluate_candidate(
     if champion is not None:
         both = candidate.knows(test_users) & champion.knows(test_users)
         segments = {COMMON: [u for u, known in zip(test_users, both) if known]}
+    evaluated: dict[str, tuple[list[str], list[list[str]]]] = {}
+
+    def keep_candidate_lists(name: str, users: list[str], lists: list[list[str]]) -> None:
+        if name == PRIMARY:
+            evaluated[name] = (users, lists)
+
     result = evaluate(recommenders, split.train, split.test, catalog=videos, ks=ks, split=split.description,
-                      history=watched, platform=PRIMARY, segments=segments)
+                      history=watched, platform=PRIMARY, segments=segments, on_lists=keep_candidate_lists)
     if "user_sample" in result:  # the figures are over a seeded sample of the test users (`evaluate`'s max_users)
         extras["user_sample"] = result["user_sample"]
     if champion is not None:
         result["segments"][COMMON]["description"] = (
             f"evaluated users both the candidate and champion v{champion_version} know (in both training "
             "windows' users): the relative coverage and diversity guardrails compare on them")
-    raw_sanity = sanity(candidate, test_users[:2000], k=10)
+    # The sanity checks read the candidate's lists of the evaluated users (not asked again).
+    sane_users, sane_lists = evaluated.get(PRIMARY) or (test_users[:2000], None)
+    raw_sanity = sanity(candidate, sane_users, k=10, lists=sane_lists)
     checks = {
         "finite_weights": bool(raw_sanity["weights_finite"]),
         "identical_list_share": float(raw_sanity["share_same_top_k"]),
@@ -492,10 +500,22 @@ def window_datasets(workdir: Path, plan: TrainingPlan) -> list[tuple[Any, str]]:
         with warnings.catch_warnings():  # MLflow's hint about integer columns is for model signatures
             warnings.simplefilter("ignore", UserWarning)
             dataset = mlflow.data.from_pandas(events, source=source, name=f"silver/events {_span(plan.train_partitions)}")
-            _ = dataset.schema  # inferred (and cached) here, under the filter
+            # `schema` is a cached property: filled here with `_events_schema` (MLflow's own inference reads every
+            # value of the string columns, 6 s at 700k rows), under the filter.
+            dataset.__dict__["schema"] = _events_schema(events)
         out.append((dataset, "training"))
     out.append((MetaDataset(source, name=f"silver/events {_span(plan.test_partitions)}"), "evaluation"))
     return out
+
+
+def _events_schema(events: pd.DataFrame, sample: int = 20_000) -> Any:
+    """MLflow's schema of `events`, inferred by MLflow from an evenly spaced sample of `sample` rows, with each
+    column's `required` (no missing value) read from every row."""
+    from mlflow.types.schema import ColSpec, Schema
+    from mlflow.types.utils import _infer_schema
+
+    inferred = _infer_schema(events.iloc[:: max(1, len(events) // sample)])
+    return Schema([ColSpec(c.type, c.name, required=not bool(events[c.name].isna().any())) for c in inferred.inputs])
 
 
 def _dataset_source(uri: str) -> Any:

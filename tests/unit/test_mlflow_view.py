@@ -134,6 +134,10 @@ def test_the_training_run_says_what_and_when_with_params_curves_datasets_and_the
     import json
 
     assert json.loads(training.profile)["num_rows"] > 1000
+    # Its schema (inferred by MLflow from a sample of the rows; `required` from every row): each column typed.
+    schema = {c["name"]: c for c in json.loads(training.schema)["mlflow_colspec"]}
+    assert schema["user_id"]["type"] == "string" and schema["event_time"]["type"] == "datetime"
+    assert schema["watched_s"]["type"] == "double" and schema["liked"]["type"] == "boolean"
     assert inputs["evaluation"].name == f"silver/events {plan.test_partitions[0]}"
 
     # Back to the Dagster run that trained it; a description of what was trained.
@@ -251,3 +255,17 @@ def test_an_experiment_created_before_the_kind_tag_is_tagged_when_used(tmp_path)
     assert client.get_experiment(old).tags[EXPERIMENT_KIND_TAG] == ML_EXPERIMENT_KIND
     # without a Dagster run, no Dagster tags
     assert registry.run_tags == {} and dagster_run_tags(None) == {}
+
+
+def test_the_window_schema_is_mlflows_inference_on_a_sample_with_required_read_from_every_row():
+    import numpy as np
+    import pandas as pd
+    from mlflow.types.utils import _infer_schema
+
+    n = 30_000
+    events = pd.DataFrame({"user_id": [f"u{i}" for i in range(n)], "watched_s": np.arange(n, dtype=float),
+                           "liked": np.arange(n) % 2 == 0, "event_time": pd.Timestamp("2025-01-01", tz="UTC")})
+    assert steps._events_schema(events, sample=1000) == _infer_schema(events)
+    events.loc[n - 7, "user_id"] = None  # a missing value the sample does not see: the column is optional
+    schema = steps._events_schema(events, sample=1000)
+    assert schema == _infer_schema(events) and not schema.inputs[0].required and schema.inputs[1].required
