@@ -612,12 +612,11 @@ def train_epochs(
     seen = own = 0
     t0, cpu0 = time.perf_counter(), time.process_time()
     for _ in range(config.epochs):
+        # Each batch gathers its examples through the permutation (not a permuted copy of every tensor per
+        # epoch: at 10M events that copy, and the previous epoch's still alive beside it, is a GB).
         perm = torch.randperm(n_ex, generator=gen).to(device)
-        ep = {k: t[perm] for k, t in ex.items()}
-        drop_video = torch.rand(n_ex, generator=gen) < config.id_dropout
-        drop_user = torch.rand(n_ex, generator=gen) < config.user_id_dropout
-        ep["v.video"].masked_fill_(drop_video.to(device), 0)
-        ep["u.user"].masked_fill_(drop_user.to(device), 0)
+        drop_video = (torch.rand(n_ex, generator=gen) < config.id_dropout).to(device)
+        drop_user = (torch.rand(n_ex, generator=gen) < config.user_id_dropout).to(device)
         total = torch.zeros((), device=device)
         batches = 0
         for s in range(0, n_ex - 1, bs):
@@ -632,7 +631,10 @@ def train_epochs(
             weight = (hi - lo) * world / n_groups
             if hi == lo:  # no group of this batch is this rank's: a zero-weighted copy of the first
                 lo, hi = 0, 1
-            b = {k: t[s + lo * m : s + hi * m] for k, t in ep.items()}
+            rows = slice(s + lo * m, s + hi * m)
+            b = {k: t[perm[rows]] for k, t in ex.items()}
+            b["v.video"].masked_fill_(drop_video[rows], 0)
+            b["u.user"].masked_fill_(drop_user[rows], 0)
             u, v = model(
                 {k[2:]: t for k, t in b.items() if k.startswith("u.")},
                 {k[2:]: t for k, t in b.items() if k.startswith("v.")},

@@ -269,6 +269,9 @@ EASE_GRID: tuple[float, ...] = (10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0)
 # items, the most popular in train (the platform's item-to-item source has the same cap,
 # `ItemToItemConfig.max_items`). 100k items would need 40 GB and hours; 8192 need 256 MB.
 EASE_MAX_ITEMS = 8192
+# Users x catalogue scores held at once by EaseRecommender.recommend (32M floats: 128 MB, with 256 MB of
+# top-k indices beside them).
+SCORE_BATCH_CELLS = 2**25
 
 
 class EaseRecommender:
@@ -348,8 +351,13 @@ class EaseRecommender:
         return out
 
     def recommend(
-        self, user_ids: Sequence[str], k: int, *, exclude: Mapping[str, set[str]] | None = None, batch_size: int = 2048
+        self, user_ids: Sequence[str], k: int, *, exclude: Mapping[str, set[str]] | None = None,
+        batch_size: int | None = None,
     ) -> list[list[str]]:
+        """At most k videos per user, best first. Users are scored `batch_size` at a time against the whole
+        catalogue (None: as many as keep one batch's scores near `SCORE_BATCH_CELLS` floats, at most 2048:
+        the scores, their top-k partition and its indices are each users x catalogue, 1.8 GB of indices
+        alone for 2048 users at 110k videos)."""
         if self._data is None:
             raise RuntimeError("EaseRecommender is not fitted; call fit(interactions) first")
         data = self._data
@@ -364,6 +372,7 @@ class EaseRecommender:
             out[i] = data.item_ids[_first_k_not_excluded(self._pop_order, extra[i], k)].tolist()
         known = np.flatnonzero(rows >= 0)
         n = min(k, len(data.item_ids))
+        batch_size = batch_size or max(1, min(2048, SCORE_BATCH_CELLS // len(data.item_ids)))
         for start in range(0, len(known), batch_size):
             batch = known[start : start + batch_size]
             s = self.scores(rows[batch])

@@ -325,6 +325,10 @@ def fit_recommender(
                                                              valid.item[np.isin(valid.user, valid_users)]),
                                          valid_rec.sources)
     report.seconds["validation_candidates"] = round(time.perf_counter() - t0, 2)
+    # The validation sources serve again only when they are the whole history's (a given `valid`); otherwise
+    # they are freed now, not held through the folds (at 10M events: EASE's two matrices and a two-tower).
+    reusable = valid_parts if valid_history is history else None
+    del valid_parts, valid_rec, tuned
 
     # --- training folds ---
     train_frames = []
@@ -374,10 +378,10 @@ def fit_recommender(
 
     # --- final sources on the whole history ---
     t0 = time.perf_counter()
-    if valid_history is history and final_two_tower is None:
-        parts = valid_parts
-    elif valid_history is history:
-        parts = {**valid_parts, "two_tower": final_two_tower}
+    if reusable is not None and final_two_tower is None:
+        parts = reusable
+    elif reusable is not None:
+        parts = {**reusable, "two_tower": final_two_tower}
     else:
         step(f"fitting the candidate sources on the whole history ({history.n_events:,} events)")
         parts = fit_sources(history, config, l2=l2, two_tower=final_two_tower)

@@ -222,6 +222,24 @@ def test_ease_with_another_l2_reuses_the_gram_matrix_and_equals_a_fresh_fit():
     assert other.recommend(users, 5) == fresh.recommend(users, 5)
 
 
+def test_ease_baseline_scores_users_in_batches_bounded_by_the_catalogue(monkeypatch):
+    # Each batch holds users x catalogue scores and top-k indices: at 110k videos, 2048 users were 3 GB.
+    from recloop.evaluation import baselines
+
+    rng = np.random.default_rng(1)
+    inter = pd.DataFrame({"user_id": [f"u{i}" for i in rng.integers(0, 40, 300)],
+                          "video_id": [f"v{i}" for i in rng.integers(0, 30, 300)],
+                          "event_time": pd.Timestamp("2025-01-01", tz="UTC")}).drop_duplicates(["user_id", "video_id"])
+    rec = EaseRecommender(l2=10.0).fit(inter, [f"v{i}" for i in range(32)])
+    users = sorted(inter["user_id"].unique())
+    whole = rec.recommend(users, 5, batch_size=4096)
+    sizes: list[int] = []
+    scores = rec.scores
+    monkeypatch.setattr(rec, "scores", lambda rows: sizes.append(len(rows)) or scores(rows))
+    monkeypatch.setattr(baselines, "SCORE_BATCH_CELLS", 64)  # 2 users per batch at 32 videos
+    assert rec.recommend(users, 5) == whole and max(sizes) == 2 and sum(sizes) == len(users)
+
+
 def test_ease_weights_are_row_major_and_products_equal_scipy_by_any_path(monkeypatch, tmp_path):
     # EASE's B is scored by summing its rows (a user's items): it must come back row-major from LAPACK's
     # column-major inverse, and load row-major from a bundle written column-major (older bundles).
