@@ -277,6 +277,8 @@ def test_ease_weights_are_row_major_and_products_equal_scipy_by_any_path(monkeyp
     np.testing.assert_allclose(at["i2i_neg"], full[users, cols], rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(at["i2i_watch_neg"], full[users, cols], rtol=1e-4, atol=1e-6)
     np.testing.assert_array_equal(at["i2i_pos"], scores["i2i_pos"][users, cols])
+    monkeypatch.setattr(module, "_PAIRS", 7)  # a few pairs per step (a user with more terms: a step alone)
+    np.testing.assert_allclose(scores.at(users, cols)["i2i_neg"], full[users, cols], rtol=1e-4, atol=1e-6)
     assert not scores.at(users[:0], cols[:0])["i2i_neg"].size
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -127,7 +128,18 @@ def item_rows(history: History, config: ItemToItemConfig) -> np.ndarray:
 
 
 _BLOCK = 1024  # columns of b per task of `sparse_product`
+_PAIRS = 1 << 22  # (pair, user item) terms per step of `_pair_product`
 _pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _forget_pool() -> None:
+    """A forked child has none of its parent's threads: it starts its own pool when it needs one."""
+    global _pool
+    _pool = None
+
+
+os.register_at_fork(after_in_child=_forget_pool)
 
 
 def sparse_product(x: sp.csr_matrix, b: np.ndarray) -> np.ndarray:
@@ -155,25 +167,33 @@ def sparse_product(x: sp.csr_matrix, b: np.ndarray) -> np.ndarray:
         for start in starts:
             block(start)
         return out
-    if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=min(os.cpu_count() or 1, 8), thread_name_prefix="recloop-ease")
-    for done in [_pool.submit(block, start) for start in starts]:
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=min(os.cpu_count() or 1, 8), thread_name_prefix="recloop-ease")
+        pool = _pool
+    for done in [pool.submit(block, start) for start in starts]:
         done.result()
     return out
 
 
 def _pair_product(x: sp.csr_matrix, b: np.ndarray, users: np.ndarray, cols: np.ndarray) -> np.ndarray:
     """(x @ b)[users, cols] without the rest of the product: for each pair, the sum of b[j, col] over the
-    user's items j (weighted by x)."""
+    user's items j (weighted by x), at most `_PAIRS` terms at a time (heavy users have thousands of items)."""
     indptr = x.indptr.astype(np.int64)
     counts = indptr[users + 1] - indptr[users]
+    ends = np.cumsum(counts)
     out = np.zeros(len(users), np.float32)
-    total = int(counts.sum())
-    if not total:
-        return out
-    pair = np.repeat(np.arange(len(users)), counts)
-    idx = np.repeat(indptr[users] - (np.cumsum(counts) - counts), counts) + np.arange(total)
-    out[:] = np.bincount(pair, weights=x.data[idx] * b[x.indices[idx], cols[pair]], minlength=len(users))
+    lo = 0
+    while lo < len(users):
+        done = int(ends[lo - 1]) if lo else 0
+        hi = max(lo + 1, int(np.searchsorted(ends, done + _PAIRS, side="right")))
+        n = counts[lo:hi]
+        total = int(n.sum())
+        if total:
+            pair = np.repeat(np.arange(hi - lo), n)
+            idx = np.repeat(indptr[users[lo:hi]] - (np.cumsum(n) - n), n) + np.arange(total)
+            out[lo:hi] = np.bincount(pair, weights=x.data[idx] * b[x.indices[idx], cols[lo:hi][pair]], minlength=hi - lo)
+        lo = hi
     return out
 
 
